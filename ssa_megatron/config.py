@@ -1,0 +1,401 @@
+"""Typed recipe schema: dataclasses with defaults, YAML loading, ``a.b=c`` overrides and validation.
+
+A recipe is a YAML file whose top-level keys are the sections of :class:`RecipeConfig`. A recipe may name a
+``base`` recipe (path relative to itself) whose values it overrides, so baselines are small overlays.
+Every value is checked against its declared type; unknown keys and bad values raise ``ValueError`` naming the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+ScoreFn = Literal["group_softmax", "dot"]
+GateKind = Literal["per_head", "none"]
+AttentionMode = Literal["full", "sparse"]
+Backend = Literal["auto", "reference", "triton"]
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclass
+class SSAConfig:
+    """SSA attention semantics (DESIGN.md §1). Budgets are in blocks; receptive field = top_k * block_size."""
+
+    block_size: int = 16
+    """Tokens per key block (selection and scoring granularity); a power of two >= 16."""
+    top_k: int = 16
+    """Blocks each query attends to in sparse mode, its own block included."""
+    score: ScoreFn = "group_softmax"
+    """Block score: group-summed softmax of q·k̄ (the authors' code) or the mean raw dot (MoBA)."""
+    sink_blocks: int = 0
+    """First blocks always kept (count toward top_k)."""
+    local_blocks: int = 0
+    """Blocks just before the query's own block always kept (count toward top_k)."""
+    p_full: float = 0.5
+    """Probability that a micro-batch runs full attention forward (else sparse)."""
+    alpha: float = 10.0
+    """Weight of the alignment loss relative to the token-mean LM loss. 0 disables the counterpart branch."""
+    smooth_l1_beta: float = 1.0
+    gate: GateKind = "per_head"
+    """Per-head sigmoid gate on both attention outputs, from the layer's normalized input."""
+    document_mask: bool = False
+    """Keep packed documents apart (each with its own block grid) in both branches."""
+    inference_mode: AttentionMode = "sparse"
+    """Attention used when not training (evaluation, HF inference)."""
+    inference_top_k: Optional[int] = None
+    """Budget override at inference (None: top_k)."""
+    inference_block_size: Optional[int] = None
+    """Block size override at inference (None: block_size)."""
+    backend: Backend = "auto"
+    """auto: Triton kernels on CUDA, the reference elsewhere."""
+
+    def validate(self, prefix: str = "ssa") -> None:
+        for name in ("block_size", "inference_block_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_power_of_two(value) or value < 16):
+                raise ValueError(f"{prefix}.{name}={value!r}: must be a power of two >= 16")
+        for name in ("top_k", "inference_top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{prefix}.{name}={value!r}: the budget must be at least 1 block")
+        for name in ("sink_blocks", "local_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 0")
+        budget = self.top_k if self.inference_top_k is None else min(self.top_k, self.inference_top_k)
+        if self.sink_blocks + self.local_blocks + 1 > budget:
+            raise ValueError(
+                f"{prefix}.sink_blocks + {prefix}.local_blocks + 1 (own block) = "
+                f"{self.sink_blocks + self.local_blocks + 1} exceeds the budget top_k={budget}"
+            )
+        if not 0.0 <= self.p_full <= 1.0:
+            raise ValueError(f"{prefix}.p_full={self.p_full!r}: must be in [0, 1]")
+        if self.alpha < 0:
+            raise ValueError(f"{prefix}.alpha={self.alpha!r}: must be >= 0")
+        if self.smooth_l1_beta <= 0:
+            raise ValueError(f"{prefix}.smooth_l1_beta={self.smooth_l1_beta!r}: must be > 0")
+
+    def for_inference(self) -> "SSAConfig":
+        """The configuration used when not training: budget and block-size overrides applied."""
+        return dataclasses.replace(
+            self,
+            top_k=self.inference_top_k or self.top_k,
+            block_size=self.inference_block_size or self.block_size,
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        return self.top_k * self.block_size
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder shape."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 512
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    """KV heads (GQA); must divide num_attention_heads."""
+    vocab_size: int = 4096
+    """Padded vocabulary; must cover the tokenizer's vocabulary."""
+    seq_length: int = 256
+    rope_theta: float = 500000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"{prefix}.hidden_size={self.hidden_size} is not divisible by "
+                f"{prefix}.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"{prefix}.num_query_groups={self.num_query_groups} must divide "
+                f"{prefix}.num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    """Interleaved 1F1B: model chunks per pipeline rank."""
+    context_parallel: int = 1
+    cp_comm_type: Literal["all_gather", "a2a"] = "all_gather"
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True
+
+    def validate(self, prefix: str = "parallel") -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 1")
+        if self.virtual_pipeline_parallel is not None and self.virtual_pipeline_parallel < 2:
+            raise ValueError(f"{prefix}.virtual_pipeline_parallel={self.virtual_pipeline_parallel!r}: "
+                             "must be None or >= 2")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "builtin:stdlib"
+    """Brace-expandable shard pattern (``/data/train-{000000..000127}.tar``) or ``builtin:stdlib`` (the embedded
+    default: the running interpreter's standard library, tokenized into the cache directory on first use)."""
+    valid_shards: Optional[str] = None
+    """Held-out shards; None: the held-out split of train_shards."""
+    tokenizer: Optional[str] = None
+    """A tokenizer.json; None with builtin data: a byte-level BPE trained on the embedded corpus."""
+    cache_dir: str = "~/.cache/ssa_megatron"
+    num_workers: int = 1
+    skip_corrupt_shards: bool = False
+    """Skip (and count in the logs) unreadable shards instead of stopping."""
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+    def validate(self, prefix: str = "optim") -> None:
+        if self.lr <= 0:
+            raise ValueError(f"{prefix}.lr={self.lr!r}: must be > 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"{prefix}.warmup_fraction={self.warmup_fraction!r}: must be in [0, 1)")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"{prefix}.betas={self.betas!r}: each must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    """Sequences per optimizer step, across data-parallel ranks and gradient accumulation."""
+    seed: int = 1234
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    recompute: Literal["none", "selective", "full"] = "none"
+    log_interval: int = 10
+    metrics_interval: int = 50
+    """Attention-sparsity statistics (costly: O(T²)) every this many steps; 0 disables."""
+    eval_interval: int = 0
+    eval_batches: int = 4
+    run_dir: str = "runs/default"
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    keep_last: int = 3
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when one exists."""
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssa: SSAConfig = field(default_factory=SSAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.model.seq_length % (2 * self.parallel.context_parallel * self.ssa.block_size):
+            raise ValueError(
+                f"model.seq_length={self.model.seq_length}: must be a multiple of "
+                f"2 * parallel.context_parallel * ssa.block_size = "
+                f"{2 * self.parallel.context_parallel * self.ssa.block_size}"
+            )
+        if self.model.num_query_groups % self.parallel.tensor_parallel:
+            raise ValueError(
+                f"parallel.tensor_parallel={self.parallel.tensor_parallel} must divide "
+                f"model.num_query_groups={self.model.num_query_groups} (selection is per KV head and rank-local)"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic loading: dict -> dataclass with type checks.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and returns it converted (ints to floats, lists to tuples)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{key}={value!r}: expected {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r}: expected a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}={value!r}: expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from ``data``, rejecting unknown keys and mistyped values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ValueError(f"unknown key {full!r}; allowed: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-YAML-serialisable dict of a (nested) dataclass."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"recipe {path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ValueError(f"recipe {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_recipe_tree(path.parent / base, seen + (path,)), data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``a.b=c`` overrides; values are parsed as YAML (``train.steps=20``, ``optim.betas=[0.9,0.99]``)."""
+    data = _deep_merge({}, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: empty key component")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe path, or a bare name looked up in the repository's ``recipes/`` folder (``tiny`` → recipes/tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    bundled = Path(__file__).resolve().parent.parent / "recipes" / f"{name_or_path}.yaml"
+    if bundled.exists():
+        return bundled
+    raise ValueError(f"recipe {name_or_path!r}: no such file, and no recipes/{name_or_path}.yaml")
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Loads, overrides and validates a recipe."""
+    data = _read_recipe_tree(resolve_recipe(str(name_or_path)))
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RecipeConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def ssa_config_from_dict(data: dict) -> SSAConfig:
+    cfg = from_dict(SSAConfig, data, "ssa")
+    cfg.validate()
+    return cfg
