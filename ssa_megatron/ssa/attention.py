@@ -1,0 +1,135 @@
+"""``ssa_attention``: the one entry point of the SSA layer math, used by Megatron, the HF model and evaluation.
+
+It runs the sampled mode, and when training with ``alpha > 0`` also the counterpart branch and the alignment
+loss. The arithmetic comes from a backend: the Triton kernels (``ssa_kernels``) on CUDA, or the readable
+reference (``ssa_megatron.ssa.reference``) elsewhere. Both expose the same three functions::
+
+    select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
+                  softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
+    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale) -> (out, lse)
+    full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ssa_megatron.config import SSAConfig
+from ssa_megatron.ssa import reference
+
+Mode = Literal["full", "sparse"]
+
+
+@dataclass
+class SSAStats:
+    """What one call computed, for logging. Losses are detached float32 scalars (None when not computed)."""
+
+    mode: str
+    sparsity_loss: Tensor | None = None
+    commitment_loss: Tensor | None = None
+    metrics: dict[str, Tensor] | None = None
+    """Per-head attention statistics (``reference.attention_metrics``) when asked for."""
+
+
+@functools.cache
+def _triton_backend() -> types.ModuleType | None:
+    try:
+        return importlib.import_module("ssa_kernels")
+    except ImportError:
+        return None
+
+
+def get_backend(name: str, device: torch.device) -> types.ModuleType:
+    """The module that provides select_blocks / sparse_attention / full_attention for ``device``."""
+    if name == "reference":
+        return reference
+    kernels = _triton_backend()
+    if name == "triton":
+        if kernels is None or not hasattr(kernels, "sparse_attention"):
+            raise ValueError("ssa.backend='triton' but the ssa_kernels package is not importable")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"ssa.backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+        return kernels
+    if name == "auto":
+        usable = kernels is not None and hasattr(kernels, "sparse_attention") and device.type == "cuda"
+        return kernels if usable else reference
+    raise ValueError(f"ssa.backend={name!r}: must be 'auto', 'reference' or 'triton'")
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ssa_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor | None,
+    cfg: SSAConfig,
+    mode: Mode,
+    training: bool,
+    *,
+    cu_seqlens: Tensor | None = None,
+    q_positions: Tensor | None = None,
+    softmax_scale: float | None = None,
+    with_metrics: bool = False,
+) -> tuple[Tensor, Tensor, SSAStats]:
+    """SSA attention for one layer.
+
+    Args:
+        q: ``[sq, b, HQ, D]`` queries (RoPE applied). k, v: ``[skv, b, HKV, D]`` (GQA not expanded).
+        gate: ``[sq, b, HQ]`` gate logits (sigmoid applied here), or None for no gate.
+        cfg: the SSA semantics; when not training, its inference overrides (budget, block size) apply.
+        mode: the branch whose output is returned ('full' or 'sparse').
+        training: with ``cfg.alpha > 0`` the counterpart branch and the alignment loss are computed too.
+        cu_seqlens: document boundaries over the flattened ``b·skv`` stream; used when ``cfg.document_mask``.
+        q_positions: ``[sq]`` global query positions (context parallelism); default the last sq keys.
+        with_metrics: also return attention statistics (O(sq·skv) memory; for periodic logging only).
+
+    Returns:
+        ``(out [sq, b, HQ, D], alignment_loss, stats)``; the loss is a scalar tensor, zero when not computed.
+    """
+    if mode not in ("full", "sparse"):
+        raise ValueError(f"mode={mode!r}: must be 'full' or 'sparse'")
+    reference.check_qkv(q, k, v)
+    if not training:
+        cfg = cfg.for_inference()
+    docs = cu_seqlens if cfg.document_mask else None
+    backend = get_backend(cfg.backend, q.device)
+    compute_both = training and cfg.alpha > 0
+    need_sparse = mode == "sparse" or compute_both or with_metrics
+
+    block_idx = None
+    if need_sparse:
+        block_idx, _ = backend.select_blocks(
+            q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
+            docs, q_positions, softmax_scale,
+        )
+    outputs: dict[str, Tensor] = {}
+    if mode == "full" or compute_both:
+        o, _ = backend.full_attention(q, k, v, docs, q_positions, softmax_scale)
+        outputs["full"] = reference.apply_gate(o, gate)
+    if mode == "sparse" or compute_both:
+        o, _ = backend.sparse_attention(q, k, v, block_idx, cfg.block_size, q_positions, softmax_scale)
+        outputs["sparse"] = reference.apply_gate(o, gate)
+
+    stats = SSAStats(mode=mode)
+    if compute_both:
+        loss, stats.sparsity_loss, stats.commitment_loss = reference.alignment_loss(
+            outputs["full"], outputs["sparse"], cfg.smooth_l1_beta
+        )
+    else:
+        loss = q.new_zeros((), dtype=torch.float32)
+    if with_metrics:
+        stats.metrics = reference.attention_metrics(
+            q.detach(), k.detach(), block_idx, cfg.block_size, docs, q_positions, softmax_scale
+        )
+    return outputs[mode], loss, stats
