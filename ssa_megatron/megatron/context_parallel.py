@@ -1,0 +1,91 @@
+"""Context parallelism for SSA: all-gather K/V over the CP group, attend from local queries at global positions.
+
+Input layout (Megatron's load balancing, ``megatron.core.utils.get_batch_on_this_cp_rank``): the sequence of
+length ``S`` is cut into ``2·cp`` chunks of ``C = S / (2·cp)`` tokens and CP rank ``r`` holds chunks ``r`` and
+``2·cp-1-r``, concatenated (``2C`` local tokens). RoPE is already applied with global positions (GPTModel's rotary
+table is sliced the same way), so gathered keys are usable as they are.
+
+:func:`gather_sequence_zigzag` all-gathers a ``[2C, ...]`` tensor from every rank and restores the natural order
+``[S, ...]``; its backward takes the gradient back to rank order and reduce-scatters it (sums the contributions of
+all ranks' queries to each rank's own keys/values). :func:`zigzag_positions` gives the global positions of the
+local queries, which ``ssa_attention`` uses as ``q_positions`` in both branches (causality, own block, selection).
+Block keys for selection are pooled from the gathered keys, so selection sees every earlier block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def zigzag_positions(local_len: int, cp_size: int, cp_rank: int, device: torch.device | str = "cpu") -> Tensor:
+    """Global positions ``[2C]`` of CP rank ``cp_rank``'s tokens (chunks ``r`` and ``2·cp-1-r``)."""
+    if local_len % 2:
+        raise ValueError(f"context parallel: the local sequence length {local_len} must be even (two chunks)")
+    c = local_len // 2
+    first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)
+    return torch.cat([first, second])
+
+
+def zigzag_gather_order(cp_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """For natural chunk ``j`` (of ``2·cp``), the index of the rank-ordered gathered chunk that holds it."""
+    order = []
+    for j in range(2 * cp_size):
+        order.append(2 * j if j < cp_size else 2 * (2 * cp_size - 1 - j) + 1)
+    return torch.tensor(order, device=device)
+
+
+def split_zigzag(x: Tensor, cp_size: int, cp_rank: int, dim: int = 0) -> Tensor:
+    """This rank's ``[2C]`` slice of a full-length tensor (the layout ``get_batch_on_this_cp_rank`` produces)."""
+    chunks = x.chunk(2 * cp_size, dim=dim)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
+
+
+class _GatherZigzag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        cp = dist.get_world_size(group)
+        ctx.group = group
+        x = x.contiguous()
+        gathered = x.new_empty((cp * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(gathered, x, group=group)
+        chunks = gathered.view(2 * cp, x.shape[0] // 2, *x.shape[1:])
+        order = zigzag_gather_order(cp, x.device)
+        ctx.order = order
+        return chunks.index_select(0, order).reshape(gathered.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        group = ctx.group
+        cp = dist.get_world_size(group)
+        grad = grad.contiguous()
+        chunks = grad.view(2 * cp, grad.shape[0] // (2 * cp), *grad.shape[1:])
+        # Back to rank order: gathered chunk order[j] holds natural chunk j.
+        rank_major = torch.empty_like(chunks)
+        rank_major[ctx.order] = chunks
+        rank_major = rank_major.view(cp, -1, *grad.shape[1:])
+        if dist.get_backend(group) == "gloo":
+            # Gloo has no reduce-scatter: all-reduce and keep this rank's part (CPU tests only).
+            dist.all_reduce(rank_major, group=group)
+            out = rank_major[dist.get_rank(group)].clone()
+        else:
+            out = grad.new_empty(rank_major.shape[1:])
+            dist.reduce_scatter_tensor(out, rank_major.reshape(-1, *grad.shape[1:]), group=group)
+        return out, None
+
+
+def gather_sequence_zigzag(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """All-gathers this rank's zigzag ``[2C, ...]`` over ``group`` into natural order ``[S, ...]``
+    (backward: reduce-scatter of the gradient)."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _GatherZigzag.apply(x, group)
+
+
+def gather_kv_zigzag(key: Tensor, value: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
+    """K and V ``[2C, b, g, d]`` → ``[S, b, g, d]`` each, with one collective (concatenated on the head dim)."""
+    d = key.shape[-1]
+    kv = gather_sequence_zigzag(torch.cat([key, value], dim=-1), group)
+    return kv[..., :d], kv[..., d:]

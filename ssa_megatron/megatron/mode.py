@@ -1,0 +1,147 @@
+"""Which SSA branch a micro-batch trains on (DESIGN.md §1.6).
+
+The mode is a pure function of ``(seed, iteration, micro-batch index)``, so every TP/CP/PP/DP rank computes the
+same value without communication. Inputs:
+
+- ``seed`` and the iteration: the process-wide :data:`MODE_SAMPLER`; the training loop calls
+  ``MODE_SAMPLER.set_iteration(it)`` once per optimizer step on every rank (``build_gpt_model`` sets the seed).
+- the micro-batch index: Megatron's schedules set ``TransformerLayer.current_microbatch`` on every layer before
+  each micro-batch forward (``set_current_microbatch``). :class:`~ssa_megatron.megatron.attention.SSATransformerLayer`
+  forwards that value to its core attention. Loops that drive the model without a schedule call
+  :func:`set_microbatch`.
+
+Activation recompute reruns the forward of micro-batch i during its backward, when the layers' micro-batch index
+already points at a later micro-batch (1F1B). The core attention therefore remembers the mode of each checkpointed
+forward and replays it on recompute (:class:`RecomputeModes`), instead of sampling again.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mode_uniform(seed: int, iteration: int, microbatch: int) -> float:
+    """A uniform number in [0, 1) determined by the triple (no torch RNG: rank- and recompute-independent)."""
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (iteration & _MASK64))
+    h = _splitmix64(h ^ (microbatch & _MASK64))
+    return (h >> 11) / float(1 << 53)
+
+
+def sample_mode(seed: int, iteration: int, microbatch: int, p_full: float) -> str:
+    """'full' with probability ``p_full``, else 'sparse'; ``p_full`` 1 and 0 give a fixed mode."""
+    return "full" if mode_uniform(seed, iteration, microbatch) < p_full else "sparse"
+
+
+@dataclass
+class ModeSampler:
+    """Process-wide sampling state: the seed and the current iteration, plus an optional forced mode."""
+
+    seed: int = 1234
+    iteration: int = 0
+    forced: str | None = None
+    """A mode that overrides sampling (and the inference mode), e.g. for evaluation under full and sparse."""
+    last_mode: str | None = None
+    """The mode the most recent SSA layer forward on this rank ran."""
+    modes_this_iteration: dict[int, str] = field(default_factory=dict)
+    """micro-batch index → mode, for the iteration in progress (training forwards only)."""
+
+    def configure(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Call once per optimizer step, on every rank, before the forward-backward of that step."""
+        self.iteration = int(iteration)
+        self.modes_this_iteration = {}
+
+    def mode_for(self, microbatch: int, p_full: float) -> str:
+        """The mode micro-batch ``microbatch`` of the current iteration trains on."""
+        return sample_mode(self.seed, self.iteration, microbatch, p_full)
+
+
+MODE_SAMPLER = ModeSampler()
+
+
+def set_iteration(iteration: int) -> None:
+    MODE_SAMPLER.set_iteration(iteration)
+
+
+def last_mode() -> str | None:
+    """The mode of the most recent SSA layer forward on this rank (on the last pipeline stage: the micro-batch whose
+    LM loss is being computed)."""
+    return MODE_SAMPLER.last_mode
+
+
+@contextlib.contextmanager
+def force_mode(mode: str | None):
+    """Runs every SSA layer in ``mode`` ('full' | 'sparse'; None restores sampling) inside the block."""
+    if mode not in (None, "full", "sparse"):
+        raise ValueError(f"force_mode(mode={mode!r}): must be 'full', 'sparse' or None")
+    previous = MODE_SAMPLER.forced
+    MODE_SAMPLER.forced = mode
+    try:
+        yield
+    finally:
+        MODE_SAMPLER.forced = previous
+
+
+def set_microbatch(model, microbatch: int) -> None:
+    """Tells every SSA layer of ``model`` (a module, a DDP/Float16 wrapper, or a list of chunks) which micro-batch
+    runs next; Megatron's schedules do this themselves."""
+    from megatron.core.transformer.cuda_graphs import set_current_microbatch
+
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        set_current_microbatch(chunk, microbatch)
+
+
+def is_recomputing() -> bool:
+    """True inside Megatron's activation-recompute pass (a checkpointed region re-run under grad in backward)."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing() and torch.is_grad_enabled()
+
+
+def in_checkpointed_forward() -> bool:
+    """True in the first (no-grad) forward of a checkpointed region, whose backward will recompute it."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing() and not torch.is_grad_enabled()
+
+
+class RecomputeModes:
+    """Per-layer FIFO of the modes of checkpointed forwards, replayed in order by their recompute.
+
+    Megatron's schedules run the backwards of a model chunk's micro-batches in the order of their forwards, so a
+    FIFO pairs each recompute with its forward. It is cleared when a new iteration starts.
+    """
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[str] = collections.deque()
+        self._iteration = None
+
+    def push(self, mode: str, iteration: int) -> None:
+        if iteration != self._iteration:
+            self._queue.clear()
+            self._iteration = iteration
+        self._queue.append(mode)
+
+    def pop(self) -> str:
+        if not self._queue:
+            raise RuntimeError(
+                "SSA: activation recompute found no recorded mode for this layer; the checkpointed forward and "
+                "its recompute must run in the same iteration"
+            )
+        return self._queue.popleft()

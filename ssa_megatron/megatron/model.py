@@ -1,0 +1,118 @@
+"""Model construction from a recipe, in one place (switching GPTModel → HybridModel later is a one-file change).
+
+The training loop, evaluation and the tools call only these two functions. Megatron's parallel state
+(``parallel_state.initialize_model_parallel``) must be initialised before ``build_gpt_model``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ssa_megatron.config import RecipeConfig
+from ssa_megatron.megatron.attention import check_tp_heads
+from ssa_megatron.megatron.loss import set_alignment_loss_scale
+from ssa_megatron.megatron.mode import MODE_SAMPLER
+from ssa_megatron.megatron.spec import get_ssa_layer_spec
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` of a Llama-style SSA decoder (RMSNorm, SwiGLU, RoPE, no biases, no dropout).
+
+    Installs the alignment loss's scale hook (``experimental_attention_variant_loss_scale_func``).
+    ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``calculate_per_token_loss=True``).
+    """
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    check_tp_heads(m.num_query_groups, m.num_attention_heads, p.tensor_parallel)
+    if m.vocab_size % p.tensor_parallel:
+        raise ValueError(f"model.vocab_size={m.vocab_size} must be divisible by parallel.tensor_parallel="
+                         f"{p.tensor_parallel} (the embedding is split by vocabulary)")
+    if p.pipeline_parallel > 1 and m.num_layers % (p.pipeline_parallel * (p.virtual_pipeline_parallel or 1)):
+        raise ValueError(
+            f"model.num_layers={m.num_layers} must be divisible by parallel.pipeline_parallel="
+            f"{p.pipeline_parallel} x virtual_pipeline_parallel={p.virtual_pipeline_parallel or 1}"
+        )
+    if p.context_parallel > 1 and p.cp_comm_type != "all_gather":
+        raise NotImplementedError(
+            f"parallel.cp_comm_type={p.cp_comm_type!r}: SSA context parallelism implements 'all_gather' only"
+        )
+    dtype = _DTYPES[t.precision]
+    recompute = {}
+    if t.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif t.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=getattr(t, "recompute_num_layers", 1))
+    kwargs = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_parallel,
+        context_parallel_size=p.context_parallel,
+        cp_comm_type="all_gather" if p.context_parallel > 1 else None,
+        sequence_parallel=p.sequence_parallel and p.tensor_parallel > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        use_cpu_initialization=not torch.cuda.is_available(),
+        experimental_attention_variant_loss_scale_func=set_alignment_loss_scale,
+        **recompute,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    recipe: RecipeConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    config: TransformerConfig | None = None,
+) -> GPTModel:
+    """The SSA GPTModel (this rank's pipeline stage / virtual chunk ``vp_stage``) on the current device.
+
+    Also seeds the mode sampler with ``recipe.train.seed``. Parameters are created in ``params_dtype``; on a GPU the
+    module is moved to the current CUDA device.
+    """
+    config = config or transformer_config_from_recipe(recipe)
+    MODE_SAMPLER.configure(recipe.train.seed)
+    m = recipe.model
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_ssa_layer_spec("local", recipe.ssa),
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(m.rope_theta),
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    return model

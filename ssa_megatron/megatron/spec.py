@@ -1,0 +1,107 @@
+"""The SSA transformer-layer spec: Megatron's Llama-style layer (RMSNorm, SwiGLU, RoPE) with SSA attention.
+
+Only the attention changes: ``SSASelfAttention`` (Megatron's ``SelfAttention`` + the gate linear) with
+``SSACoreAttention`` as its core attention, inside ``SSATransformerLayer``. RMSNorm and SwiGLU come from the
+``TransformerConfig`` (``normalization="RMSNorm"``, ``gated_linear_unit=True``, ``activation_func=silu``) that
+``transformer_config_from_recipe`` builds.
+
+- ``backend="local"``: Megatron-core's own modules (``ColumnParallelLinear``, ``RowParallelLinear``, torch RMSNorm).
+  Complete without Transformer Engine; the path used on CPUs and on GPUs without TE.
+- ``backend="te"``: Transformer Engine linears and norms around the same SSA core attention (TE has no sparse
+  attention). The input norm stays a separate ``TENorm`` (not fused into the QKV GEMM) because the gate reads the
+  normalized input; the MLP uses TE's fused norm+fc1. Checkpoint keys are the same as the local spec's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from ssa_megatron.config import SSAConfig
+from ssa_megatron.megatron.attention import (
+    SSACoreAttention,
+    SSASelfAttention,
+    SSASelfAttentionSubmodules,
+    SSATransformerLayer,
+)
+
+BACKENDS = ("local", "te")
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports. TE raises RuntimeError (not ImportError) when its CUDA libraries do
+    not match, which counts as absent too."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None) -> ModuleSpec:
+    """A ``TransformerLayer`` spec with SSA attention.
+
+    Args:
+        backend: 'local' (megatron-core modules) or 'te' (Transformer Engine linears/norms).
+        ssa: the SSA semantics handed to every core attention (default ``SSAConfig()``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"get_ssa_layer_spec(backend={backend!r}): must be one of {', '.join(BACKENDS)}")
+    ssa = copy.deepcopy(ssa) if ssa is not None else SSAConfig()
+    ssa.validate()
+    if backend == "local":
+        return _local_spec(ssa)
+    return _te_spec(ssa)
+
+
+def _attention_spec(ssa: SSAConfig, linear_qkv, linear_proj, linear_gate) -> ModuleSpec:
+    return ModuleSpec(
+        module=SSASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SSASelfAttentionSubmodules(
+            linear_qkv=linear_qkv,
+            core_attention=ModuleSpec(module=SSACoreAttention, params={"ssa": ssa}),
+            linear_proj=linear_proj,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+            linear_gate=linear_gate if ssa.gate == "per_head" else None,
+        ),
+    )
+
+
+def _local_spec(ssa: SSAConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    stock = spec.submodules.self_attention.submodules
+    spec.module = SSATransformerLayer
+    spec.submodules.self_attention = _attention_spec(ssa, stock.linear_qkv, stock.linear_proj, ColumnParallelLinear)
+    return spec
+
+
+def _te_spec(ssa: SSAConfig) -> ModuleSpec:
+    if not transformer_engine_available():
+        raise RuntimeError(
+            "get_ssa_layer_spec(backend='te'): Transformer Engine is not importable here (not installed, or its "
+            "import raised). Install the 'te' extra (NGC PyTorch containers ship it) or use backend='local'."
+        )
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    stock = spec.submodules.self_attention.submodules
+    spec.module = SSATransformerLayer
+    # The gate reads the normalized input, so the input norm is not fused into the QKV GEMM here.
+    spec.submodules.input_layernorm = TENorm
+    spec.submodules.self_attention = _attention_spec(
+        ssa, TEColumnParallelLinear, stock.linear_proj, TEColumnParallelLinear
+    )
+    # Same checkpoint keys as the stock TE layer (whose input norm lives inside linear_qkv) and the local spec.
+    spec.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    return spec

@@ -1,0 +1,108 @@
+"""Per-layer SSA metrics of one optimizer step, reduced over ranks for logging.
+
+Every SSA layer records, per training micro-batch, its alignment loss and its two terms (sparsity: full moves toward
+sparse; commitment: sparse moves toward full), the mode it ran, and, on steps where the loop asks for them,
+attention statistics (``with_metrics``: attention sparsity, entropy, KL, sink mass; mean over local heads).
+Values are kept as sums and counts in ``[num_layers]`` tensors indexed by the global layer number.
+
+:meth:`SSAMetricsTracker.reduce` sums sums and counts over a process group (default: the whole world) and divides:
+each layer lives on one pipeline stage, so this is a sum over PP stages and a mean over DP, CP and TP ranks and
+micro-batches. Every rank must call it (ranks of stages that recorded nothing contribute zeros). Recompute
+forwards do not record, so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+LOSS_NAMES = ("alignment_loss", "sparsity_loss", "commitment_loss")
+METRIC_NAMES = ("sparsity", "entropy_bits", "kl_full_sparse", "sink_mass")
+
+
+class SSAMetricsTracker:
+    def __init__(self) -> None:
+        self.num_layers = 0
+        self.collect_metrics = False
+        """Set by the training loop on steps where attention statistics should be computed (costly)."""
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, Tensor] = {}
+        self.modes: Counter[str] = Counter()
+        self._mode_keys: set[tuple[int, int]] = set()
+
+    def _ensure(self, num_layers: int) -> None:
+        if num_layers > self.num_layers:
+            grow = num_layers - self.num_layers
+            for store in (self.sums, self.counts):
+                for name, value in store.items():
+                    store[name] = torch.cat([value, value.new_zeros(grow)])
+            self.num_layers = num_layers
+
+    def record(self, name: str, layer_number: int, num_layers: int, value: Tensor | float) -> None:
+        """Adds one micro-batch's value for layer ``layer_number`` (1-based, global)."""
+        self._ensure(num_layers)
+        if name not in self.sums:
+            self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64)
+            self.counts[name] = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.sums[name][layer_number - 1] += float(value)
+        self.counts[name][layer_number - 1] += 1
+
+    def record_mode(self, microbatch: int, mode: str, chunk: int = 0) -> None:
+        """Counts the mode of micro-batch ``microbatch`` once per model chunk, however many layers report it."""
+        key = (chunk, microbatch)
+        if key not in self._mode_keys:
+            self._mode_keys.add(key)
+            self.modes[mode] += 1
+
+    def reduce(self, group: dist.ProcessGroup | None = None, num_layers: int | None = None,
+               device: torch.device | str | None = None) -> dict[str, float]:
+        """All-reduces and returns ``{name: mean over layers, name/layer_i: value}`` plus mode counts; resets.
+
+        Names: ``alignment_loss``, ``sparsity_loss``, ``commitment_loss`` and, when collected, ``attn_sparsity``,
+        ``attn_entropy_bits``, ``attn_kl_full_sparse``, ``attn_sink_mass``; ``microbatches_full``,
+        ``microbatches_sparse`` (this rank's model chunks; identical on every rank of a stage).
+        """
+        if num_layers is not None:
+            self._ensure(num_layers)
+        names = list(LOSS_NAMES) + [f"attn_{m}" for m in METRIC_NAMES]
+        L = self.num_layers
+        sums = torch.zeros(len(names), max(L, 1), dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        for i, name in enumerate(names):
+            if name in self.sums:
+                sums[i, :L] = self.sums[name]
+                counts[i, :L] = self.counts[name]
+        if dist.is_available() and dist.is_initialized():
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
+            packed = torch.stack([sums, counts]).to(device)
+            # Gloo lacks AVG: reduce sums and counts and divide afterwards.
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+            sums, counts = packed.cpu().unbind(0)
+        out: dict[str, float] = {}
+        for i, name in enumerate(names):
+            have = counts[i] > 0
+            if not bool(have.any()):
+                continue
+            per_layer = sums[i][have] / counts[i][have]
+            out[name] = float(per_layer.mean())
+            for layer in torch.nonzero(have).flatten().tolist():
+                out[f"{name}/layer_{layer + 1}"] = float(sums[i, layer] / counts[i, layer])
+        out["microbatches_full"] = float(self.modes.get("full", 0))
+        out["microbatches_sparse"] = float(self.modes.get("sparse", 0))
+        self.reset()
+        return out
+
+
+_TRACKER = SSAMetricsTracker()
+
+
+def get_ssa_tracker() -> SSAMetricsTracker:
+    """The process-wide tracker the SSA layers record into."""
+    return _TRACKER
