@@ -288,8 +288,11 @@ def alignment_loss(o_full: Tensor, o_sparse: Tensor, beta: float = 1.0) -> tuple
     Returns ``(total, sparsity_term, commitment_term)``: the sparsity term moves only the full branch toward
     the (stopped) sparse output, the commitment term moves only the sparse branch toward the (stopped) full one.
     """
-    sparsity = F.smooth_l1_loss(o_full.float(), o_sparse.detach().float(), beta=beta)
-    commitment = F.smooth_l1_loss(o_full.detach().float(), o_sparse.float(), beta=beta)
+    # At least float32: bf16 means over millions of elements lose the small differences that matter here.
+    dtype = torch.promote_types(o_full.dtype, torch.float32)
+    o_full, o_sparse = o_full.to(dtype), o_sparse.to(dtype)
+    sparsity = F.smooth_l1_loss(o_full, o_sparse.detach(), beta=beta)
+    commitment = F.smooth_l1_loss(o_full.detach(), o_sparse, beta=beta)
     return sparsity + commitment, sparsity.detach(), commitment.detach()
 
 
