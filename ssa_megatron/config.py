@@ -8,6 +8,7 @@ key, the value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -175,51 +176,121 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW with decoupled weight decay, global-norm gradient clipping and a warmup + decay LR schedule."""
+
     lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 0.0
+    """Learning rate at the last step (cosine/linear decay end point)."""
     warmup_fraction: float = 0.01
+    """Share of train.steps spent in linear warmup from 0 (ignored when warmup_steps is set)."""
+    warmup_steps: Optional[int] = None
+    """Warmup length in optimizer steps; None: round(warmup_fraction * train.steps)."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from lr to min_lr over the steps after warmup."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    """Decoupled weight decay; biases and norm weights are exempt (Megatron's default grouping)."""
     grad_clip: float = 1.0
+    """Clip the global gradient L2 norm to this value; 0 disables clipping."""
 
     def validate(self, prefix: str = "optim") -> None:
         if self.lr <= 0:
             raise ValueError(f"{prefix}.lr={self.lr!r}: must be > 0")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"{prefix}.min_lr={self.min_lr!r}: must be in [0, optim.lr={self.lr}]")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"{prefix}.warmup_fraction={self.warmup_fraction!r}: must be in [0, 1)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"{prefix}.warmup_steps={self.warmup_steps!r}: must be None or >= 0")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"{prefix}.betas={self.betas!r}: each must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"{prefix}.eps={self.eps!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"{prefix}.weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"{prefix}.grad_clip={self.grad_clip!r}: must be >= 0 (0 disables clipping)")
 
 
 @dataclass
 class TrainConfig:
+    """The training loop: batch geometry, precision, recompute, logging and evaluation cadence."""
+
     steps: int = 100
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
     micro_batch_size: int = 1
+    """Sequences per forward pass on one data-parallel rank."""
     global_batch_size: int = 8
-    """Sequences per optimizer step, across data-parallel ranks and gradient accumulation."""
+    """Sequences per optimizer step, across data-parallel ranks and gradient accumulation; must be a multiple
+    of micro_batch_size x data-parallel size (checked at start-up, when the world size is known)."""
     seed: int = 1234
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Parameter/compute dtype; bf16 and fp16 keep fp32 master weights in the optimizer. CPU runs use fp32."""
     recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: selective = core attention only; full = whole layers (recompute_num_layers)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recomputed chunk (Megatron's uniform method)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA (NCCL) when a GPU is visible, else CPU (gloo)."""
     log_interval: int = 10
+    """Console/TensorBoard logging every this many steps."""
     metrics_interval: int = 50
     """Attention-sparsity statistics (costly: O(T²)) every this many steps; 0 disables."""
     eval_interval: int = 0
+    """Held-out perplexity (full and sparse inference) every this many steps and at the end; 0 disables."""
     eval_batches: int = 4
+    """Micro-batches per evaluation and mode."""
     run_dir: str = "runs/default"
+    """Checkpoints (checkpoints/), TensorBoard logs (tensorboard/) and the resolved recipe go here."""
+    progress_bar: bool = True
+    """tqdm progress bar on the console (rank 0)."""
+    wandb: Literal["auto", "on", "off"] = "auto"
+    """auto: log to Weights & Biases when it is installed and WANDB_API_KEY or WANDB_MODE is set."""
+    wandb_project: str = "ssa_megatron"
+    exit_signal_handler: bool = True
+    """On SIGTERM/SIGUSR1 (SLURM pre-timeout), finish the step, save a checkpoint and exit cleanly."""
+    distributed_timeout_minutes: int = 30
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
+        for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
+                     "recompute_num_layers", "distributed_timeout_minutes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("metrics_interval", "eval_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 0 (0 disables)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"{prefix}.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"{prefix}.micro_batch_size={self.micro_batch_size}"
+            )
+        if not self.run_dir:
+            raise ValueError(f"{prefix}.run_dir={self.run_dir!r}: must be a non-empty path")
 
 
 @dataclass
 class CheckpointConfig:
+    """Megatron dist-checkpointing (torch_dist) checkpoints under ``<run_dir>/checkpoints``."""
+
     interval: int = 100
+    """Save every this many steps (and at the end of the run); 0: only at the end."""
     keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted after a newer one is complete."""
     resume: bool = True
     """Resume from the run directory's latest checkpoint when one exists."""
+    dir: Optional[str] = None
+    """Checkpoint directory; None: ``<train.run_dir>/checkpoints``."""
+    load: Optional[str] = None
+    """A checkpoint to initialise from (model weights only) when the run has none of its own."""
+    save_at_end: bool = True
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.interval < 0:
+            raise ValueError(f"{prefix}.interval={self.interval!r}: must be >= 0 (0: only at the end)")
+        if self.keep_last < 1:
+            raise ValueError(f"{prefix}.keep_last={self.keep_last!r}: must be >= 1")
 
 
 @dataclass
@@ -358,7 +429,7 @@ def _read_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Applies ``a.b=c`` overrides; values are parsed as YAML (``train.steps=20``, ``optim.betas=[0.9,0.99]``)."""
-    data = _deep_merge({}, data)
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected the form section.key=value")
