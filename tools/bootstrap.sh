@@ -5,15 +5,17 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
+# Prefers 3.12, the GPU machines' Python (megatron-core's cp312 wheel is what they carry).
 find_python() {
-  for cand in python3.13 python3.12 python3; do
-    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  local cand v
+  for cand in python3.12 python3.13 python3; do
+    if "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
       command -v "$cand"; return 0
     fi
   done
   if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare | grep -E '^3\.(1[2-9])' | sort -rV); do
-      PYENV_VERSION=$v pyenv which python && return 0
+    for v in $(pyenv versions --bare | grep -E '^3\.1[2-9]\.[0-9]+$' | sort -V); do
+      PYENV_VERSION=$v pyenv which python 2>/dev/null && return 0
     done
   fi
   return 1
