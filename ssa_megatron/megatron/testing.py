@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Callable
 
 import torch
@@ -28,9 +29,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> 
     try:
         fn(rank, world_size, *args)
     finally:
-        from megatron.core import parallel_state
-
-        parallel_state.destroy_model_parallel()
+        if "megatron.core.parallel_state" in sys.modules:
+            sys.modules["megatron.core.parallel_state"].destroy_model_parallel()
         dist.destroy_process_group()
 
 
