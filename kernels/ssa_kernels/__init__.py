@@ -1,0 +1,16 @@
+"""Triton kernels for SSA (Sparse Sparse Attention): selection, block-sparse attention, full attention.
+
+Framework-free (torch + triton). The three entry points have exactly the signatures of
+``ssa_megatron.ssa.reference`` (Megatron layout ``[s, b, h, d]``, strided inputs accepted)::
+
+    select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
+                  softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
+    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale) -> (out, lse)
+    full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
+"""
+
+from .full import full_attention
+from .select import select_blocks
+from .sparse import build_reverse_index, sparse_attention
+
+__all__ = ["select_blocks", "sparse_attention", "full_attention", "build_reverse_index"]

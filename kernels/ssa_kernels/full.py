@@ -1,0 +1,163 @@
+"""Full causal attention (the SSA full branch): torch's fused kernels, flash-attn when installed.
+
+Dispatch (CUDA):
+- flash-attn installed: ``flash_attn_varlen_func`` (documents and query subsets as varlen sequences).
+- no documents, queries = all keys (the training case): torch's FlashAttention-2 op
+  ``aten._scaled_dot_product_flash_attention`` on the Megatron tensors viewed as ``[b, h, s, d]`` (no copy,
+  native GQA, returns the log-sum-exp, same kernel ``F.scaled_dot_product_attention`` runs).
+- documents and/or query subsets (context parallelism): the query rows are cut into runs of consecutive
+  positions inside one document; every run becomes one varlen sequence whose keys are its document's keys up
+  to the run's last position, attended with bottom-right-aligned causal masking by
+  ``aten._flash_attention_forward`` (varlen FlashAttention-2). Packing is one gather of q/k/v rows: cheaper
+  than a block-diagonal dense mask (O(T²) memory, no flash backend) or a Python loop over documents (one
+  launch per document), and exact.
+Elsewhere (CPU, TRITON_INTERPRET tests) a plain masked-softmax in torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import check_qkv, document_starts, q_positions_or_default
+
+try:  # optional
+    from flash_attn import flash_attn_varlen_func as _fa_varlen  # type: ignore
+except Exception:  # ImportError, or a broken CUDA extension
+    _fa_varlen = None
+
+_SDPA_GQA_NATIVE: bool | None = None  # whether the aten flash op accepts fewer KV heads (probed once)
+
+
+def _torch_masked(q, k, v, cu_seqlens, q_pos, scale):
+    sq, b, hq, d = q.shape
+    skv, _, hkv, _ = k.shape
+    g = hq // hkv
+    doc = document_starts(cu_seqlens, b, skv, q.device)
+    j = torch.arange(skv, device=q.device)
+    mask = (j[None, :] <= q_pos.long()[:, None])[None]  # [1, sq, skv]
+    if doc is not None:
+        mask = mask & (doc[:, q_pos.long()][:, :, None] == doc[:, None, :])
+    qh = q.permute(1, 2, 0, 3).float()
+    kh = k.repeat_interleave(g, dim=2).permute(1, 2, 0, 3).float()
+    vh = v.repeat_interleave(g, dim=2).permute(1, 2, 0, 3).float()
+    logits = (scale * qh @ kh.transpose(-1, -2)).masked_fill(~mask[:, None], -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.exp(logits - lse[..., None]) @ vh
+    return out.permute(2, 0, 1, 3).to(q.dtype), lse
+
+
+def _flash_dense(q, k, v, scale):
+    """No documents, sq == skv: FA2 through torch on [b, h, s, d] views."""
+    global _SDPA_GQA_NATIVE
+    qh, kh, vh = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+    g = q.shape[2] // k.shape[2]
+    if g > 1 and _SDPA_GQA_NATIVE is not False:
+        try:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, True, False, scale=scale)
+            _SDPA_GQA_NATIVE = True
+            return res[0].permute(2, 0, 1, 3), res[1]
+        except RuntimeError:
+            _SDPA_GQA_NATIVE = False
+    if g > 1:
+        kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, True, False, scale=scale)
+    return res[0].permute(2, 0, 1, 3), res[1]
+
+
+def _runs(cu_seqlens, q_pos, b, skv):
+    """Host-side: varlen sequences (b, q row start, length, key start, key end) covering all queries."""
+    pos = q_pos.long().cpu().tolist()
+    if cu_seqlens is None:
+        doc_bounds = [[0]] * b
+    else:
+        cu = [int(x) for x in cu_seqlens.cpu().tolist()]
+        doc_bounds = [[c - r * skv for c in cu if r * skv <= c < (r + 1) * skv] for r in range(b)]
+    import bisect
+    runs = []
+    for r in range(b):
+        bounds = doc_bounds[r]
+        i = 0
+        while i < len(pos):
+            p0 = pos[i]
+            ds = bounds[bisect.bisect_right(bounds, p0) - 1]
+            de = bounds[bisect.bisect_right(bounds, p0)] if bisect.bisect_right(bounds, p0) < len(bounds) else skv
+            j = i + 1
+            while j < len(pos) and pos[j] == pos[j - 1] + 1 and pos[j] < de:
+                j += 1
+            runs.append((r, i, j - i, ds, pos[j - 1] + 1))
+            i = j
+    return runs
+
+
+def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, attn=None):
+    sq, b, hq, d = q.shape
+    skv, _, hkv, _ = k.shape
+    runs = _runs(cu_seqlens, q_pos, b, skv)
+    dev = q.device
+    q_rows = torch.cat([torch.arange(i, i + n, device=dev) * b + r for (r, i, n, _, _) in runs])
+    k_rows = torch.cat([torch.arange(ks, ke, device=dev) * b + r for (r, _, _, ks, ke) in runs])
+    lens_q = torch.tensor([0] + [n for (_, _, n, _, _) in runs], device=dev, dtype=torch.int32)
+    lens_k = torch.tensor([0] + [ke - ks for (_, _, _, ks, ke) in runs], device=dev, dtype=torch.int32)
+    cu_q, cu_k = lens_q.cumsum(0, dtype=torch.int32), lens_k.cumsum(0, dtype=torch.int32)
+    max_q, max_k = int(lens_q.max()), int(lens_k.max())
+    qf = q.reshape(sq * b, hq, d).index_select(0, q_rows)
+    kf = k.reshape(skv * b, hkv, d).index_select(0, k_rows)
+    vf = v.reshape(skv * b, hkv, d).index_select(0, k_rows)
+    if attn is not None:  # test hook: a varlen attention with the same contract
+        out, lse = attn(qf, kf, vf, cu_q, cu_k, scale)
+    elif _fa_varlen is not None:
+        out, lse, _ = _fa_varlen(qf, kf, vf, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
+                                 return_attn_probs=True)
+    else:
+        res = torch.ops.aten._flash_attention_forward(qf, kf, vf, cu_q, cu_k, max_q, max_k, 0.0, True, False,
+                                                      scale=scale)
+        out, lse = res[0], res[1]
+    o = torch.zeros(sq * b, hq, d, device=dev, dtype=out.dtype).index_copy(0, q_rows, out)
+    if lse.dim() == 3:  # padded [n_seq, h, max_q] layout
+        lse = torch.cat([lse[s, :, :n] for s, (_, _, n, _, _) in enumerate(runs)], dim=1)
+    lse_full = torch.empty(hq, sq * b, device=dev, dtype=torch.float32)
+    lse_full[:, q_rows] = lse.float()
+    return o.view(sq, b, hq, d), lse_full.view(hq, sq, b).permute(2, 0, 1)
+
+
+def full_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None,
+                   q_positions: Tensor | None = None, softmax_scale: float | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """Causal attention (documents kept apart when ``cu_seqlens`` is given). Returns ``(out, lse)``.
+
+    Same contract as the reference: ``out [sq, b, HQ, D]``, ``lse [b, HQ, sq]`` float32 (natural log; not
+    differentiable on the CUDA paths).
+    """
+    check_qkv(q, k, v)
+    sq, b, hq, d = q.shape
+    skv = k.shape[0]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or d > 256:
+        q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
+        return _torch_masked(q, k, v, cu_seqlens, q_pos, scale)
+    default_pos = q_positions is None and sq == skv
+    if cu_seqlens is None and default_pos and _fa_varlen is None:
+        return _flash_dense(q, k, v, scale)
+    q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
+    return _flash_varlen(q, k, v, cu_seqlens, q_pos, scale)
+
+
+def varlen_reference(qf, kf, vf, cu_q, cu_k, scale):
+    """Torch version of varlen causal attention (bottom-right aligned), ``lse [h, total_q]``: test oracle."""
+    outs, lses = [], []
+    g = qf.shape[1] // kf.shape[1]
+    for s in range(len(cu_q) - 1):
+        qs = qf[int(cu_q[s]):int(cu_q[s + 1])].float().transpose(0, 1)
+        ks = kf[int(cu_k[s]):int(cu_k[s + 1])].float().repeat_interleave(g, 1).transpose(0, 1)
+        vs = vf[int(cu_k[s]):int(cu_k[s + 1])].float().repeat_interleave(g, 1).transpose(0, 1)
+        nq, nk = qs.shape[1], ks.shape[1]
+        mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+        logits = (scale * qs @ ks.transpose(-1, -2)).masked_fill(~mask, -math.inf)
+        lse = torch.logsumexp(logits, -1)
+        outs.append((torch.exp(logits - lse[..., None]) @ vs).transpose(0, 1).to(qf.dtype))
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses, dim=1)

@@ -1,0 +1,244 @@
+"""Block selection: mean-pool the keys, score the complete earlier blocks, keep the exact top-k.
+
+One program handles a tile of ``BQ`` query tokens of one (batch row, KV head): the ``BQ × G`` query rows
+form the M dimension of the scoring matmul against a chunk of ``KP`` pooled keys. The running top-k lives in
+registers as one int64 key per candidate, ``(monotone float bits of the score) << 32 | block number``, so a
+plain integer maximum ranks by score and breaks ties toward the later block, as the reference does. Each chunk
+is reduced with ``tl.topk`` and merged into the running list with the bitonic max trick, so nothing of size
+``T × T/BS`` ever reaches memory. ``group_softmax`` first runs a pass computing each head's log-sum-exp over
+the scored blocks (the softmax normaliser), then the scoring pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (block_grid, interpreting, patch_interpreter, check_qkv, document_starts, last_dim_contiguous, next_pow2,
+                      q_positions_or_default)
+
+_MIN_KEY = -(2 ** 63)
+patch_interpreter()
+
+
+@triton.jit
+def _select_kernel(
+    Q, KB, CST, LO, HI, OWN, IDX, CNT,
+    sq, nbc,
+    s_qs, s_qb, s_qh,
+    s_kbb, s_kbh, s_kbn,
+    s_cb, s_lb,
+    s_ib, s_ih, s_is,
+    s_cnb, s_cnh,
+    HKV, scale_log2, inv_g,
+    G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    M: tl.constexpr = BQ * GP
+
+    rows = tl.arange(0, M)
+    r_tok = pid_q * BQ + rows // GP
+    r_g = rows % GP
+    r_ok = (r_tok < sq) & (r_g < G)
+    d = tl.arange(0, BD)
+    q_ptr = (Q + r_tok.to(tl.int64)[:, None] * s_qs + b.to(tl.int64) * s_qb
+             + (h * G + r_g).to(tl.int64)[:, None] * s_qh + d[None, :])
+    q = tl.load(q_ptr, mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+
+    toks = pid_q * BQ + tl.arange(0, BQ)
+    t_ok = toks < sq
+    lo_q = tl.load(LO + b * s_lb + toks, mask=t_ok, other=0)
+    hi_q = tl.load(HI + b * s_lb + toks, mask=t_ok, other=0)
+    own_q = tl.load(OWN + b * s_lb + toks, mask=t_ok, other=0)
+    lo_r = tl.load(LO + b * s_lb + r_tok, mask=r_ok, other=0)
+    hi_r = tl.load(HI + b * s_lb + r_tok, mask=r_ok, other=0)
+    j_begin = tl.min(tl.where(t_ok & (hi_q > lo_q), lo_q, nbc), axis=0)
+    j_end = tl.max(tl.where(t_ok, hi_q, 0), axis=0)
+
+    kb_base = KB + b.to(tl.int64) * s_kbb + h.to(tl.int64) * s_kbh
+    n = tl.arange(0, BN)
+
+    # Pass 1 (group_softmax): per-row log2-sum-exp2 over the candidate blocks.
+    lse2 = tl.zeros([M], dtype=tl.float32)
+    if SCORE == 0:
+        m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([M], dtype=tl.float32)
+        for j0 in range(j_begin, j_end, BN):
+            jj = j0 + n
+            kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
+                         mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
+            s = tl.dot(q, kb) * scale_log2
+            cand = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
+            s = tl.where(cand, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        lse2 = tl.where(l_i > 0, m_i + tl.log2(l_i), 0.0)
+
+    # Pass 2: scores, running exact top-KP as int64 keys (ascending).
+    buf = tl.full([BQ, KP], _MIN_KEY, dtype=tl.int64)
+    thr = tl.full([BQ], _MIN_KEY, dtype=tl.int64)
+    for j0 in range(j_begin, j_end, BN):
+        jj = j0 + n
+        kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
+                     mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
+        logits = tl.dot(q, kb)
+        if SCORE == 0:
+            cand_r = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
+            p = tl.where(cand_r, tl.exp2(logits * scale_log2 - lse2[:, None]), 0.0)
+        else:
+            p = tl.where(r_ok[:, None], logits * inv_g, 0.0)
+        score = tl.sum(tl.reshape(p, [BQ, GP, BN]), axis=1)  # [BQ, BN]
+        cand = (jj[None, :] >= lo_q[:, None]) & (jj[None, :] < hi_q[:, None])
+        forced = cand & ((jj[None, :] < lo_q[:, None] + SINK) | (jj[None, :] >= hi_q[:, None] - LOCAL))
+        bits = score.to(tl.int32, bitcast=True)
+        mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        mono = tl.where(forced, 0x7F800000, mono)
+        key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
+        key = tl.where(cand, key, _MIN_KEY)
+        hit = tl.max(tl.where(key > thr[:, None], 1, 0))
+        if hit > 0:
+            if BN == KP:
+                top = tl.sort(key, dim=1, descending=True)
+            else:
+                top = tl.topk(key, KP, dim=1)
+            buf = tl.maximum(buf, top)
+            buf = tl.sort(buf, dim=1)
+            thr = tl.min(buf, axis=1)
+
+    # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
+    c = tl.arange(0, KP)
+    valid = (buf != _MIN_KEY) & (c[None, :] >= KP - (TOPK - 1))
+    blk = (buf & 0xFFFFFFFF).to(tl.int32)
+    start = tl.load(CST + b * s_cb + blk, mask=valid, other=0)
+    start = tl.where(valid, start, 2147483647)
+    start = tl.sort(start, dim=1)
+    nsel = tl.sum(valid.to(tl.int32), axis=1)  # [BQ]
+
+    out_base = IDX + b.to(tl.int64) * s_ib + h.to(tl.int64) * s_ih + toks.to(tl.int64) * s_is
+    tl.store(out_base[:, None] + c[None, :], start, mask=t_ok[:, None] & (c[None, :] < nsel[:, None]))
+    tl.store(out_base + nsel, own_q, mask=t_ok)
+    co = tl.arange(0, KO)
+    tl.store(out_base[:, None] + co[None, :], tl.full([BQ, KO], -1, dtype=tl.int32),
+             mask=t_ok[:, None] & (co[None, :] > nsel[:, None]) & (co[None, :] < TOPK))
+    tl.store(CNT + b * s_cnb + h * s_cnh + toks, nsel + 1, mask=t_ok)
+
+
+def pooled_keys(k: Tensor, block_size: int, doc_start: Tensor | None, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor]:
+    """Mean-pooled keys of the complete blocks: ``(k_bar [b, HKV, NB, D], starts [b, NB] int32)``.
+
+    Without documents block j covers keys ``j·BS .. j·BS+BS-1``; with documents the complete blocks of every
+    document's grid, in ascending order, padded with start = skv (and zero keys).
+    """
+    skv, b, hkv, d = k.shape
+    if doc_start is None:
+        nb = skv // block_size
+        kb = k[: nb * block_size].unflatten(0, (nb, block_size)).sum(1, dtype=torch.float32) / block_size
+        kbar = kb.permute(1, 2, 0, 3).to(dtype).contiguous()
+        starts = torch.arange(0, nb * block_size, block_size, device=k.device, dtype=torch.int32)
+        return kbar, starts.expand(b, nb).contiguous()
+    st, _, complete = block_grid(doc_start, b, skv, block_size, k.device)
+    cnt = complete.sum(1)
+    nb = max(int(cnt.max()), 1)
+    order = torch.sort((~complete).to(torch.int8), dim=1, stable=True).indices[:, :nb]
+    valid = torch.arange(nb, device=k.device)[None, :] < cnt[:, None]
+    starts = torch.where(valid, torch.gather(st.long(), 1, order), torch.full_like(order, skv))
+    r = torch.arange(block_size, device=k.device)
+    kbar = torch.zeros(b, hkv, nb, d, device=k.device, dtype=dtype)
+    for bi in range(b):
+        pos = (starts[bi, :, None] + r[None, :]).clamp(max=skv - 1).reshape(-1)
+        kg = k[pos, bi].unflatten(0, (nb, block_size)).sum(1, dtype=torch.float32) / block_size  # [nb, hkv, d]
+        kg = kg * valid[bi, :, None, None]
+        kbar[bi] = kg.permute(1, 0, 2).to(dtype)
+    return kbar, starts.to(torch.int32).contiguous()
+
+
+@torch.no_grad()
+def select_blocks(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    top_k: int,
+    score: str = "group_softmax",
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    cu_seqlens: Tensor | None = None,
+    q_positions: Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k block selection per query token and KV head; same contract as the reference.
+
+    Returns ``block_idx [b, HKV, sq, top_k]`` int32 (row-relative block starts, ascending, -1 padded) and
+    ``counts [b, HKV, sq]`` int32.
+    """
+    hkv, g = check_qkv(q, k)
+    sq, b, hq, d = q.shape
+    skv = k.shape[0]
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k}: must be at least 1 block")
+    if sink_blocks + local_blocks + 1 > top_k:
+        raise ValueError(f"sink_blocks + local_blocks + 1 = {sink_blocks + local_blocks + 1} exceeds top_k={top_k}")
+    if score not in ("group_softmax", "dot"):
+        raise ValueError(f"score={score!r}: must be 'group_softmax' or 'dot'")
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    device = q.device
+    q = last_dim_contiguous(q)
+    q_pos = q_positions_or_default(q_positions, sq, skv, device).long()
+    doc_start = document_starts(cu_seqlens, b, skv, device)
+    dtype = q.dtype
+    kbar, cstarts = pooled_keys(k, block_size, doc_start, dtype)
+    nbc = kbar.shape[2]
+
+    if doc_start is None:
+        own = (q_pos // block_size * block_size).expand(b, sq)
+        lo = torch.zeros(b, sq, dtype=torch.int32, device=device)
+        hi = torch.clamp(q_pos // block_size, max=nbc).to(torch.int32).expand(b, sq)
+    else:
+        q_doc = doc_start[:, q_pos]  # [b, sq]
+        own = q_doc + (q_pos - q_doc) // block_size * block_size
+        cs = cstarts.long().contiguous()
+        lo = torch.searchsorted(cs, q_doc.contiguous()).to(torch.int32)
+        hi = torch.searchsorted(cs, own.contiguous()).to(torch.int32)
+    own = own.to(torch.int32).contiguous()
+    lo = lo.contiguous()
+    hi = hi.contiguous()
+
+    block_idx = torch.empty(b, hkv, sq, top_k, dtype=torch.int32, device=device)
+    counts = torch.empty(b, hkv, sq, dtype=torch.int32, device=device)
+    if sq == 0:
+        return block_idx, counts
+    gp = next_pow2(g)
+    kp = max(16, next_pow2(max(top_k - 1, 1)))
+    bn = kp if kp >= 64 else 64
+    bq = max(1, 64 // gp)
+    while bq > 1 and bq * gp * bn > 16384:
+        bq //= 2
+    if bq * gp < 16:
+        bq = 16 // gp
+    bd = max(16, next_pow2(d))
+    grid = (triton.cdiv(sq, bq), b * hkv)
+    _select_kernel[grid](
+        q, kbar, cstarts, lo, hi, own, block_idx, counts,
+        sq, nbc,
+        q.stride(0), q.stride(1), q.stride(2),
+        kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        cstarts.stride(0), lo.stride(0),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+        counts.stride(0), counts.stride(1),
+        hkv, scale * math.log2(math.e), 1.0 / g,
+        G=g, GP=gp, BQ=bq, D=d, BD=bd, KP=kp, BN=bn, TOPK=top_k, KO=next_pow2(top_k),
+        SINK=sink_blocks, LOCAL=local_blocks, SCORE=0 if score == "group_softmax" else 1,
+        num_warps=4,
+    )
+    return block_idx, counts

@@ -1,0 +1,405 @@
+"""Block-sparse attention from the index table: forward, dQ and dK/dV kernels (deterministic, no atomics).
+
+Forward and dQ: one program per (query token, batch row · KV head); the G query heads of the group are the M
+rows of the matmuls (padded to 16), and ``NBLK`` selected blocks are gathered into one KV tile of 64 keys
+(16-token blocks → 4 per tile). Every selected block start ``s`` contributes keys ``s .. s+BS-1`` that are
+``<= the query's position`` (the own block is thereby causal).
+
+dK/dV: one program per (key block of the grid, batch row · KV head). A reverse index (CSR, built with a stable
+sort so the order is fixed) lists the query tokens that selected the block; the program gathers ``TQ`` of them
+× G heads as the M rows (64 rows), accumulates dK/dV in fp32 registers and stores once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (block_grid, check_qkv, last_dim_contiguous, next_pow2, patch_interpreter,
+                      q_positions_or_default)
+
+patch_interpreter()
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    Q, K, V, IDX, NSLOT, QPOS, O, LSE,
+    skv,
+    s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_os, s_ob, s_oh,
+    s_ib, s_ih, s_is, s_nb, s_nh, s_lb, s_lh,
+    HKV, scale_log2,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    NBLK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    t64 = t.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    pos = tl.load(QPOS + t)
+    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
+
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    head = (h * G + g).to(tl.int64)
+    q = tl.load(Q + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+
+    BN: tl.constexpr = NBLK * BS
+    n = tl.arange(0, BN)
+    n_slot = n // BS
+    n_off = n % BS
+    idx_base = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
+    k_base = K + b64 * s_kb + h64 * s_kh
+    v_base = V + b64 * s_vb + h64 * s_vh
+
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, BD], dtype=tl.float32)
+    for i in range(0, nslot, NBLK):
+        slot = i + n_slot
+        start = tl.load(idx_base + slot, mask=slot < nslot, other=-1)
+        kpos = start + n_off
+        k_ok = (start >= 0) & (kpos <= pos) & (kpos < skv)
+        kpos64 = kpos.to(tl.int64)
+        kt = tl.load(k_base + kpos64[:, None] * s_ks + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + kpos64[:, None] * s_vs + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + t64 * s_os + b64 * s_ob + head[:, None] * s_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=g_ok[:, None] & d_ok[None, :])
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + b64 * s_lb + head * s_lh + t, lse, mask=g_ok)
+
+
+@triton.jit
+def _sparse_dq_kernel(
+    Q, K, V, IDX, NSLOT, QPOS, O, DO, LSE, DLSE, DQ, DELTA,
+    skv,
+    s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_os, s_ob, s_oh, s_dos, s_dob, s_doh,
+    s_ib, s_ih, s_is, s_nb, s_nh, s_lb, s_lh,
+    HKV, scale_log2, scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    NBLK: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    t64 = t.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    pos = tl.load(QPOS + t)
+    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
+
+    g = tl.arange(0, GP)
+    g_ok = g < G
+    d = tl.arange(0, BD)
+    d_ok = d < D
+    head = (h * G + g).to(tl.int64)
+    rmask = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :], mask=rmask, other=0.0)
+    do = tl.load(DO + t64 * s_dos + b64 * s_dob + head[:, None] * s_doh + d[None, :], mask=rmask, other=0.0)
+    o = tl.load(O + t64 * s_os + b64 * s_ob + head[:, None] * s_oh + d[None, :], mask=rmask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + b64 * s_lb + head * s_lh + t, mask=g_ok, other=0.0)
+    tl.store(DELTA + b64 * s_lb + head * s_lh + t, delta, mask=g_ok)
+    lse = tl.load(LSE + b64 * s_lb + head * s_lh + t, mask=g_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    BN: tl.constexpr = NBLK * BS
+    n = tl.arange(0, BN)
+    n_slot = n // BS
+    n_off = n % BS
+    idx_base = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
+    k_base = K + b64 * s_kb + h64 * s_kh
+    v_base = V + b64 * s_vb + h64 * s_vh
+    dq = tl.zeros([GP, BD], dtype=tl.float32)
+    for i in range(0, nslot, NBLK):
+        slot = i + n_slot
+        start = tl.load(idx_base + slot, mask=slot < nslot, other=-1)
+        kpos = start + n_off
+        k_ok = (start >= 0) & (kpos <= pos) & (kpos < skv)
+        kpos64 = kpos.to(tl.int64)
+        kt = tl.load(k_base + kpos64[:, None] * s_ks + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = tl.load(v_base + kpos64[:, None] * s_vs + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt)
+    dq = dq * scale
+    tl.store(DQ + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=rmask)
+
+
+@triton.jit
+def _sparse_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, QPOS, KST, KEN, RPTR, RIDX, DK, DV,
+    sq, skv, nbg,
+    s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_dos, s_dob, s_doh,
+    s_lb, s_lh, s_kst,
+    s_dks, s_dkb, s_dkh,
+    HKV, scale_log2, scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    TQ: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    kstart = tl.load(KST + b64 * s_kst + blk)
+    kend = tl.load(KEN + b64 * s_kst + blk)
+    if kstart < skv:
+        r = tl.arange(0, BS)
+        kpos = kstart + r
+        k_ok = kpos < kend
+        kpos64 = kpos.to(tl.int64)
+        d = tl.arange(0, BD)
+        d_ok = d < D
+        kmask = k_ok[:, None] & d_ok[None, :]
+        kt = tl.load(K + b64 * s_kb + h64 * s_kh + kpos64[:, None] * s_ks + d[None, :], mask=kmask, other=0.0)
+        vt = tl.load(V + b64 * s_vb + h64 * s_vh + kpos64[:, None] * s_vs + d[None, :], mask=kmask, other=0.0)
+
+        # CSR row of this (b, h, block start)
+        row = pid_bh.to(tl.int64) * skv + kstart
+        e_begin = tl.load(RPTR + row)
+        e_end = tl.load(RPTR + row + 1)
+
+        M: tl.constexpr = TQ * GP
+        m = tl.arange(0, M)
+        m_tq = m // GP
+        m_g = m % GP
+        head = (h * G + m_g).to(tl.int64)
+        dk = tl.zeros([BS, BD], dtype=tl.float32)
+        dv = tl.zeros([BS, BD], dtype=tl.float32)
+        for e0 in range(e_begin, e_end, TQ):
+            e = e0 + m_tq
+            row_ok = (e < e_end) & (m_g < G)
+            tok = tl.load(RIDX + e, mask=row_ok, other=0)
+            tok64 = tok.to(tl.int64)
+            qpos = tl.load(QPOS + tok, mask=row_ok, other=-1)
+            rmask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + tok64[:, None] * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :],
+                        mask=rmask, other=0.0)
+            do = tl.load(DO + tok64[:, None] * s_dos + b64 * s_dob + head[:, None] * s_doh + d[None, :],
+                         mask=rmask, other=0.0)
+            lse = tl.load(LSE + b64 * s_lb + head * s_lh + tok64, mask=row_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + b64 * s_lb + head * s_lh + tok64, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(kt)) * scale_log2  # [M, BS]
+            ok = row_ok[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(vt))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk = dk * scale
+        out_off = b64 * s_dkb + h64 * s_dkh + kpos64[:, None] * s_dks + d[None, :]
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+def _slot_bound(block_idx: Tensor) -> Tensor:
+    """Per (b, h, t): one past the last valid (>= 0) slot of the index table, int32."""
+    kk = block_idx.shape[-1]
+    ar = torch.arange(1, kk + 1, device=block_idx.device, dtype=torch.int32)
+    return ((block_idx >= 0).to(torch.int32) * ar).amax(-1).to(torch.int32).contiguous()
+
+
+def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
+    """CSR of the index table by key block: for (b, h, start), the query rows that selected it, ascending.
+
+    Returns ``(rptr [b·HKV·skv + 1] int64, ridx [b·HKV·sq·K] int32)``; entries of (b, h, start p) are
+    ``ridx[rptr[(b·HKV + h)·skv + p] : rptr[... + 1]]``. Deterministic (stable sort, integer counts).
+    """
+    b, hkv, sq, kk = block_idx.shape
+    nrows = b * hkv * skv
+    bh = torch.arange(b * hkv, device=block_idx.device, dtype=torch.int64).view(b, hkv, 1, 1)
+    valid = block_idx >= 0
+    key = torch.where(valid, bh * skv + block_idx.long(), torch.full_like(bh, nrows).expand_as(block_idx))
+    key = key.reshape(-1)
+    if nrows < 2 ** 31 - 1:
+        key = key.to(torch.int32)
+    order = torch.sort(key, stable=True).indices
+    ridx = (order // kk % sq).to(torch.int32)
+    counts = torch.bincount(key.long(), minlength=nrows + 1)[:nrows]
+    rptr = torch.zeros(nrows + 1, dtype=torch.int64, device=block_idx.device)
+    torch.cumsum(counts, 0, out=rptr[1:])
+    return rptr, ridx
+
+
+def _fwd_config(g: int, bs: int, d: int) -> dict:
+    gp = max(16, next_pow2(g))
+    nblk = max(1, 64 // bs)
+    return dict(GP=gp, NBLK=nblk, BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8)
+
+
+def _dkdv_config(g: int, bs: int, d: int) -> dict:
+    gp = next_pow2(g)
+    tq = max(1, 64 // gp)
+    return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)), num_warps=4 if bs * d <= 64 * 64 else 8)
+
+
+def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
+    sq, b, hq, d = q.shape
+    skv, _, hkv, _ = k.shape
+    g = hq // hkv
+    o = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    if sq == 0:
+        return o, lse
+    cfg = _fwd_config(g, block_size, d)
+    _sparse_fwd_kernel[(sq, b * hkv)](
+        q, k, v, block_idx, nslot, q_pos, o, lse,
+        skv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
+        lse.stride(0), lse.stride(1),
+        hkv, scale * _LOG2E,
+        G=g, D=d, BS=block_size, **cfg,
+    )
+    return o, lse
+
+
+def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
+    sq, b, hq, d = q.shape
+    skv, _, hkv, _ = k.shape
+    g = hq // hkv
+    dq = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
+    dk = torch.empty(skv, b, hkv, d, device=q.device, dtype=k.dtype)
+    dv = torch.empty(skv, b, hkv, d, device=q.device, dtype=v.dtype)
+    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    do = last_dim_contiguous(do)
+    if sq > 0:
+        cfg = _fwd_config(g, block_size, d)
+        has_dlse = dlse is not None
+        dl = dlse.contiguous() if has_dlse else lse
+        _sparse_dq_kernel[(sq, b * hkv)](
+            q, k, v, block_idx, nslot, q_pos, o, do, lse, dl, dq, delta,
+            skv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
+            lse.stride(0), lse.stride(1),
+            hkv, scale * _LOG2E, scale,
+            G=g, D=d, BS=block_size, HAS_DLSE=has_dlse, **cfg,
+        )
+    # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
+    # block), so the grid of the whole row covers every key exactly once.
+    kst, ken = _grid_for_table(block_idx, skv, block_size, q.device)
+    rptr, ridx = build_reverse_index(block_idx, skv)
+    cfg = _dkdv_config(g, block_size, d)
+    _sparse_dkdv_kernel[(kst.shape[1], b * hkv)](
+        q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, dk, dv,
+        sq, skv, kst.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1), kst.stride(0),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        hkv, scale * _LOG2E, scale,
+        G=g, D=d, BS=block_size, **cfg,
+    )
+    return dq, dk, dv
+
+
+_GRID_CACHE: dict = {}
+
+
+def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device) -> tuple[Tensor, Tensor]:
+    """Key ranges for the dK/dV programs: every key of the row exactly once, split at every block start
+    that appears in the table (so each program's range is one selectable block) and every BS keys."""
+    b = block_idx.shape[0]
+    starts = block_idx[block_idx >= 0]
+    # Fast path: all starts on the global grid (no documents) -> the regular grid.
+    if bool(((starts % block_size) == 0).all()):
+        key = (b, skv, block_size, str(device))
+        if key not in _GRID_CACHE:
+            st, en, _ = block_grid(None, b, skv, block_size, device)
+            _GRID_CACHE.clear()
+            _GRID_CACHE[key] = (st.contiguous(), en.contiguous())
+        return _GRID_CACHE[key]
+    # General: boundaries = table starts (per row) ∪ {0}; a program per boundary, range up to the next one
+    # or BS keys, whichever comes first; gaps longer than BS get extra programs at multiples of BS.
+    is_b = torch.zeros(b, skv + 1, dtype=torch.bool, device=device)
+    bi = torch.arange(b, device=device).view(b, 1, 1, 1).expand_as(block_idx)
+    ok = block_idx >= 0
+    is_b[bi[ok], block_idx[ok].long()] = True
+    is_b[:, 0] = True
+    pos = torch.arange(skv + 1, device=device).expand(b, skv + 1)
+    last_b = torch.cummax(torch.where(is_b, pos, torch.zeros_like(pos)), dim=1).values
+    is_start = (is_b | ((pos - last_b) % block_size == 0))[:, :skv]
+    cnt = is_start.sum(1)
+    n = int(cnt.max())
+    order = torch.sort((~is_start).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    valid = torch.arange(n, device=device)[None, :] < cnt[:, None]
+    st = torch.where(valid, order, torch.full_like(order, skv))
+    nxt = torch.cat([st[:, 1:], torch.full_like(st[:, :1], skv)], dim=1)
+    en = torch.where(valid, torch.minimum(nxt, st + block_size), torch.full_like(st, skv))
+    return st.to(torch.int32).contiguous(), en.to(torch.int32).contiguous()
+
+
+class SparseAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, nslot, q_pos, block_size, scale):
+        o, lse = sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, nslot, q_pos)
+        ctx.block_size = block_size
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, block_idx, nslot, q_pos = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, ctx.block_size,
+                                     ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
+                     q_positions: Tensor | None = None, softmax_scale: float | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Attention over the selected blocks only (own block causal); same contract as the reference.
+
+    Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq] float32)``; differentiable in q, k, v (and through lse).
+    The index table must hold distinct block starts per row (as ``select_blocks`` returns).
+    """
+    hkv, g = check_qkv(q, k, v)
+    sq, b, hq, d = q.shape
+    skv = k.shape[0]
+    if block_idx.shape[:3] != (b, hkv, sq):
+        raise ValueError(f"block_idx must have shape [b, HKV, sq, K] = [{b}, {hkv}, {sq}, K], "
+                         f"got {tuple(block_idx.shape)}")
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    block_idx = block_idx.to(torch.int32).contiguous()
+    q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
+    nslot = _slot_bound(block_idx)
+    return SparseAttentionFn.apply(q, k, v, block_idx, nslot, q_pos, block_size, scale)
