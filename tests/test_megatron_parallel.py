@@ -1,0 +1,123 @@
+"""Tensor and context parallelism on CPU with 2 gloo processes, against one process."""
+
+import pytest
+import torch
+
+from ssa_megatron.megatron.testing import init_megatron, spawn_gloo, tiny_recipe
+
+
+def _core_attention(cp_size: int, ssa, cp_comm_type: str = "all_gather"):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from ssa_megatron.megatron.attention import SSACoreAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                            context_parallel_size=cp_size, cp_comm_type=cp_comm_type, hidden_dropout=0.0,
+                            attention_dropout=0.0, use_cpu_initialization=True)
+    return SSACoreAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self",
+                            cp_comm_type=cp_comm_type, ssa=ssa)
+
+
+def _cp_ranks(rank, world_size):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.megatron.context_parallel import split_zigzag, zigzag_positions
+    from ssa_megatron.megatron.loss import set_alignment_loss_scale
+    from ssa_megatron.megatron.mode import force_mode
+    from ssa_megatron.ssa import ssa_attention
+
+    init_megatron(cp=2)
+    with pytest.raises(NotImplementedError, match="a2a"):
+        _core_attention(2, SSAConfig(), "a2a")
+    with pytest.raises(ValueError, match="p2p"):
+        _core_attention(2, SSAConfig(), "p2p")
+    assert zigzag_positions(8, 2, rank).tolist() == ([0, 1, 2, 3, 12, 13, 14, 15] if rank == 0
+                                                     else [4, 5, 6, 7, 8, 9, 10, 11])
+
+    S, b, alpha = 128, 2, 10.0
+    set_alignment_loss_scale(1.0)
+    for mode, document_mask in (("full", False), ("sparse", False), ("sparse", True), ("full", True)):
+        ssa = SSAConfig(block_size=16, top_k=3, alpha=alpha, document_mask=document_mask)
+        gen = torch.Generator().manual_seed(42)
+        q = torch.randn(S, b, 4, 16, generator=gen, dtype=torch.float64)
+        k = torch.randn(S, b, 2, 16, generator=gen, dtype=torch.float64)
+        v = torch.randn(S, b, 2, 16, generator=gen, dtype=torch.float64)
+        gate = torch.randn(S, b, 4, generator=gen, dtype=torch.float64)
+        w = torch.randn(S, b, 64, generator=gen, dtype=torch.float64)
+        cu = torch.tensor([0, 40, 128, 128 + 77, 256]) if document_mask else None
+
+        # One process: the whole sequence; objective = <out, w> + alpha/L * L_align (L = 1 layer).
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+        out, loss, _ = ssa_attention(*leaves[:3], leaves[3], ssa, mode, True, cu_seqlens=cu)
+        ((out.reshape(S, b, -1) * w).sum() + alpha * loss).backward()
+        ref_out = out.reshape(S, b, -1).detach()
+        ref_grads = [t.grad for t in leaves]
+
+        # CP: this rank's zigzag chunks through the core attention (gather fwd / reduce-scatter bwd, scaler).
+        core = _core_attention(2, ssa).double()
+        core.train()
+        local = [split_zigzag(t, 2, rank).clone().requires_grad_() for t in (q, k, v, gate)]
+        psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if document_mask else None
+        with force_mode(mode):
+            out_local = core(local[0], local[1], local[2], None, attention_bias=local[3], packed_seq_params=psp)
+        (out_local * split_zigzag(w, 2, rank)).sum().backward()
+
+        tag = f"mode={mode} document_mask={document_mask}"
+        torch.testing.assert_close(out_local.detach(), split_zigzag(ref_out, 2, rank), msg=tag)
+        for name, t, g in zip("q k v gate".split(), local, ref_grads):
+            torch.testing.assert_close(t.grad, split_zigzag(g, 2, rank), rtol=1e-7, atol=1e-9,
+                                       msg=f"d{name} {tag}")
+
+
+def test_context_parallel_matches_one_process():
+    spawn_gloo(_cp_ranks, 2)
+
+
+def _tp_ranks(rank, world_size):
+    import torch.distributed as dist
+
+    from ssa_megatron.megatron.mode import MODE_SAMPLER
+    from ssa_megatron.megatron.model import build_gpt_model
+
+    tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(64).expand(2, -1)
+    results = {}
+    for tp in (2, 1):
+        init_megatron(tp=tp)
+        torch.manual_seed(123)  # CPU init draws the full (master) weights, then each rank keeps its slice
+        model = build_gpt_model(tiny_recipe(alpha=10.0, p_full=0.5))
+        model.train()
+        MODE_SAMPLER.set_iteration(4)
+        shapes = []
+        core = model.decoder.layers[0].self_attention.core_attention
+        handle = core.register_forward_hook(
+            lambda m, args, kwargs, out: shapes.append((args[0].shape, args[1].shape, kwargs["attention_bias"].shape,
+                                                        out.shape)), with_kwargs=True)
+        loss = model(tokens, pos, None, labels=tokens).mean()
+        loss.backward()
+        handle.remove()
+        gate_w = model.decoder.layers[0].self_attention.linear_gate.weight
+        assert gate_w.shape == (4 // tp, 64)
+        assert shapes[0] == ((64, 2, 4 // tp, 16), (64, 2, 2 // tp, 16), (64, 2, 4 // tp), (64, 2, 64 // tp))
+        gate_grad = gate_w.grad
+        if tp == 2:
+            parts = [torch.zeros_like(gate_grad) for _ in range(2)]
+            dist.all_gather(parts, gate_grad)
+            gate_grad = torch.cat(parts)
+        results[tp] = (loss.detach(), gate_grad, model.decoder.final_layernorm.weight.grad.clone())
+    for a, b in zip(results[2], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_tensor_parallel_gate_split_and_match():
+    spawn_gloo(_tp_ranks, 2)
+
+
+def test_kv_heads_not_divisible_by_tp_raises():
+    from ssa_megatron.megatron.attention import check_tp_heads
+
+    check_tp_heads(2, 8, 2)
+    with pytest.raises(ValueError, match="num_query_groups=2"):
+        check_tp_heads(2, 8, 4)
