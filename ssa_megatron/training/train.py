@@ -118,6 +118,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     if latest is not None:
         logger.write(f"resumed from {latest} (step {step}, {consumed_tokens:,} tokens)")
     forward_backward = get_forward_backward_func()
+    step_fn = partial(forward_step, document_mask=recipe.ssa.document_mask)
     tracker = get_ssa_tracker()
     throughput = Throughput(recipe, dims.world_size, dims.device)
     stop = _StopFlag(tr.exit_signal_handler)
@@ -138,7 +139,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
             optimizer.zero_grad()
 
             reports = forward_backward(
-                forward_step_func=forward_step, data_iterator=feed.next_step(len(model)), model=model,
+                forward_step_func=step_fn, data_iterator=feed.next_step(len(model)), model=model,
                 num_microbatches=num_microbatches, seq_length=recipe.model.seq_length,
                 micro_batch_size=tr.micro_batch_size, decoder_seq_length=recipe.model.seq_length,
                 forward_only=False,
@@ -208,13 +209,13 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
 # --------------------------------------------------------------------------------------------------------------
 # One micro-batch: forward and loss.
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, *, document_mask: bool = False):
     """Megatron's forward_step_func: returns the per-token LM loss and the function that reduces it."""
     batch = next(data_iterator)
+    packed = _packed_seq_params(batch) if document_mask else None  # boundaries over the whole sequence
     if parallel_state.get_context_parallel_world_size() > 1:
         batch = _slice_for_context_parallel(batch)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                   packed_seq_params=_packed_seq_params(batch))
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -239,9 +240,8 @@ def _slice_for_context_parallel(batch: dict) -> dict:
 
 def _packed_seq_params(batch: dict):
     """Document boundaries for ``ssa.document_mask`` (None otherwise, as in ordinary pretraining)."""
-    cu = batch.get("cu_seqlens")
-    if cu is None:
-        return None
+    if batch.get("cu_seqlens") is None:
+        raise ValueError("ssa.document_mask=true needs batches with cu_seqlens (the token-shard loader gives them)")
     from ssa_megatron.training.data_adapter import packed_seq_params
 
     return packed_seq_params(batch)
@@ -322,7 +322,8 @@ def evaluate(model, loader, recipe: RecipeConfig, dims, forward_backward) -> dic
         for mode in ("full", "sparse"):
             with force_mode(mode), torch.no_grad():
                 reports = forward_backward(
-                    forward_step_func=forward_step, data_iterator=[iter(batches) for _ in model], model=model,
+                    forward_step_func=partial(forward_step, document_mask=recipe.ssa.document_mask),
+                    data_iterator=[iter(batches) for _ in model], model=model,
                     num_microbatches=num_microbatches, seq_length=recipe.model.seq_length,
                     micro_batch_size=recipe.train.micro_batch_size,
                     decoder_seq_length=recipe.model.seq_length, forward_only=True)
