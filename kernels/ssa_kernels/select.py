@@ -83,7 +83,7 @@ def _select_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m_i = m_new
-        lse2 = tl.where(l_i > 0, m_i + tl.log2(l_i), 0.0)
+        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
 
     # Pass 2: scores, running exact top-KP as int64 keys (ascending).
     buf = tl.full([BQ, KP], _MIN_KEY, dtype=tl.int64)

@@ -1,0 +1,247 @@
+"""ssa_kernels vs the reference on CPU, through the Triton interpreter (TRITON_INTERPRET=1), fp32.
+
+Tiny shapes: the interpreter runs programs one after another in Python. Everything is compared to the float64
+reference (ssa_megatron.ssa.reference): selection exactly (up to floating-point near-ties, checked by score),
+attention outputs, LSE and all gradients.
+"""
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _load_kernels():
+    """Imports ssa_kernels in interpreter mode (reloads it if a test before us imported it compiled)."""
+    import ssa_kernels
+    from ssa_kernels import sparse
+    if type(sparse._sparse_fwd_kernel).__name__ != "InterpretedFunction":
+        for name in ("_common", "select", "sparse", "full"):
+            importlib.reload(sys.modules[f"ssa_kernels.{name}"])
+        importlib.reload(ssa_kernels)
+    return ssa_kernels
+
+
+K = _load_kernels()
+from ssa_kernels import full as kfull  # noqa: E402
+from ssa_megatron.ssa import reference as R  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Selection
+
+
+def reference_scores(q, k, block_size, score, sink, local, cu_seqlens, q_positions):
+    """The reference's ranking scores [b, HKV, sq, skv] in float64 (+inf forced/own, -inf elsewhere)."""
+    q, k = q.double(), k.double()
+    sq, b, hq, d = q.shape
+    skv = k.shape[0]
+    q_pos = R.default_q_positions(q_positions, sq, skv, q.device)
+    doc_start = R.document_starts(cu_seqlens, b, skv, q.device)
+    k_bar, is_start = R.pool_block_keys(k, doc_start, block_size)
+    q_doc = doc_start[:, q_pos]
+    own = q_doc + (q_pos - q_doc) // block_size * block_size
+    p = torch.arange(skv)
+    same_doc = doc_start[:, None, :] == q_doc[:, :, None]
+    cand = is_start[:, None, :] & same_doc & (p[None, None, :] < own[:, :, None])
+    s = R.block_scores(q, k_bar, cand, score, d ** -0.5)
+    forced = (p[None, None, :] < q_doc[:, :, None] + sink * block_size) | (
+        p[None, None, :] >= own[:, :, None] - local * block_size)
+    s = torch.where(cand[:, None] & forced[:, None], torch.full_like(s, math.inf), s)
+    return torch.where((p[None, None, :] == own[:, :, None])[:, None], torch.full_like(s, math.inf), s)
+
+
+def assert_selection_matches(idx, cnt, q, k, block_size, top_k, score="group_softmax", sink=0, local=0,
+                             cu_seqlens=None, q_positions=None, rtol=1e-4):
+    ref_idx, ref_cnt = R.select_blocks(q.double(), k.double(), block_size, top_k, score, sink, local,
+                                       cu_seqlens, q_positions)
+    assert idx.shape == ref_idx.shape and idx.dtype == torch.int32
+    assert torch.equal(cnt, ref_cnt), "counts differ"
+    # ascending, -1 padded, valid prefix of length counts
+    valid = idx >= 0
+    assert torch.equal(valid.sum(-1).to(torch.int32), cnt)
+    assert torch.equal(valid, torch.arange(top_k)[None, None, None, :] < cnt[..., None])
+    big = torch.where(valid, idx, torch.full_like(idx, 2 ** 30))
+    assert bool((big[..., 1:] > big[..., :-1]).all() | True)
+    assert bool(((big[..., 1:] > big[..., :-1]) | ~valid[..., 1:]).all()), "not strictly ascending"
+    if torch.equal(idx, ref_idx):
+        return
+    scores = reference_scores(q, k, block_size, score, sink, local, cu_seqlens, q_positions)
+    bad = (idx != ref_idx).any(-1).nonzero().tolist()
+    for bb, hh, tt in bad:
+        ours = set(idx[bb, hh, tt][idx[bb, hh, tt] >= 0].tolist())
+        theirs = set(ref_idx[bb, hh, tt][ref_idx[bb, hh, tt] >= 0].tolist())
+        sc = scores[bb, hh, tt]
+        kth = min(sc[list(theirs)].tolist())
+        for p in ours ^ theirs:
+            assert math.isfinite(sc[p].item()), f"forced/invalid block {p} differs at {(bb, hh, tt)}"
+            assert abs(sc[p].item() - kth) <= rtol * max(1.0, abs(kth)), (
+                f"block {p} (score {sc[p].item()}) vs k-th score {kth} at {(bb, hh, tt)}")
+    assert len(bad) <= max(2, idx.shape[2] // 20), f"too many near-tie disagreements: {len(bad)}"
+
+
+SELECT_CASES = [
+    # sq, skv, b, hq, hkv, d, bs, top_k, score, sink, local, docs, qpos
+    (70, 70, 1, 4, 4, 16, 16, 3, "group_softmax", 0, 0, None, None),      # G=1
+    (70, 70, 1, 4, 2, 16, 16, 2, "dot", 0, 0, None, None),                # G=2
+    (100, 100, 2, 8, 2, 32, 16, 4, "group_softmax", 0, 0, None, None),    # G=4, b=2
+    (60, 60, 1, 16, 1, 16, 16, 3, "group_softmax", 0, 0, None, None),     # G=16
+    (60, 60, 1, 16, 1, 16, 16, 3, "dot", 0, 0, None, None),
+    (10, 10, 1, 2, 1, 16, 16, 4, "group_softmax", 0, 0, None, None),      # T < one block
+    (90, 90, 1, 6, 2, 16, 16, 20, "group_softmax", 0, 0, None, None),     # G=3, budget > available
+    (150, 150, 1, 4, 2, 16, 32, 3, "group_softmax", 1, 1, None, None),    # BS 32, sink + local
+    (200, 200, 1, 2, 1, 16, 64, 2, "dot", 0, 1, None, None),              # BS 64
+    (90, 90, 1, 4, 2, 16, 16, 3, "group_softmax", 1, 0, [0, 30, 77, 90], None),   # documents
+    (40, 100, 1, 4, 2, 16, 16, 3, "group_softmax", 0, 0, None, "zigzag"),  # CP query subset
+    (40, 100, 2, 4, 2, 16, 16, 3, "dot", 0, 0, [0, 45, 100, 170, 200], "zigzag"),
+    (60, 300, 1, 2, 1, 16, 16, 18, "group_softmax", 0, 0, None, None),    # K-1 = 17 -> 32-wide top-k
+]
+
+
+def _qpos(kind, sq, skv):
+    if kind is None:
+        return None
+    half = sq // 2
+    return torch.cat([torch.arange(10, 10 + half), torch.arange(skv - (sq - half), skv)])
+
+
+@pytest.mark.parametrize("case", SELECT_CASES)
+def test_select_blocks_matches_reference(case):
+    sq, skv, b, hq, hkv, d, bs, top_k, score, sink, local, docs, qpos = case
+    q = torch.randn(sq, b, hq, d)
+    k = torch.randn(skv, b, hkv, d)
+    cu = torch.tensor(docs) if docs is not None else None
+    qp = _qpos(qpos, sq, skv)
+    idx, cnt = K.select_blocks(q, k, bs, top_k, score, sink, local, cu, qp)
+    assert_selection_matches(idx, cnt, q, k, bs, top_k, score, sink, local, cu, qp)
+
+
+def test_select_ties_go_to_later_block():
+    # identical keys in every block -> all scores tie; the latest blocks must win
+    sq, bs = 80, 16
+    k = torch.randn(bs, 1, 1, 16).repeat(sq // bs, 1, 1, 1)
+    q = torch.randn(sq, 1, 2, 16)
+    for score in ("group_softmax", "dot"):
+        idx, cnt = K.select_blocks(q, k, bs, 3, score)
+        ref, rc = R.select_blocks(q.double(), k.double(), bs, 3, score)
+        assert torch.equal(idx, ref) and torch.equal(cnt, rc)
+
+
+def test_select_strided_inputs_and_scale():
+    qkv = torch.randn(64, 1, 6, 16)  # fused projection output, sliced: non-contiguous views
+    q, k = qkv[:, :, :4], qkv[:, :, 4:6]
+    idx, cnt = K.select_blocks(q, k, 16, 2, softmax_scale=0.3)
+    ref, rc = R.select_blocks(q.double(), k.double(), 16, 2, softmax_scale=0.3)
+    assert torch.equal(idx, ref) and torch.equal(cnt, rc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sparse attention
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+SPARSE_CASES = [
+    # sq, skv, b, hq, hkv, d, bs, top_k, docs, qpos
+    (40, 40, 1, 2, 2, 16, 16, 2, None, None),          # G=1
+    (45, 45, 1, 4, 2, 32, 16, 2, None, None),          # G=2, awkward T
+    (40, 40, 2, 4, 1, 16, 16, 2, None, None),          # G=4, b=2
+    (36, 36, 1, 16, 1, 16, 16, 2, None, None),         # G=16
+    (30, 30, 1, 3, 1, 16, 16, 2, None, None),          # G=3 (not a power of two)
+    (12, 12, 1, 2, 1, 16, 16, 3, None, None),          # T < one block, budget > available
+    (70, 70, 1, 2, 1, 16, 32, 2, None, None),          # BS 32
+    (60, 60, 1, 2, 1, 64, 16, 3, [0, 25, 60], None),   # documents, D 64
+    (30, 64, 1, 4, 2, 16, 16, 2, None, "zigzag"),      # CP query subset
+]
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES)
+def test_sparse_attention_forward_backward(case):
+    sq, skv, b, hq, hkv, d, bs, top_k, docs, qpos = case
+    q = torch.randn(sq, b, hq, d, requires_grad=True)
+    k = torch.randn(skv, b, hkv, d, requires_grad=True)
+    v = torch.randn(skv, b, hkv, d, requires_grad=True)
+    cu = torch.tensor(docs) if docs is not None else None
+    qp = _qpos(qpos, sq, skv)
+    idx, _ = R.select_blocks(q.detach(), k.detach(), bs, top_k, cu_seqlens=cu, q_positions=qp)
+    out, lse = K.sparse_attention(q, k, v, idx, bs, qp)
+    do, dl = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = R.sparse_attention(qd, kd, vd, idx, bs, qp)
+    rgrads = torch.autograd.grad((ro * do.double()).sum() + (rl * dl.double()).sum(), (qd, kd, vd))
+    assert out.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
+        assert _rel(a, r) < 1e-5, f"{name}: rel err {_rel(a, r)}"
+
+
+def test_sparse_attention_strided_fp16_and_scale():
+    qkv = torch.randn(40, 1, 8, 16)
+    q, k, v = (x.half().requires_grad_() for x in (qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:8]))
+    idx, _ = R.select_blocks(q.detach().double(), k.detach().double(), 16, 2)
+    out, lse = K.sparse_attention(q, k, v, idx, 16, softmax_scale=0.2)
+    ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), idx, 16, softmax_scale=0.2)
+    assert out.dtype == torch.float16
+    assert _rel(out, ro) < 2e-3 and _rel(lse, rl) < 1e-3
+    (out.float().square().sum()).backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_reverse_index_is_complete_and_ordered():
+    idx = torch.tensor([[[[0, 16, -1], [16, -1, -1], [0, 32, 48]],
+                         [[0, -1, -1], [0, 16, -1], [16, 48, -1]]]], dtype=torch.int32)  # [1, 2, 3, 3]
+    rptr, ridx = K.build_reverse_index(idx, 64)
+    def entries(h, p):
+        row = h * 64 + p
+        return ridx[rptr[row]:rptr[row + 1]].tolist()
+    assert entries(0, 0) == [0, 2] and entries(0, 16) == [0, 1] and entries(0, 32) == [2]
+    assert entries(1, 0) == [0, 1] and entries(1, 16) == [1, 2] and entries(1, 48) == [2]
+    assert entries(0, 1) == [] and int(rptr[-1]) == int((idx >= 0).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Full attention (CPU path, and the varlen packing used on GPU, with a torch varlen oracle)
+
+
+@pytest.mark.parametrize("docs", [None, [0, 20, 50, 77, 100]])
+@pytest.mark.parametrize("qpos", [None, "zigzag", "random"])
+def test_full_attention_paths(docs, qpos):
+    q, k, v = torch.randn(30, 2, 4, 16), torch.randn(50, 2, 2, 16), torch.randn(50, 2, 2, 16)
+    cu = torch.tensor(docs) if docs is not None else None
+    qp = {"zigzag": _qpos("zigzag", 30, 50), "random": torch.randint(0, 50, (30,)), None: None}[qpos]
+    ro, rl = R.full_attention(q.double(), k.double(), v.double(), cu, qp)
+    o, lse = K.full_attention(q, k, v, cu, qp)
+    assert _rel(o, ro) < 1e-5 and _rel(lse, rl) < 1e-5
+    pos = qp if qp is not None else torch.arange(20, 50)
+    o2, l2 = kfull._flash_varlen(q, k, v, cu, pos, 16 ** -0.5, attn=kfull.varlen_reference)
+    assert _rel(o2, ro) < 1e-5 and _rel(l2, rl) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end through ssa_attention (backend='triton' under the interpreter) vs backend='reference'
+
+
+def test_ssa_attention_triton_backend_matches_reference():
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.ssa.attention import get_backend, ssa_attention
+    assert get_backend("triton", torch.device("cpu")) is K
+    cfg_t = SSAConfig(block_size=16, top_k=2, backend="triton")
+    cfg_r = SSAConfig(block_size=16, top_k=2, backend="reference")
+    q = torch.randn(40, 1, 4, 16, requires_grad=True)
+    k = torch.randn(40, 1, 2, 16, requires_grad=True)
+    v = torch.randn(40, 1, 2, 16, requires_grad=True)
+    gate = torch.randn(40, 1, 4, requires_grad=True)
+    res = {}
+    for name, cfg in (("t", cfg_t), ("r", cfg_r)):
+        out, loss, _ = ssa_attention(q, k, v, gate, cfg, "sparse", training=True)
+        g = torch.autograd.grad(out.square().sum() + loss, (q, k, v, gate))
+        res[name] = (out, loss) + g
+    for a, r in zip(res["t"], res["r"]):
+        assert _rel(a, r) < 1e-4
