@@ -8,8 +8,11 @@ never touches megatron's files on disk. Each patch, and why it is needed:
    ``RotaryEmbedding.get_emb`` moves ``inv_freq`` to ``torch.cuda.current_device()`` on the first forward (and a
    few constructors read it when ``use_cpu_initialization`` is off). Without CUDA the call raises
    ("Found no NVIDIA driver"), so any code that would have crashed now allocates on the CPU instead.
-2. ``torch.cuda.synchronize`` is a no-op: dist-checkpointing's writer (``filesystem_async.preload_tensors``) and
-   DDP helpers synchronize unconditionally; on a CPU there is nothing to wait for.
+2. ``torch.cuda.synchronize`` is a no-op and ``torch.cuda.current_stream()`` returns a stream whose
+   ``wait_event`` / ``wait_stream`` / ``synchronize`` do nothing: dist-checkpointing's writer
+   (``filesystem_async.preload_tensors``) synchronizes unconditionally, and DDP's ``finish_grad_sync``
+   (``param_and_grad_buffer.start_grad_sync``) asks for the current stream to order CUDA-graph events; on a CPU
+   every operation is already ordered. (Keep ``overlap_grad_reduce`` off on CPU: it needs a side stream.)
 3. The model-parallel RNG tracker: ``get_cuda_rng_tracker().fork()`` yields a null context, and
    ``model_parallel_cuda_manual_seed`` only seeds the CPU generator. The tracker stores CUDA generator states
    (``torch.cuda.get_rng_state``), which do not exist here; it is forked by dropout under sequence parallelism,
@@ -23,6 +26,9 @@ never touches megatron's files on disk. Each patch, and why it is needed:
    functions run under a ``TorchFunctionMode`` that rewrites a CUDA ``device`` argument to CPU. The mode is active
    only while those functions run. The pipelined schedules (pp > 1) also need CUDA streams and NCCL-style p2p,
    so on a CPU only pp = 1 is supported (``get_forward_backward_func()`` returns the no-pipelining schedule).
+   The same rewrite (plus ``pin_memory=False`` and ``Tensor.cuda()`` → the tensor itself) covers RoPE under
+   context parallelism (``rope_utils.get_pos_emb_on_this_cp_rank`` builds its chunk index pinned and moves it
+   with ``.cuda()``).
 """
 
 from __future__ import annotations
@@ -44,10 +50,33 @@ class _CudaToCpu(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
         dev = kwargs.get("device")
         if dev is not None and torch.device(dev).type == "cuda":
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for the current CUDA stream on a CPU (patch 2)."""
+
+    def wait_event(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, *args, **kwargs) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, *args, **kwargs) -> None:
+        return None
+
+
+_NULL_STREAM = _NullStream()
 
 
 def cuda_to_cpu(fn):
@@ -73,6 +102,7 @@ def enable_cpu_compat(force: bool = False) -> bool:
     # 1 and 2: the CUDA device queries megatron makes unconditionally.
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NULL_STREAM
 
     # 3: the CUDA RNG tracker.
     from megatron.core import tensor_parallel
@@ -97,6 +127,10 @@ def enable_cpu_compat(force: bool = False) -> bool:
     for name in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"):
         if hasattr(clip_grads, name):
             setattr(clip_grads, name, cuda_to_cpu(getattr(clip_grads, name)))
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    rope_utils.get_pos_emb_on_this_cp_rank = cuda_to_cpu(rope_utils.get_pos_emb_on_this_cp_rank)
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = rope_utils.get_pos_emb_on_this_cp_rank
     # Modules that imported the clipping helpers by name keep their own reference: rebind those too.
     import sys
 
