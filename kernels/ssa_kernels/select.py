@@ -21,7 +21,7 @@ from torch import Tensor
 from ._common import (block_grid, interpreting, patch_interpreter, check_qkv, document_starts, last_dim_contiguous, next_pow2,
                       q_positions_or_default)
 
-_MIN_KEY = -(2 ** 63)
+_MIN_KEY = tl.constexpr(-(2 ** 63))
 patch_interpreter()
 
 

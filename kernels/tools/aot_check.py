@@ -1,0 +1,80 @@
+"""Compile every ssa_kernels kernel for sm_90 on a machine without a GPU (no TRITON_INTERPRET).
+
+Catches compile errors and reports registers/spills/shared memory and whether wgmma/mma was emitted, for the
+configurations the wrappers launch. Usage: python kernels/tools/aot_check.py
+"""
+
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ssa_kernels import select as S
+from ssa_kernels import sparse as P
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=()):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptr_types}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=TARGET,
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = k.asm["ptx"]
+    return dict(shared=k.metadata.shared, regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
+                wgmma=len(re.findall("wgmma.mma_async", ptx)), mma=len(re.findall(r"mma\.sync", ptx)))
+
+
+def main():
+    dt = "*bf16"
+    rows = []
+    for g, d, kk, bs, score in [(16, 64, 16, 16, 0), (4, 128, 32, 64, 0), (1, 64, 16, 16, 1), (16, 128, 256, 16, 0),
+                                (8, 128, 32, 64, 1)]:
+        gp = triton.next_power_of_2(g)
+        kp = max(16, triton.next_power_of_2(kk - 1))
+        bn = kp if kp >= 64 else 64
+        bq = max(1, 64 // gp)
+        while bq > 1 and bq * gp * bn > 16384:
+            bq //= 2
+        if bq * gp < 16:
+            bq = 16 // gp
+        ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
+               "CNT": "*i32"}
+        info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, TOPK=kk,
+                              KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score),
+                              floats=("scale_log2", "inv_g"))
+        rows.append((f"select G={g} D={d} K={kk} score={score}", info))
+    for g, d, bs in [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64), (2, 128, 128)]:
+        cfg = P._fwd_config(g, bs, d)
+        nw = cfg.pop("num_warps")
+        ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
+        ptr.update({"IDX": "*i32", "NSLOT": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32",
+                    "DELTA": "*fp32"})
+        info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, floats=("scale_log2",))
+        rows.append((f"fwd G={g} D={d} BS={bs}", info))
+        info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **cfg), nw,
+                              floats=("scale_log2", "scale"))
+        rows.append((f"dq  G={g} D={d} BS={bs}", info))
+        cfg = P._dkdv_config(g, bs, d)
+        nw = cfg.pop("num_warps")
+        ptr.update({"KST": "*i32", "KEN": "*i32", "RPTR": "*i64", "RIDX": "*i32", "DK": dt, "DV": dt})
+        info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw,
+                              floats=("scale_log2", "scale"))
+        rows.append((f"dkdv G={g} D={d} BS={bs}", info))
+    for name, info in rows:
+        print(f"{name:36s} {info}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

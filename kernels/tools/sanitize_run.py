@@ -1,0 +1,21 @@
+"""Small launch of every kernel family, for `compute-sanitizer --tool memcheck python3 ...` on a GPU."""
+
+import torch
+
+import ssa_kernels as K
+
+dev, dt = "cuda", torch.bfloat16
+for (t, hq, hkv, d, bs, kk, score, docs) in [(300, 16, 1, 64, 16, 4, "group_softmax", None),
+                                              (333, 4, 4, 128, 64, 3, "dot", None),
+                                              (400, 6, 2, 64, 32, 5, "group_softmax", [0, 150, 400])]:
+    q = torch.randn(t, 1, hq, d, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(t, 1, hkv, d, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(t, 1, hkv, d, device=dev, dtype=dt, requires_grad=True)
+    cu = torch.tensor(docs, device=dev) if docs else None
+    idx, cnt = K.select_blocks(q.detach(), k.detach(), bs, kk, score, cu_seqlens=cu)
+    out, lse = K.sparse_attention(q, k, v, idx, bs)
+    (out.float().square().sum() + lse.sum()).backward()
+    fo, _ = K.full_attention(q, k, v, cu)
+    fo.float().sum().backward()
+torch.cuda.synchronize()
+print("sanitize_run: done")

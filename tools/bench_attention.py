@@ -1,0 +1,216 @@
+"""Attention kernel benchmark on one GPU, one run: SDPA full causal vs FlexAttention vs ssa_kernels.
+
+Times (median, triton.testing.do_bench; fwd+bwd = forward + autograd.grad of all inputs with a random upstream
+gradient), B=1, bf16, random normal inputs:
+  sdpa       torch F.scaled_dot_product_attention, causal, enable_gqa
+  full       ssa_kernels.full_attention (the SSA full branch)
+  flex       FlexAttention with a BlockMask of the same per-query budget (128-blocks, diagonal causal)
+  sparse     ssa_kernels.sparse_attention on the table from ssa_kernels.select_blocks
+  ssa_layer  ssa_megatron.ssa.attention.ssa_attention(training=True): selection + both branches + gate +
+             alignment loss (mode sparse, alpha 10)
+  select     ssa_kernels.select_blocks (group_softmax) alone
+Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
+pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import ssa_kernels as K
+from ssa_megatron.config import SSAConfig
+from ssa_megatron.ssa.attention import ssa_attention
+
+DEV = "cuda"
+DT = torch.bfloat16
+
+
+def bench(fn, rep=100):
+    return do_bench(fn, warmup=20, rep=rep, return_mode="median")
+
+
+def make(t, hq, hkv, d, grad=True):
+    q = torch.randn(t, 1, hq, d, device=DEV, dtype=DT, requires_grad=grad)
+    k = torch.randn(t, 1, hkv, d, device=DEV, dtype=DT, requires_grad=grad)
+    v = torch.randn(t, 1, hkv, d, device=DEV, dtype=DT, requires_grad=grad)
+    return q, k, v
+
+
+def sdpa(q, k, v):
+    o = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                       is_causal=True, enable_gqa=True)
+    return o.permute(2, 0, 1, 3)
+
+
+def fwd_bwd(f, inputs, do):
+    def run():
+        out = f()
+        torch.autograd.grad(out, inputs, do)
+    return run
+
+
+def selected_pairs(idx, bs, t):
+    """Attended (query, key) pairs of one KV head's table (same for every query head)."""
+    tab = idx[0, 0].long()
+    pos = torch.arange(t, device=DEV)[:, None]
+    n = (torch.minimum(tab + bs, pos + 1) - tab).clamp_min(0)
+    return int(torch.where(tab >= 0, n, 0).sum())
+
+
+_FLEX = {}
+
+
+def flex_setup():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def flex_mask(t, rf):
+    from torch.nn.attention.flex_attention import BlockMask
+    blk = 128
+    nqb = t // blk
+    nsel = max(1, rf // blk)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    r = torch.rand(nqb, nqb, device=DEV, generator=gen)
+    ar = torch.arange(nqb, device=DEV)
+    r = r.masked_fill(ar[None, :] >= ar[:, None], 2.0)
+    earlier = r.argsort(dim=1)[:, : max(nsel - 1, 1)]
+    nfull = torch.clamp(ar, max=nsel - 1).to(torch.int32)
+    full_idx = torch.sort(torch.where(torch.arange(earlier.shape[1], device=DEV)[None, :] < nfull[:, None],
+                                      earlier, nqb + 1), dim=1).values.clamp(max=nqb - 1)
+    full_indices = torch.zeros(1, 1, nqb, nqb, dtype=torch.int32, device=DEV)
+    full_indices[..., : full_idx.shape[1]] = full_idx.to(torch.int32)
+    kv_indices = torch.zeros(1, 1, nqb, nqb, dtype=torch.int32, device=DEV)
+    kv_indices[..., 0] = ar.to(torch.int32)
+
+    def causal(b, h, qi, ki):
+        return qi >= ki
+
+    return BlockMask.from_kv_blocks(torch.ones(1, 1, nqb, dtype=torch.int32, device=DEV), kv_indices,
+                                    nfull.view(1, 1, nqb), full_indices, BLOCK_SIZE=blk, mask_mod=causal)
+
+
+def flex_call(q, k, v, mask):
+    fn = flex_setup()
+    o = fn(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), block_mask=mask, enable_gqa=True)
+    return o.permute(2, 0, 1, 3)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="8k only, no 128k, no small groups")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-long", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name()
+    rows = []
+    print(f"# {name}  torch {torch.__version__}  {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", flush=True)
+
+    def add(**r):
+        rows.append(r)
+        f = lambda x: "-" if x is None else f"{x:8.3f}"  # noqa: E731
+        print(f"{r['shape']:14s} T={r['T']:6d} {r['what']:10s} {r.get('cfg', ''):8s} fwd {f(r.get('fwd'))} ms "
+              f"fwd+bwd {f(r.get('fb'))} ms  " + " ".join(f"{k}={v:.3f}" for k, v in r.get('ratios', {}).items()),
+              flush=True)
+
+    shapes = [("32/2/64", 32, 2, 64), ("32/8/128", 32, 8, 128)]
+    ts = [8192] if args.quick else [8192, 32768]
+    sparse_cfgs = [(16, 16), (64, 32)]
+    for sname, hq, hkv, d in shapes:
+        for t in ts:
+            q, k, v = make(t, hq, hkv, d)
+            do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
+            s_f = bench(lambda: sdpa(q, k, v))
+            s_fb = bench(fwd_bwd(lambda: sdpa(q, k, v), (q, k, v), do))
+            add(shape=sname, T=t, what="sdpa", fwd=s_f, fb=s_fb)
+            f_f = bench(lambda: K.full_attention(q, k, v)[0])
+            f_fb = bench(fwd_bwd(lambda: K.full_attention(q, k, v)[0], (q, k, v), do))
+            add(shape=sname, T=t, what="full", fwd=f_f, fb=f_fb, ratios={"xSDPA_fb": f_fb / s_fb})
+            for bs, kk in sparse_cfgs:
+                cfg = f"{bs}x{kk}"
+                idx, _ = K.select_blocks(q.detach(), k.detach(), bs, kk)
+                sel = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk))
+                pairs = selected_pairs(idx, bs, t)
+                dens = pairs / (t * (t + 1) / 2)
+                sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0])
+                sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, bs)[0], (q, k, v), do))
+                add(shape=sname, T=t, what="sparse", cfg=cfg, fwd=sp_f, fb=sp_fb,
+                    ratios={"xSDPA_fb": sp_fb / s_fb, "xDens_fb": sp_fb / (s_fb * dens), "density": dens})
+                add(shape=sname, T=t, what="select", cfg=cfg, fwd=sel, ratios={"xSparse_fb": sel / sp_fb})
+                if not args.no_flex and t == 32768:
+                    try:
+                        mask = flex_mask(t, bs * kk)
+                        fl_f = bench(lambda: flex_call(q, k, v, mask))
+                        fl_fb = bench(fwd_bwd(lambda: flex_call(q, k, v, mask), (q, k, v), do))
+                        add(shape=sname, T=t, what="flex", cfg=f"128x{bs * kk // 128}", fwd=fl_f, fb=fl_fb,
+                            ratios={"xSDPA_fb": fl_fb / s_fb, "sparse_speedup": fl_fb / sp_fb})
+                    except Exception as e:  # noqa: BLE001
+                        print(f"flex failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                scfg = SSAConfig(block_size=bs, top_k=kk, alpha=10.0, backend="auto")
+                gate = torch.randn(t, 1, hq, device=DEV, dtype=DT, requires_grad=True)
+
+                def layer():
+                    out, loss, _ = ssa_attention(q, k, v, gate, scfg, "sparse", training=True)
+                    return out, loss
+
+                def layer_fb():
+                    out, loss = layer()
+                    torch.autograd.grad((out * do).sum() + loss, (q, k, v, gate))
+
+                l_f = bench(lambda: layer())
+                l_fb = bench(layer_fb)
+                add(shape=sname, T=t, what="ssa_layer", cfg=cfg, fwd=l_f, fb=l_fb,
+                    ratios={"xSDPA_fb": l_fb / s_fb, "xSDPA_f": l_f / s_f})
+            del q, k, v, do
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    if not args.quick:
+        # small groups at one setting: T=8k, HQ=32, D=64, 16x16; per query head (HQ fixed) vs G=16
+        t, hq, d = 8192, 32, 64
+        base = None
+        for g in (16, 8, 4, 1):
+            hkv = hq // g
+            q, k, v = make(t, hq, hkv, d)
+            do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
+            idx, _ = K.select_blocks(q.detach(), k.detach(), 16, 16)
+            sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, 16)[0])
+            sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, 16)[0], (q, k, v), do))
+            sel = bench(lambda: K.select_blocks(q.detach(), k.detach(), 16, 16))
+            base = base or sp_fb
+            add(shape=f"G={g} ({hq}/{hkv}/{d})", T=t, what="sparse", cfg="16x16", fwd=sp_f, fb=sp_fb,
+                ratios={"xG16_fb": sp_fb / base, "select_ms": sel})
+        if not args.no_long:
+            t = 131072
+            for sname, hq, hkv, d in shapes:
+                q, k, v = make(t, hq, hkv, d, grad=False)
+                s_f = bench(lambda: sdpa(q, k, v), rep=50)
+                add(shape=sname, T=t, what="sdpa", fwd=s_f)
+                for bs, kk in sparse_cfgs:
+                    idx, _ = K.select_blocks(q, k, bs, kk)
+                    sel = bench(lambda: K.select_blocks(q, k, bs, kk), rep=50)
+                    sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0], rep=50)
+                    add(shape=sname, T=t, what="sparse", cfg=f"{bs}x{kk}", fwd=sp_f,
+                        ratios={"xSDPA_f": sp_f / s_f, "select_ms": sel, "sel+sp_xSDPA": (sel + sp_f) / s_f})
+                del q, k, v
+                gc.collect()
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
