@@ -246,8 +246,9 @@ class TrainConfig:
     """Checkpoints (checkpoints/), TensorBoard logs (tensorboard/) and the resolved recipe go here."""
     progress_bar: bool = True
     """tqdm progress bar on the console (rank 0)."""
-    wandb: Literal["auto", "on", "off"] = "auto"
-    """auto: log to Weights & Biases when it is installed and WANDB_API_KEY or WANDB_MODE is set."""
+    wandb: Optional[bool] = None
+    """Weights & Biases logging. None (auto): when wandb is installed and WANDB_API_KEY or WANDB_MODE is set;
+    true: required; false: off."""
     wandb_project: str = "ssa_megatron"
     exit_signal_handler: bool = True
     """On SIGTERM/SIGUSR1 (SLURM pre-timeout), finish the step, save a checkpoint and exit cleanly."""

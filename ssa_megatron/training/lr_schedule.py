@@ -17,13 +17,10 @@ class WarmupDecayLR:
         self.min_lr = optim.min_lr
         self.style = optim.decay_style
         self.total_steps = total_steps
-        self.warmup_steps = (
-            optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_fraction * total_steps)
-        )
-        if self.warmup_steps >= total_steps:
-            raise ValueError(
-                f"optim.warmup_steps={self.warmup_steps}: must be smaller than train.steps={total_steps}"
-            )
+        warmup = optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_fraction * total_steps)
+        # A run shorter than its warmup (a quick `train.steps=5` try of a recipe) warms up over all but its last
+        # step instead of failing.
+        self.warmup_steps = min(warmup, total_steps - 1)
         self.step_count = 0
         """Optimizer steps taken so far (the next step uses lr_at(step_count))."""
 

@@ -156,16 +156,16 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _want_wandb(setting: str) -> bool:
-    if setting == "off":
+def _want_wandb(setting: bool | None) -> bool:
+    if setting is False:
         return False
     try:
         import wandb  # noqa: F401
     except ImportError:
-        if setting == "on":
-            raise ValueError("train.wandb='on' but wandb is not installed") from None
+        if setting:
+            raise ValueError("train.wandb=true but wandb is not installed") from None
         return False
-    return setting == "on" or bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
+    return bool(setting) or bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"))
 
 
 def _wandb_id(run_dir: Path) -> str:

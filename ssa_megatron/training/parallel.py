@@ -67,8 +67,13 @@ def init_parallel(recipe: RecipeConfig) -> ParallelDims:
 
         cpu_compat.enable_cpu_compat()
     if not dist.is_initialized():
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # A lone process (not torchrun): its own rendezvous on a free local port, whatever the environment
+            # inherited, so concurrent or back-to-back runs never collide.
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port() if world_size == 1 else 29500))
+        os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
