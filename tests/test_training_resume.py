@@ -58,3 +58,30 @@ def _data_state(flat):
     keys = [k for k in flat if k.startswith("data_state")]
     assert keys, "the checkpoint holds the data position"
     return [flat[k] for k in sorted(keys)]
+
+
+@pytest.mark.parametrize("how", ["stop_file", "sigterm"])
+def test_stop_request_checkpoints_exits_and_resumes(tmp_path, how):
+    """What the SLURM scripts rely on before a time limit: the step finishes, a checkpoint is written, the run
+    exits cleanly, and the next launch continues the same curve."""
+    import os
+    import signal
+
+    overrides = [f"train.steps={N}", "checkpoint.interval=100"]
+    reference = run_training(tiny_test_recipe(tmp_path / "reference", *overrides))
+
+    run_dir = tmp_path / "run"
+
+    def request_stop(step, _model):
+        if step == 1:
+            if how == "stop_file":
+                (run_dir / "STOP").touch()
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    first = run_training(tiny_test_recipe(run_dir, *overrides), step_hook=request_stop)
+    assert first.stopped_by_signal and first.end_step == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    second = run_training(tiny_test_recipe(run_dir, *overrides))
+    assert second.start_step == 2 and not (run_dir / "STOP").exists()
+    assert first.losses + second.losses == reference.losses

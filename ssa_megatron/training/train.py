@@ -121,7 +121,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     step_fn = partial(forward_step, document_mask=recipe.ssa.document_mask)
     tracker = get_ssa_tracker()
     throughput = Throughput(recipe, dims.world_size, dims.device)
-    stop = _StopFlag(tr.exit_signal_handler)
+    stop = _StopFlag(tr.exit_signal_handler, run_dir / STOP_FILE, dims.is_main)
     result = TrainResult(start_step=step, end_step=step, run_dir=run_dir, tensorboard_dir=logger.tb_dir)
     end_step = tr.steps if max_steps is None else min(tr.steps, step + max_steps)
     window: dict[str, list[float]] = {}
@@ -371,12 +371,22 @@ def _load_weights(path: Path, state, model, optimizer) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Clean stop on SIGTERM / SIGUSR1 (SLURM sends one before the time limit; the job requeues and resumes).
 
+STOP_FILE = "STOP"
+"""Touching ``<run_dir>/STOP`` asks a running job to checkpoint and exit (the SLURM scripts do this shortly before
+the time limit, then requeue); a stale one is removed when a run starts."""
+
+
 class _StopFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool):
-        self.received: int | None = None
+    def __init__(self, enabled: bool, stop_file: Path, is_main: bool):
+        self.received: int | str | None = None
+        self.stop_file = stop_file
         self._previous = {}
+        if is_main:
+            stop_file.unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
         if enabled:
             for sig in self.SIGNALS:
                 try:
@@ -389,10 +399,14 @@ class _StopFlag:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "signal"
+        if isinstance(self.received, int):
+            return signal.Signals(self.received).name
+        return str(self.received or "signal")
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a stop signal (checked once per step)."""
+        """True on every rank when any rank received a stop signal or sees the stop file (checked every step)."""
+        if self.received is None and self.stop_file.exists():
+            self.received = f"{self.stop_file} (stop file)"
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
