@@ -24,7 +24,7 @@ def test_sample_mode_deterministic_and_calibrated():
 
 def _two_modes_iteration(p_full=0.5):
     for it in range(100):
-        if MODE_SAMPLER.mode_for(0, p_full) != MODE_SAMPLER.mode_for(1, p_full):
+        if sample_mode(MODE_SAMPLER.seed, it, 0, p_full) != sample_mode(MODE_SAMPLER.seed, it, 1, p_full):
             return it
     raise AssertionError("no iteration with different modes")
 
