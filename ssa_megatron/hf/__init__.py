@@ -1,0 +1,10 @@
+"""Hugging Face side of SSA: ``SSALlamaConfig`` / ``SSALlamaForCausalLM`` (registered as ``ssa_llama`` with the
+Auto classes on import) and conversion to and from Megatron checkpoints (``ssa_megatron.hf.convert``)."""
+
+from ssa_megatron.hf.configuration import SSALlamaConfig, hf_config_from_recipe
+from ssa_megatron.hf.modeling import SSALlamaAttention, SSALlamaForCausalLM, SSALlamaModel, register
+
+register()
+
+__all__ = ["SSALlamaConfig", "SSALlamaForCausalLM", "SSALlamaModel", "SSALlamaAttention", "hf_config_from_recipe",
+           "register"]

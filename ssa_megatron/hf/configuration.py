@@ -1,0 +1,101 @@
+"""``SSALlamaConfig``: a Llama configuration plus the SSA semantics used at inference (DESIGN.md §1, §9).
+
+The Llama fields mean what they mean in ``transformers.LlamaConfig``. The SSA fields mirror
+:class:`ssa_megatron.config.SSAConfig` with an ``ssa_`` prefix: a bare ``top_k`` in a model config is read by
+``generate()`` as its sampling top-k (``GenerationConfig.from_model_config``), so the budget must not be called
+that. ``ssa_top_k`` and ``ssa_block_size`` are the *inference* budget (what the Megatron recipe calls
+``inference_top_k`` / ``inference_block_size`` when they are set), and ``ssa_mode`` picks full or sparse
+attention. ``SSALlamaForCausalLM.set_attention_mode`` changes them on a loaded model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+from ssa_megatron.config import SSAConfig
+
+MODES = ("full", "sparse")
+SCORES = ("group_softmax", "dot")
+GATES = ("per_head", "none")
+BACKENDS = ("auto", "reference", "triton")
+
+
+@strict
+class SSALlamaConfig(LlamaConfig):
+    """Llama + SSA attention. ``model_type = "ssa_llama"``."""
+
+    model_type = "ssa_llama"
+
+    ssa_block_size: int = 16
+    """Tokens per key block (power of two >= 16)."""
+    ssa_top_k: int = 16
+    """Blocks each query attends to in sparse mode, its own block included (receptive field top_k·block_size)."""
+    ssa_score: str = "group_softmax"
+    """Block score: 'group_softmax' or 'dot'."""
+    ssa_sink_blocks: int = 0
+    ssa_local_blocks: int = 0
+    ssa_gate: str = "per_head"
+    """'per_head': sigmoid gate per query head (``self_attn.g_proj``); 'none': no gate."""
+    ssa_mode: str = "sparse"
+    """'full' or 'sparse' attention."""
+    ssa_document_mask: bool = False
+    """Keep packed documents apart (needs ``cu_seqlens`` passed to the forward)."""
+    ssa_backend: str = "auto"
+    """'auto' (Triton kernels on CUDA, the reference elsewhere), 'reference' or 'triton'."""
+    megatron_recipe: dict | None = None
+    """The resolved Megatron recipe the weights were trained with (provenance; used when converting back)."""
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        for name, allowed in (("ssa_mode", MODES), ("ssa_score", SCORES), ("ssa_gate", GATES),
+                              ("ssa_backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SSALlamaConfig.{name}={getattr(self, name)!r}: must be one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"SSALlamaConfig.num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={self.num_attention_heads}")
+        self.ssa_config().validate("SSALlamaConfig")
+
+    def ssa_config(self) -> SSAConfig:
+        """The :class:`SSAConfig` that ``ssa_attention`` runs with (inference only: no alignment loss)."""
+        return SSAConfig(
+            block_size=self.ssa_block_size, top_k=self.ssa_top_k, score=self.ssa_score, sink_blocks=self.ssa_sink_blocks,
+            local_blocks=self.ssa_local_blocks, p_full=1.0 if self.ssa_mode == "full" else 0.0, alpha=0.0,
+            gate=self.ssa_gate, document_mask=self.ssa_document_mask, inference_mode=self.ssa_mode,
+            backend=self.ssa_backend,
+        )
+
+    @property
+    def receptive_field(self) -> int:
+        return self.ssa_top_k * self.ssa_block_size
+
+
+def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
+    """The HF configuration of a Megatron recipe (:class:`ssa_megatron.config.RecipeConfig`).
+
+    The inference overrides of the recipe (``inference_top_k`` / ``inference_block_size``) become ``top_k`` /
+    ``block_size``; ``extra`` sets further fields (``bos_token_id``, ``eos_token_id``, ``torch_dtype`` ...).
+    """
+    from ssa_megatron.config import to_dict
+
+    m = recipe.model
+    ssa = recipe.ssa.for_inference()
+    fields = dict(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, head_dim=m.head_dim, hidden_act="silu",
+        max_position_embeddings=m.seq_length, initializer_range=m.init_std, rms_norm_eps=m.norm_epsilon,
+        tie_word_embeddings=m.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+        ssa_block_size=ssa.block_size, ssa_top_k=ssa.top_k, ssa_score=ssa.score, ssa_sink_blocks=ssa.sink_blocks,
+        ssa_local_blocks=ssa.local_blocks, ssa_gate=ssa.gate, ssa_mode=ssa.inference_mode,
+        ssa_document_mask=ssa.document_mask, megatron_recipe=to_dict(recipe),
+        architectures=["SSALlamaForCausalLM"],
+    )
+    fields.update(extra)
+    return SSALlamaConfig(**fields)

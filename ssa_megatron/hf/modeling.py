@@ -1,0 +1,137 @@
+"""``SSALlamaForCausalLM``: transformers' Llama with SSA attention (DESIGN.md §1.5, §1.9).
+
+Everything but the attention core is transformers' Llama (embeddings, RMSNorm, SwiGLU MLP, rotary embedding,
+decoder layer, LM head). :class:`SSALlamaAttention` keeps Llama's q/k/v/o projections and RoPE, adds the gate
+``g_proj`` (hidden → one logit per query head, no bias; the sigmoid is applied inside ``ssa_attention``), and
+hands ``[s, b, h, d]`` views of q/k/v to :func:`ssa_megatron.ssa.ssa_attention` — the one definition of SSA's
+selection and attention — with ``training=False`` and the configured mode and budget.
+
+KV cache: supported in both modes. New queries sit at the last positions of the cached key sequence
+(``q_positions`` default), so a decoded token selects among the complete blocks of everything cached before it,
+exactly as in a full-sequence forward. Padding (an ``attention_mask`` with zeros) is not supported: SSA's block
+grid is defined on unpadded rows; batch equal-length rows or run one row at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    apply_rotary_pos_emb,
+)
+
+from ssa_megatron.hf.configuration import MODES, SSALlamaConfig
+from ssa_megatron.ssa import ssa_attention
+
+
+class SSALlamaAttention(LlamaAttention):
+    """Llama attention whose core is ``ssa_attention``. Input/output ``[b, s, hidden]``."""
+
+    def __init__(self, config: SSALlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.g_proj = (nn.Linear(config.hidden_size, config.num_attention_heads, bias=False)
+                       if config.ssa_gate == "per_head" else None)
+        self.collect_metrics = False
+        """When True, each forward stores ``reference.attention_metrics`` (per query head) in ``last_metrics``."""
+        self.last_metrics: dict[str, torch.Tensor] | None = None
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, cu_seqlens=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        b, s = hidden_states.shape[:2]
+        shape = (b, s, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [b, HQ, s, D]
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [b, HKV, s, D]
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            if cu_seqlens is not None and k.shape[2] != s:
+                raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
+                                 "KV cache holding earlier tokens")
+        gate = self.g_proj(hidden_states).transpose(0, 1) if self.g_proj is not None else None  # [s, b, HQ]
+
+        cfg = self.config.ssa_config()
+        out, _, stats = ssa_attention(
+            q.permute(2, 0, 1, 3), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3), gate, cfg,
+            self.config.ssa_mode, False, cu_seqlens=cu_seqlens, softmax_scale=self.scaling,
+            with_metrics=self.collect_metrics,
+        )
+        self.last_metrics = stats.metrics
+        out = out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
+        return self.o_proj(out), None
+
+
+class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
+    config: SSALlamaConfig
+    config_class = SSALlamaConfig
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _supports_attention_backend = False
+
+
+class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
+    """``LlamaModel`` whose decoder layers use :class:`SSALlamaAttention`."""
+
+    def __init__(self, config: SSALlamaConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn = SSALlamaAttention(config, i)
+        self.post_init()
+
+
+class SSALlamaForCausalLM(SSALlamaPreTrainedModel, LlamaForCausalLM):
+    """Causal LM with SSA attention; ``set_attention_mode`` switches full/sparse and the budget in place."""
+
+    def __init__(self, config: SSALlamaConfig):
+        SSALlamaPreTrainedModel.__init__(self, config)
+        self.model = SSALlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError("SSALlamaForCausalLM: attention_mask has padded (zero) positions; SSA has no padding "
+                             "support (its block grid starts at each row's first token). Use equal-length rows.")
+        return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+    def set_attention_mode(self, mode: str, top_k: int | None = None, block_size: int | None = None) -> None:
+        """Switches inference to ``mode`` ('full' or 'sparse'), optionally with a new budget / block size."""
+        if mode not in MODES:
+            raise ValueError(f"set_attention_mode(mode={mode!r}): must be one of {', '.join(map(repr, MODES))}")
+        old = (self.config.ssa_mode, self.config.ssa_top_k, self.config.ssa_block_size)
+        self.config.ssa_mode = mode
+        if top_k is not None:
+            self.config.ssa_top_k = int(top_k)
+        if block_size is not None:
+            self.config.ssa_block_size = int(block_size)
+        try:
+            self.config.ssa_config().validate("set_attention_mode")
+        except ValueError:
+            self.config.ssa_mode, self.config.ssa_top_k, self.config.ssa_block_size = old
+            raise
+
+    def ssa_attention_modules(self) -> list[SSALlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def collect_attention_metrics(self, enabled: bool = True) -> None:
+        """Makes every layer store per-head attention statistics of its next forward in ``last_metrics``."""
+        for attn in self.ssa_attention_modules():
+            attn.collect_metrics = enabled
+            attn.last_metrics = None
+
+
+def register() -> None:
+    """Registers ``ssa_llama`` with the Auto classes (idempotent)."""
+    AutoConfig.register("ssa_llama", SSALlamaConfig, exist_ok=True)
+    AutoModel.register(SSALlamaConfig, SSALlamaModel, exist_ok=True)
+    AutoModelForCausalLM.register(SSALlamaConfig, SSALlamaForCausalLM, exist_ok=True)
