@@ -106,12 +106,70 @@ def flex_call(q, k, v, mask):
     return o.permute(2, 0, 1, 3)
 
 
+def profile_breakdown(add):
+    """Where the time goes at T=32k, 32/2/64: selection variants, sparse kernels one by one."""
+    from ssa_kernels import full as KF
+    from ssa_kernels import sparse as KS
+    t, hq, hkv, d = 32768, 32, 2, 64
+    q, k, v = make(t, hq, hkv, d)
+    do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
+    for backend in ("cudnn", "flash"):
+        KF.DENSE_BACKEND = backend
+        fb = bench(fwd_bwd(lambda: K.full_attention(q, k, v)[0], (q, k, v), do))
+        add(shape="32/2/64", T=t, what=f"full:{backend}", fb=fb)
+    KF.DENSE_BACKEND = "cudnn"
+    for bs, kk in ((16, 16), (64, 32)):
+        cfg = f"{bs}x{kk}"
+        qd, kd = q.detach(), k.detach()
+        for label, extra, score in (("sel", None, "group_softmax"), ("sel:dot", None, "dot"),
+                                    ("sel:notopk", {"NO_TOPK": True}, "group_softmax"),
+                                    ("sel:BQ8", {"BQ": 8}, "group_softmax"),
+                                    ("sel:BQ2", {"BQ": 2}, "group_softmax"),
+                                    ("sel:BN128", {"BN": 128}, "group_softmax"),
+                                    ("sel:8warp", {"num_warps": 8}, "group_softmax")):
+            try:
+                ms = bench(lambda: K.select_blocks(qd, kd, bs, kk, score, _config=extra))
+                add(shape="32/2/64", T=t, what=label, cfg=cfg, fwd=ms)
+            except Exception as e:  # noqa: BLE001
+                print(f"{label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        idx, _ = K.select_blocks(qd, kd, bs, kk)
+        idx = idx.contiguous()
+        nslot = KS._slot_bound(idx)
+        qpos = torch.arange(t, device=DEV, dtype=torch.int32)
+        scale = d ** -0.5
+        o, lse = KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)
+        add(shape="32/2/64", T=t, what="sp:fwd", cfg=cfg,
+            fwd=bench(lambda: KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)))
+        add(shape="32/2/64", T=t, what="sp:slots", cfg=cfg, fwd=bench(lambda: KS._slot_bound(idx)))
+        add(shape="32/2/64", T=t, what="sp:dq", cfg=cfg,
+            fwd=bench(lambda: KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)))
+        _, delta = KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)
+        add(shape="32/2/64", T=t, what="sp:grid", cfg=cfg, fwd=bench(lambda: KS._grid_for_table(idx, t, bs, DEV)))
+        add(shape="32/2/64", T=t, what="sp:csr", cfg=cfg, fwd=bench(lambda: KS.build_reverse_index(idx, t)))
+        kst, ken = KS._grid_for_table(idx, t, bs, DEV)
+        rptr, ridx = KS.build_reverse_index(idx, t)
+        for rows in (64, 128, 256):
+            try:
+                ms = bench(lambda: KS.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale,
+                                                  rows=rows))
+                add(shape="32/2/64", T=t, what=f"sp:dkdv{rows}", cfg=cfg, fwd=ms)
+            except Exception as e:  # noqa: BLE001
+                print(f"dkdv rows={rows} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        cnts = torch.bincount(idx[0, 0][idx[0, 0] >= 0].long() // bs)
+        print(f"   reverse-index list lengths {cfg}: mean {cnts.float().mean():.0f} max {int(cnts.max())}", flush=True)
+    del q, k, v, do
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8k only, no 128k, no small groups")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-long", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also a per-kernel breakdown at 32k")
+    ap.add_argument("--profile-only", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -125,6 +183,10 @@ def main():
               f"fwd+bwd {f(r.get('fb'))} ms  " + " ".join(f"{k}={v:.3f}" for k, v in r.get('ratios', {}).items()),
               flush=True)
 
+    if args.profile or args.profile_only:
+        profile_breakdown(add)
+        if args.profile_only:
+            return
     shapes = [("32/2/64", 32, 2, 64), ("32/8/128", 32, 8, 128)]
     ts = [8192] if args.quick else [8192, 32768]
     sparse_cfgs = [(16, 16), (64, 32)]

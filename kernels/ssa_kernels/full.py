@@ -2,9 +2,11 @@
 
 Dispatch (CUDA):
 - flash-attn installed: ``flash_attn_varlen_func`` (documents and query subsets as varlen sequences).
-- no documents, queries = all keys (the training case): torch's FlashAttention-2 op
-  ``aten._scaled_dot_product_flash_attention`` on the Megatron tensors viewed as ``[b, h, s, d]`` (no copy,
-  native GQA, returns the log-sum-exp, same kernel ``F.scaled_dot_product_attention`` runs).
+- no documents, queries = all keys (the training case): torch's cuDNN attention op
+  ``aten._scaled_dot_product_cudnn_attention`` (the kernel ``F.scaled_dot_product_attention`` picks on
+  H100/H200: measured 1.5x faster than FA2 there) on the Megatron tensors viewed as ``[b, h, s, d]`` (no copy,
+  native GQA, returns the log-sum-exp); FA2 (``aten._scaled_dot_product_flash_attention``) when cuDNN
+  declines the inputs.
 - documents and/or query subsets (context parallelism): the query rows are cut into runs of consecutive
   positions inside one document; every run becomes one varlen sequence whose keys are its document's keys up
   to the run's last position, attended with bottom-right-aligned causal masking by
@@ -50,9 +52,33 @@ def _torch_masked(q, k, v, cu_seqlens, q_pos, scale):
     return out.permute(2, 0, 1, 3).to(q.dtype), lse
 
 
+_CUDNN_OK: bool | None = None  # whether the cuDNN op accepted our inputs (probed once)
+DENSE_BACKEND = "cudnn"  # "cudnn" (what F.scaled_dot_product_attention picks on H100/H200) or "flash"
+
+
+def _cudnn_dense(q, k, v, scale):
+    """cuDNN SDPA op with the log-sum-exp; native GQA when cuDNN takes it, else None (caller falls back)."""
+    global _CUDNN_OK
+    if _CUDNN_OK is False or DENSE_BACKEND != "cudnn":
+        return None
+    qh, kh, vh = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+    try:
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True, 0.0, True, False,
+                                                                 scale=scale)
+    except RuntimeError:
+        _CUDNN_OK = False
+        return None
+    _CUDNN_OK = True
+    b, hq, sq = qh.shape[:3]
+    return res[0].permute(2, 0, 1, 3), res[1].reshape(b, hq, sq)
+
+
 def _flash_dense(q, k, v, scale):
-    """No documents, sq == skv: FA2 through torch on [b, h, s, d] views."""
+    """No documents, sq == skv: cuDNN or FA2 through torch on [b, h, s, d] views."""
     global _SDPA_GQA_NATIVE
+    res = _cudnn_dense(q, k, v, scale)
+    if res is not None:
+        return res
     qh, kh, vh = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
     g = q.shape[2] // k.shape[2]
     if g > 1 and _SDPA_GQA_NATIVE is not False:

@@ -37,7 +37,7 @@ def _select_kernel(
     HKV, scale_log2, inv_g,
     G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -106,15 +106,19 @@ def _select_kernel(
         mono = tl.where(forced, 0x7F800000, mono)
         key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
         key = tl.where(cand, key, _MIN_KEY)
-        hit = tl.max(tl.where(key > thr[:, None], 1, 0))
-        if hit > 0:
-            if BN == KP:
-                top = tl.sort(key, dim=1, descending=True)
-            else:
-                top = tl.topk(key, KP, dim=1)
-            buf = tl.maximum(buf, top)
-            buf = tl.sort(buf, dim=1)
-            thr = tl.min(buf, axis=1)
+        if NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
+            buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
+        else:
+            hit = tl.max(tl.where(key > thr[:, None], 1, 0))
+            if hit > 0:
+                if BN == KP:
+                    top = tl.sort(key, dim=1, descending=True)
+                else:
+                    top = tl.topk(key, KP, dim=1)
+                # ascending buf vs descending top: the element-wise max holds the top KP of both, as a
+                # bitonic sequence; one bitonic merge sorts it again.
+                buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
+                thr = tl.min(buf, axis=1)
 
     # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
     c = tl.arange(0, KP)
@@ -176,6 +180,7 @@ def select_blocks(
     cu_seqlens: Tensor | None = None,
     q_positions: Tensor | None = None,
     softmax_scale: float | None = None,
+    _config: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k block selection per query token and KV head; same contract as the reference.
 
@@ -227,6 +232,10 @@ def select_blocks(
     if bq * gp < 16:
         bq = 16 // gp
     bd = max(16, next_pow2(d))
+    extra = dict(_config or {})
+    bq = extra.pop("BQ", bq)
+    bn = extra.pop("BN", bn)
+    num_warps = extra.pop("num_warps", 4)
     grid = (triton.cdiv(sq, bq), b * hkv)
     _select_kernel[grid](
         q, kbar, cstarts, lo, hi, own, block_idx, counts,
@@ -239,6 +248,6 @@ def select_blocks(
         hkv, scale * math.log2(math.e), 1.0 / g,
         G=g, GP=gp, BQ=bq, D=d, BD=bd, KP=kp, BN=bn, TOPK=top_k, KO=next_pow2(top_k),
         SINK=sink_blocks, LOCAL=local_blocks, SCORE=0 if score == "group_softmax" else 1,
-        num_warps=4,
+        num_warps=num_warps, **extra,
     )
     return block_idx, counts

@@ -258,10 +258,13 @@ def _fwd_config(g: int, bs: int, d: int) -> dict:
     return dict(GP=gp, NBLK=nblk, BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8)
 
 
+DKDV_ROWS = {64: 128, 128: 64}  # query rows (tokens x heads) per dK/dV iteration, by head dim
+
+
 def _dkdv_config(g: int, bs: int, d: int) -> dict:
     gp = next_pow2(g)
-    tq = max(1, 64 // gp)
-    return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)), num_warps=4 if bs * d <= 64 * 64 else 8)
+    tq = max(1, DKDV_ROWS.get(next_pow2(d), 64) // gp)
+    return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)), num_warps=4 if tq * gp * d <= 64 * 64 else 8)
 
 
 def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
@@ -286,35 +289,42 @@ def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
     return o, lse
 
 
-def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
+def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
+    """dQ kernel (also writes delta = rowsum(O·dO) − dLSE for the dK/dV kernel). Returns (dq, delta)."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
     g = hq // hkv
     dq = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
+    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    if sq == 0:
+        return dq, delta
+    cfg = _fwd_config(g, block_size, d)
+    has_dlse = dlse is not None
+    dl = dlse.contiguous() if has_dlse else lse
+    _sparse_dq_kernel[(sq, b * hkv)](
+        q, k, v, block_idx, nslot, q_pos, o, do, lse, dl, dq, delta,
+        skv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
+        lse.stride(0), lse.stride(1),
+        hkv, scale * _LOG2E, scale,
+        G=g, D=d, BS=block_size, HAS_DLSE=has_dlse, **cfg,
+    )
+    return dq, delta
+
+
+def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale, rows=None):
+    sq, b, hq, d = q.shape
+    skv, _, hkv, _ = k.shape
+    g = hq // hkv
     dk = torch.empty(skv, b, hkv, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(skv, b, hkv, d, device=q.device, dtype=v.dtype)
-    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
-    do = last_dim_contiguous(do)
-    if sq > 0:
-        cfg = _fwd_config(g, block_size, d)
-        has_dlse = dlse is not None
-        dl = dlse.contiguous() if has_dlse else lse
-        _sparse_dq_kernel[(sq, b * hkv)](
-            q, k, v, block_idx, nslot, q_pos, o, do, lse, dl, dq, delta,
-            skv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
-            lse.stride(0), lse.stride(1),
-            hkv, scale * _LOG2E, scale,
-            G=g, D=d, BS=block_size, HAS_DLSE=has_dlse, **cfg,
-        )
-    # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
-    # block), so the grid of the whole row covers every key exactly once.
-    kst, ken = _grid_for_table(block_idx, skv, block_size, q.device)
-    rptr, ridx = build_reverse_index(block_idx, skv)
     cfg = _dkdv_config(g, block_size, d)
+    if rows is not None:
+        cfg["TQ"] = max(1, rows // cfg["GP"])
+        cfg["num_warps"] = 4 if cfg["TQ"] * cfg["GP"] * d <= 64 * 64 else 8
     _sparse_dkdv_kernel[(kst.shape[1], b * hkv)](
         q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, dk, dv,
         sq, skv, kst.shape[1],
@@ -325,6 +335,17 @@ def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_si
         hkv, scale * _LOG2E, scale,
         G=g, D=d, BS=block_size, **cfg,
     )
+    return dk, dv
+
+
+def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
+    do = last_dim_contiguous(do)
+    dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale)
+    # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
+    # block), so the grid of the whole row covers every key exactly once.
+    kst, ken = _grid_for_table(block_idx, k.shape[0], block_size, q.device)
+    rptr, ridx = build_reverse_index(block_idx, k.shape[0])
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale)
     return dq, dk, dv
 
 
@@ -335,9 +356,8 @@ def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device) -> tup
     """Key ranges for the dK/dV programs: every key of the row exactly once, split at every block start
     that appears in the table (so each program's range is one selectable block) and every BS keys."""
     b = block_idx.shape[0]
-    starts = block_idx[block_idx >= 0]
     # Fast path: all starts on the global grid (no documents) -> the regular grid.
-    if bool(((starts % block_size) == 0).all()):
+    if bool(((block_idx % block_size) == 0).logical_or_(block_idx < 0).all()):
         key = (b, skv, block_size, str(device))
         if key not in _GRID_CACHE:
             st, en, _ = block_grid(None, b, skv, block_size, device)
