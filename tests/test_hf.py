@@ -225,3 +225,19 @@ def test_bad_inputs_are_named(megatron_ckpts, hf_dirs, tmp_path):
     (bad / "model.safetensors").write_bytes((hf_dirs[True] / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=r"HF folder .*bad_hf.*(gate|down)_proj.weight.*do not match"):
         hf_to_megatron_checkpoint(bad, tmp_path / "out")
+
+
+def test_document_mask_keeps_documents_apart():
+    import ssa_megatron.hf as hf_lib
+
+    cfg = hf_lib.SSALlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2, ssa_block_size=16, ssa_top_k=2,
+                                ssa_document_mask=True)
+    torch.manual_seed(0)
+    model = hf_lib.SSALlamaForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    pos = torch.cat([torch.arange(40), torch.arange(SEQ - 40)])[None]
+    with torch.no_grad():
+        packed = model(tokens, position_ids=pos, cu_seqlens=torch.tensor([0, 40, SEQ])).logits
+        alone = model(tokens[:, 40:]).logits
+    torch.testing.assert_close(packed[:, 40:], alone, rtol=0, atol=ATOL)
