@@ -170,6 +170,9 @@ def main():
     ap.add_argument("--no-long", action="store_true")
     ap.add_argument("--profile", action="store_true", help="also a per-kernel breakdown at 32k")
     ap.add_argument("--profile-only", action="store_true")
+    ap.add_argument("--shapes", default="32/2/64,32/8/128", help="HQ/HKV/D list")
+    ap.add_argument("--ts", default="8192,32768")
+    ap.add_argument("--no-small-groups", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -187,8 +190,8 @@ def main():
         profile_breakdown(add)
         if args.profile_only:
             return
-    shapes = [("32/2/64", 32, 2, 64), ("32/8/128", 32, 8, 128)]
-    ts = [8192] if args.quick else [8192, 32768]
+    shapes = [(x, *map(int, x.split("/"))) for x in args.shapes.split(",")]
+    ts = [8192] if args.quick else [int(x) for x in args.ts.split(",")]
     sparse_cfgs = [(16, 16), (64, 32)]
     for sname, hq, hkv, d in shapes:
         for t in ts:
@@ -239,7 +242,7 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
 
-    if not args.quick:
+    if not args.quick and not args.no_small_groups:
         # small groups at one setting: T=8k, HQ=32, D=64, 16x16; per query head (HQ fixed) vs G=16
         t, hq, d = 8192, 32, 64
         base = None
@@ -254,21 +257,21 @@ def main():
             base = base or sp_fb
             add(shape=f"G={g} ({hq}/{hkv}/{d})", T=t, what="sparse", cfg="16x16", fwd=sp_f, fb=sp_fb,
                 ratios={"xG16_fb": sp_fb / base, "select_ms": sel})
-        if not args.no_long:
-            t = 131072
-            for sname, hq, hkv, d in shapes:
-                q, k, v = make(t, hq, hkv, d, grad=False)
-                s_f = bench(lambda: sdpa(q, k, v), rep=50)
-                add(shape=sname, T=t, what="sdpa", fwd=s_f)
-                for bs, kk in sparse_cfgs:
-                    idx, _ = K.select_blocks(q, k, bs, kk)
-                    sel = bench(lambda: K.select_blocks(q, k, bs, kk), rep=50)
-                    sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0], rep=50)
-                    add(shape=sname, T=t, what="sparse", cfg=f"{bs}x{kk}", fwd=sp_f,
-                        ratios={"xSDPA_f": sp_f / s_f, "select_ms": sel, "sel+sp_xSDPA": (sel + sp_f) / s_f})
-                del q, k, v
-                gc.collect()
-                torch.cuda.empty_cache()
+    if not args.quick and not args.no_long:
+        t = 131072
+        for sname, hq, hkv, d in shapes:
+            q, k, v = make(t, hq, hkv, d, grad=False)
+            s_f = bench(lambda: sdpa(q, k, v), rep=50)
+            add(shape=sname, T=t, what="sdpa", fwd=s_f)
+            for bs, kk in sparse_cfgs:
+                idx, _ = K.select_blocks(q, k, bs, kk)
+                sel = bench(lambda: K.select_blocks(q, k, bs, kk), rep=50)
+                sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0], rep=50)
+                add(shape=sname, T=t, what="sparse", cfg=f"{bs}x{kk}", fwd=sp_f,
+                    ratios={"xSDPA_f": sp_f / s_f, "select_ms": sel, "sel+sp_xSDPA": (sel + sp_f) / s_f})
+            del q, k, v
+            gc.collect()
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": name, "torch": torch.__version__, "rows": rows}, fh, indent=1)
