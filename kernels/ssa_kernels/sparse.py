@@ -265,7 +265,9 @@ DKDV_ROWS = {16: 256, 32: 256, 64: 256, 128: 64}
 
 def _dkdv_config(g: int, bs: int, d: int) -> dict:
     gp = next_pow2(g)
-    tq = max(1, DKDV_ROWS.get(next_pow2(d), 64) // gp)
+    # rows x BS score tiles above 256 x 64 run out of shared memory (BS 128 with 256 rows failed on an H200)
+    rows = min(DKDV_ROWS.get(next_pow2(d), 64), max(64, 16384 // bs))
+    tq = max(1, rows // gp)
     return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)), num_warps=4 if tq * gp * d <= 64 * 64 else 8)
 
 
