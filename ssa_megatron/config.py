@@ -160,18 +160,42 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    """Where training tokens come from and how they are read (ssa_megatron/data, docs/data.md)."""
+
     train_shards: str = "builtin:stdlib"
-    """Brace-expandable shard pattern (``/data/train-{000000..000127}.tar``) or ``builtin:stdlib`` (the embedded
-    default: the running interpreter's standard library, tokenized into the cache directory on first use)."""
+    """A shard directory written by tools/prepare_data.py, a brace-expandable shard pattern
+    (``/data/train-{000000..000127}.tar``; meta.json must sit beside the shards) or ``builtin:stdlib`` (the
+    embedded default: the running interpreter's standard library, tokenized into the cache directory on first
+    use)."""
     valid_shards: Optional[str] = None
-    """Held-out shards; None: the held-out split of train_shards."""
+    """Held-out shards; None: the held-out split (``valid-*.tar``) of train_shards."""
     tokenizer: Optional[str] = None
     """A tokenizer.json; None with builtin data: a byte-level BPE trained on the embedded corpus."""
     cache_dir: str = "~/.cache/ssa_megatron"
     num_workers: int = 1
+    """DataLoader worker processes per rank (0: read in the training process). The sample order depends on it,
+    so resuming needs the same value."""
     skip_corrupt_shards: bool = False
     """Skip (and count in the logs) unreadable shards instead of stopping."""
+    verify_checksums: bool = True
+    """Check each shard's sha256 against meta.json when reading it (cheap next to training)."""
+    shuffle_shards: int = 4
+    """Shards each reader loads and shuffles together; memory is this many shards per worker."""
+    valid_fraction: float = 0.02
+    """Share of documents held out (by content hash) when the pipeline builds shards itself (builtin data)."""
+    builtin_max_mb: float = 16.0
+    """Cap on the standard-library text of the embedded corpus (the full library is ~11-12 MB)."""
     seed: int = 1234
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"{prefix}.num_workers={self.num_workers!r}: must be >= 0")
+        if self.shuffle_shards < 1:
+            raise ValueError(f"{prefix}.shuffle_shards={self.shuffle_shards!r}: must be >= 1")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"{prefix}.valid_fraction={self.valid_fraction!r}: must be in [0, 1)")
+        if self.builtin_max_mb <= 0:
+            raise ValueError(f"{prefix}.builtin_max_mb={self.builtin_max_mb!r}: must be > 0")
 
 
 @dataclass
