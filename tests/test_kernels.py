@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+_PREVIOUS = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # Triton reads it when the kernels are decorated (import time)
 
 
 def _load_kernels():
@@ -30,6 +31,17 @@ def _load_kernels():
 K = _load_kernels()
 from ssa_kernels import full as kfull  # noqa: E402
 from ssa_megatron.ssa import reference as R  # noqa: E402
+
+# Leave the process environment as we found it for other test modules; our tests set it themselves.
+if _PREVIOUS is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 # ----------------------------------------------------------------------------------------------------------
