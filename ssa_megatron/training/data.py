@@ -68,18 +68,22 @@ class SyntheticTokens:
         self.position = int(state["position"])
 
 
-def build_loader(recipe: RecipeConfig, dims, split: str):
-    """The recipe's loader for ``split`` ('train' or 'valid') on this data-parallel rank."""
+def build_loaders(recipe: RecipeConfig, dims):
+    """(train, held-out or None) streams of this data-parallel rank for the recipe's data."""
     m, data = recipe.model, recipe.data
     if data.train_shards.startswith("synthetic"):
-        # "synthetic" (or "synthetic:<seed>"): the benchmark/test stream; the held-out split uses another seed.
+        # "synthetic" (or "synthetic:<seed>"): the benchmark/test stream; the held-out stream uses another seed.
         seed = int(data.train_shards.split(":", 1)[1]) if ":" in data.train_shards else data.seed
-        return SyntheticTokens(vocab_size=m.vocab_size, seq_length=m.seq_length,
-                               micro_batch_size=recipe.train.micro_batch_size,
-                               seed=seed + (0 if split == "train" else 1_000_003), dp_rank=dims.dp_rank)
-    from ssa_megatron.training import data_adapter
 
-    return data_adapter.build_token_loader(recipe, dims, split)
+        def stream(offset: int) -> SyntheticTokens:
+            return SyntheticTokens(vocab_size=m.vocab_size, seq_length=m.seq_length,
+                                   micro_batch_size=recipe.train.micro_batch_size, seed=seed + offset,
+                                   dp_rank=dims.dp_rank)
+
+        return stream(0), stream(1_000_003)
+    from ssa_megatron.training.data_adapter import build_token_loaders
+
+    return build_token_loaders(recipe, dims)
 
 
 class StepBatches:

@@ -1,8 +1,9 @@
 """The data pipeline's ``TokenLoader`` behind the loop's iterator interface (``next()``, ``state_dict()``).
 
-``data.train_shards: builtin:stdlib`` builds (once, cached) the embedded default corpus and its BPE tokenizer;
-anything else is a shard directory / brace pattern made by ``tools/prepare_data``. The held-out split is
-``data.valid_shards`` or, when unset, the ``valid`` shards of the training set.
+The data pipeline resolves ``recipe.data`` (``ssa_megatron.data.from_config.build_loaders``): ``builtin:stdlib``
+builds (once, cached) the embedded default corpus and its BPE tokenizer; anything else is a shard directory or
+brace pattern made by ``tools/prepare_data``. The held-out split is ``data.valid_shards`` or, when unset, the
+``valid`` shards of the training set.
 """
 
 from __future__ import annotations
@@ -44,28 +45,15 @@ class LoaderStream:
         return self.loader.vocab_size
 
 
-def build_token_loader(recipe: RecipeConfig, dims, split: str) -> LoaderStream:
-    from ssa_megatron.data.builtin import BUILTIN_NAME, ensure_builtin_corpus
-    from ssa_megatron.data.loader import TokenLoader
+def build_token_loaders(recipe: RecipeConfig, dims) -> tuple[LoaderStream, LoaderStream | None]:
+    """This rank's (train, held-out) streams from ``recipe.data`` (``ssa_megatron.data.build_loaders``); the
+    held-out one is None when the data has no held-out split."""
+    from ssa_megatron.data.from_config import build_loaders
 
-    m, data = recipe.model, recipe.data
-    if data.train_shards == BUILTIN_NAME:
-        shards, _tokenizer = ensure_builtin_corpus(
-            data.cache_dir, m.seq_length, m.vocab_size, tokenizer_path=data.tokenizer,
-            progress=dims.is_main and split == "train", log=print if dims.is_main and split == "train" else _quiet)
-    else:
-        shards = data.train_shards
-    if split == "valid" and data.valid_shards:
-        shards = data.valid_shards
-    loader = TokenLoader(
-        shards, m.seq_length, recipe.train.micro_batch_size, dp_rank=dims.dp_rank, dp_world_size=dims.dp,
-        num_workers=data.num_workers if split == "train" else 0, seed=data.seed,
-        split="train" if split == "train" else "valid", skip_corrupt_shards=data.skip_corrupt_shards,
-    )
-    if loader.vocab_size > m.vocab_size:
-        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the data's tokenizer vocabulary "
-                         f"({loader.vocab_size}, shards {shards})")
-    return LoaderStream(loader)
+    setup = build_loaders(recipe.data, recipe.model.seq_length, recipe.train.micro_batch_size,
+                          recipe.model.vocab_size, dp_rank=dims.dp_rank, dp_world_size=dims.dp,
+                          log=print if dims.is_main else _quiet)
+    return LoaderStream(setup.train), (LoaderStream(setup.valid) if setup.valid is not None else None)
 
 
 def packed_seq_params(batch: dict):

@@ -44,7 +44,7 @@ def build_optimizer(recipe: RecipeConfig, model_chunks: list[torch.nn.Module], d
             fp16=recipe.train.precision == "fp16",
             params_dtype=_dtype(recipe.train.precision),
             use_distributed_optimizer=recipe.parallel.distributed_optimizer,
-            overlap_param_gather=recipe.parallel.distributed_optimizer and recipe.parallel.overlap_grad_reduce,
+            overlap_param_gather=False,  # see wrap.py: params are gathered inside step()
         )
         return get_megatron_optimizer(config, model_chunks)
     if recipe.train.precision != "fp32":

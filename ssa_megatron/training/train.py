@@ -28,7 +28,7 @@ from ssa_megatron.megatron.mode import MODE_SAMPLER, force_mode, last_mode
 from ssa_megatron.megatron.tracker import get_ssa_tracker
 from ssa_megatron.training import checkpoint as ckpt_lib
 from ssa_megatron.training import health
-from ssa_megatron.training.data import StepBatches, build_loader
+from ssa_megatron.training.data import StepBatches, build_loaders
 from ssa_megatron.training.lr_schedule import WarmupDecayLR
 from ssa_megatron.training.metrics import MetricsLogger, Throughput, format_line, memory_gib
 from ssa_megatron.training.optimizer import build_optimizer
@@ -87,9 +87,10 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     scheduler = WarmupDecayLR(recipe.optim, tr.steps)
 
     # 3. Data.
-    train_loader = build_loader(recipe, dims, "train")
+    train_loader, eval_loader = build_loaders(recipe, dims)
     feed = StepBatches(train_loader, num_microbatches, dims.device)
-    eval_loader = build_loader(recipe, dims, "valid") if tr.eval_interval else None
+    if not tr.eval_interval:
+        eval_loader = None
     eval_start = eval_loader.state_dict() if eval_loader is not None else None
 
     # 4. Checkpoint: resume, or initialise from checkpoint.load.

@@ -4,8 +4,8 @@ data parallelism to it.
 - Model construction itself is ``ssa_megatron.megatron.model.build_gpt_model`` (one place, the SSA layer spec;
   it also maps ``train.precision`` and ``train.recompute`` onto the TransformerConfig).
 - bf16/fp16: Megatron's ``Float16Module`` (casts inputs and the loss); the optimizer keeps fp32 master weights.
-- CUDA: Megatron's ``DistributedDataParallel`` with bucketed, overlapped gradient reduce-scatter/all-reduce (and
-  the distributed optimizer's param all-gather overlap); the schedule hooks (``no_sync_func``,
+- CUDA: Megatron's ``DistributedDataParallel`` with bucketed gradient reduce-scatter/all-reduce overlapped with
+  the backward pass; the schedule hooks (``no_sync_func``,
   ``finalize_model_grads_func``) are installed on the model config as Megatron-LM does.
 - CPU (gloo): Megatron's DDP needs CUDA streams, so ``CPUDataParallel`` all-reduces gradients once per step.
 """
@@ -54,7 +54,10 @@ def wrap_for_training(chunks: list[torch.nn.Module], recipe: RecipeConfig, dims)
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,
         use_distributed_optimizer=par.distributed_optimizer,
-        overlap_param_gather=par.distributed_optimizer and par.overlap_grad_reduce,
+        # The distributed optimizer all-gathers updated params inside optimizer.step() (not overlapped with the
+        # next forward): parameters are then always current when a checkpoint is written or evaluation runs,
+        # at the cost of one un-overlapped bf16 all-gather per step.
+        overlap_param_gather=False,
         average_in_collective=True,
         bucket_size=max(40_000_000, 1_000_000 * dims.dp) if par.overlap_grad_reduce else None,
     )
@@ -69,10 +72,6 @@ def wrap_for_training(chunks: list[torch.nn.Module], recipe: RecipeConfig, dims)
     if par.overlap_grad_reduce:
         config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         config.grad_sync_func = [m.start_grad_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].start_grad_sync
-    if par.distributed_optimizer and par.overlap_grad_reduce:
-        config.param_sync_func = (
-            [m.start_param_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].start_param_sync
-        )
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
 
