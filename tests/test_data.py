@@ -404,3 +404,55 @@ def test_builtin_stdlib_corpus_builds_quickly_and_is_cached(tmp_path):
     text = load_tokenizer(tokenizer_path).decode(batch["tokens"].reshape(-1)[start:end].tolist())
     sources = "".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files())
     assert len(text) > 100 and text[20:-20] in sources
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLIs (run in-process through their main(argv))
+
+
+def _tool(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_clis_train_prepare_and_report_bad_input(corpus, tmp_path, capsys):
+    inputs = str(corpus["root"] / "inputs")
+    assert _tool("train_tokenizer").main([inputs, "--vocab-size", "300", "--output", str(tmp_path / "tok.json"),
+                                          "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("train_tokenizer: byte-level BPE, vocab 300") and str(tmp_path / "tok.json") in out
+    prepare = _tool("prepare_data")
+
+    def args(source: str, output: str) -> list[str]:
+        return [source, "--tokenizer", str(tmp_path / "tok.json"), "--seq-length", "16", "--output",
+                str(tmp_path / output), "--rows-per-shard", "8", "--workers", "0", "--no-progress"]
+
+    assert prepare.main(args(inputs, "shards")) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("prepare_data: ") and "seq_length 16" in lines[0]
+    assert "documents" in lines[-2] and "shards" in lines[-2]
+    assert lines[-1].startswith("prepare_data: wrote") and str(tmp_path / "shards") in lines[-1]
+    assert read_meta(tmp_path / "shards").documents["train"] == len(corpus["docs"])
+
+    assert prepare.main(args(str(tmp_path / "missing.txt"), "s1")) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert prepare.main(args(str(tmp_path / "latin1.txt"), "s2")) == 2
+    err = capsys.readouterr().err
+    assert "latin1.txt" in err and "invalid UTF-8 at byte 3" in err
+
+
+def test_tokenizer_json_with_transformers_config_names_its_eos(corpus, tmp_path):
+    shutil.copy(corpus["tokenizer"].path, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|pad|>"}))
+    tok = load_tokenizer(tmp_path)  # a directory in transformers' save_pretrained layout
+    assert tok.eos_token == "<|pad|>" and tok.eos_id == 1
+    with pytest.raises(ValueError, match="'<nope>' is not in its vocabulary"):
+        load_tokenizer(tmp_path / "tokenizer.json", eos_token="<nope>")
+    with pytest.raises(FileNotFoundError, match="nothing.json"):
+        load_tokenizer(tmp_path / "nothing.json")
