@@ -310,6 +310,11 @@ class CheckpointConfig:
     load: Optional[str] = None
     """A checkpoint to initialise from (model weights only) when the run has none of its own."""
     save_at_end: bool = True
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    """How Megatron's distributed optimizer state is written. fully_reshardable: per-parameter tensors (gathered
+    on data-parallel rank 0 while saving), so a run can resume under another TP/PP/DP layout; dp_reshardable:
+    every rank writes its own buffers (faster, less memory), resumable only with the same TP/PP. Resuming reads
+    the format a checkpoint was written in."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0:

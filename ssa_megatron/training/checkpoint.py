@@ -188,8 +188,13 @@ def training_state(
     is_loading: bool = False,
     with_optimizer: bool = True,
     with_rank_objects: bool = True,
+    optimizer_format: str = "fully_reshardable",
 ) -> dict:
-    """The sharded state dict of a training run (for saving, or as a template for loading)."""
+    """The sharded state dict of a training run (for saving, or as a template for loading).
+
+    ``optimizer_format`` is Megatron's ``distrib_optim_sharding_type`` for the distributed optimizer (other
+    optimizers ignore it); a load must use the format the checkpoint was written in (its ``optimizer_format``).
+    """
     state: dict[str, Any] = {}
     model_sd: dict[str, Any] = {}
     for i, chunk in enumerate(model_chunks):
@@ -197,7 +202,10 @@ def training_state(
         state[key] = chunk.sharded_state_dict()
         model_sd[key] = state[key]
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        metadata = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True,
+                    "distrib_optim_fully_reshardable_mem_efficient": False}
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+        state["optimizer_format"] = optimizer_format
         state["scheduler"] = scheduler.state_dict()
     state["step"] = step
     state["consumed_tokens"] = consumed_tokens

@@ -121,7 +121,7 @@ class LocalAdamW:
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False, **_) -> dict:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False, metadata=None) -> dict:
         if is_loading:
             self._init_state()
         state_dict = self.optimizer.state_dict()

@@ -99,6 +99,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     step, consumed_tokens = 0, 0
 
     def state(step_: int, consumed_: int, is_loading: bool = False, **kw) -> dict:
+        kw.setdefault("optimizer_format", recipe.checkpoint.optimizer_format)
         return ckpt_lib.training_state(
             model_chunks=model, optimizer=optimizer, scheduler=scheduler, data_state=train_loader.state_dict,
             step=step_, consumed_tokens=consumed_, recipe=to_dict(recipe), dims=dims, is_loading=is_loading, **kw)
@@ -342,8 +343,14 @@ def evaluate(model, loader, recipe: RecipeConfig, dims, forward_backward) -> dic
 
 def _resume(path: Path, checkpointer, state, model, optimizer, scheduler, train_loader, dims) -> tuple[int, int]:
     common = dist_checkpointing.load_common_state_dict(str(path))
-    same_layout = common.get("layout") == ckpt_lib.layout_of(dims)
-    template = state(0, 0, is_loading=True, with_rank_objects=same_layout)
+    layout, saved = ckpt_lib.layout_of(dims), common.get("layout", {})
+    same_layout = saved == layout
+    optimizer_format = common.get("optimizer_format", "fully_reshardable")
+    if optimizer_format == "dp_reshardable" and (saved.get("tp"), saved.get("pp")) != (layout["tp"], layout["pp"]):
+        raise ValueError(f"{path} was written with checkpoint.optimizer_format=dp_reshardable under tp "
+                         f"{saved.get('tp')} pp {saved.get('pp')}; it resumes only with the same TP and PP "
+                         f"(now tp {layout['tp']} pp {layout['pp']})")
+    template = state(0, 0, is_loading=True, with_rank_objects=same_layout, optimizer_format=optimizer_format)
     loaded = checkpointer.load(path, template)
     ckpt_lib.load_model_chunks(model, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
