@@ -456,3 +456,16 @@ def test_tokenizer_json_with_transformers_config_names_its_eos(corpus, tmp_path)
         load_tokenizer(tmp_path / "tokenizer.json", eos_token="<nope>")
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         load_tokenizer(tmp_path / "nothing.json")
+
+
+def test_held_out_split_smaller_than_the_readers_still_feeds_every_rank(corpus):
+    rows = [tuple(t.tolist()) for t, _ in _stored_rows(corpus["shards"], "valid")]
+    ranks = len(rows) + 5  # more data-parallel ranks than held-out rows
+    firsts = []
+    for rank in range(ranks):
+        loader = TokenLoader(corpus["shards"], SEQ, micro_batch_size=1, dp_rank=rank, dp_world_size=ranks,
+                             split="valid")
+        batches = list(loader)
+        assert len(batches) == 1
+        firsts.append(_rows_of_batch(batches[0])[0])
+    assert firsts == [rows[r % len(rows)] for r in range(ranks)]  # the row sequence, cycled

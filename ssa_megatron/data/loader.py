@@ -7,7 +7,8 @@ Order (all of it a pure function of the seed, the shard list and the data-parall
 * **Epoch e.** Shards are permuted with ``(seed, e)`` (no permutation for ``split="valid"``). With at least
   ``G`` shards each reader takes whole shards ``perm[g::G]`` (``distribute="shards"``, no read is repeated);
   with fewer, every reader scans all shards and keeps rows ``i ≡ g (mod G)`` of the epoch's row sequence
-  (``distribute="rows"``, for small held-out sets). Either way each row lands in exactly one reader per epoch.
+  (``distribute="rows"``, for small held-out sets). Either way each row lands in exactly one reader per epoch
+  (unless there are fewer rows than readers: then the row sequence is cycled so every reader gets one).
 * **Groups.** A reader loads ``shuffle_shards`` of its shards at a time and emits their rows in an order
   permuted with ``(seed, e, g, group)``; then the next group, then the next epoch (readers cross epochs on
   their own; a training stream is infinite).
@@ -67,6 +68,9 @@ class _ReadPlan:
         self.verify_checksums = verify_checksums
         self.skip_corrupt = skip_corrupt
         self.total_rows = sum(s.rows for s in shards)
+        # Rows mode with fewer rows than readers (a tiny held-out set on many ranks) cycles the row sequence so
+        # that every reader gets one row per epoch; only then does a row reach more than one reader.
+        self.epoch_rows = max(self.total_rows, num_readers) if distribute == "rows" else self.total_rows
         self._skipped = 0
 
     def shard_order(self, epoch: int) -> np.ndarray:
@@ -77,7 +81,7 @@ class _ReadPlan:
     def groups(self, epoch: int, reader: int) -> list[_Group]:
         order = self.shard_order(epoch)
         if self.distribute == "rows":
-            rows = max(0, (self.total_rows - reader + self.num_readers - 1) // self.num_readers)
+            rows = (self.epoch_rows - reader + self.num_readers - 1) // self.num_readers
             return [_Group(tuple(int(i) for i in order), rows, (reader, self.num_readers))]
         mine = [int(i) for i in order[reader:: self.num_readers]]
         return [_Group(tuple(mine[k: k + self.shuffle_shards]),
@@ -103,15 +107,19 @@ class _ReadPlan:
                                "far): %s", self._skipped, err)
                 row_index += shard.rows
                 continue
-            if group.stride is None:
+            if group.stride is None or self.epoch_rows > self.total_rows:
                 tokens.extend(shard_tokens)
                 bounds.extend(shard_bounds)
-            else:
+            else:  # keep only this reader's rows of the shard: i ≡ reader (mod readers)
                 reader, readers = group.stride
                 first = (reader - row_index) % readers
                 tokens.extend(shard_tokens[first::readers])
                 bounds.extend(shard_bounds[first::readers])
             row_index += shard.rows
+        if group.stride is not None and self.epoch_rows > self.total_rows and tokens:
+            reader, readers = group.stride
+            picked = [i % len(tokens) for i in range(reader, self.epoch_rows, readers)]
+            return [tokens[i] for i in picked], [bounds[i] for i in picked]
         return tokens, bounds
 
     def rows(self, reader: int, skip_rows: int, infinite: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -310,10 +318,9 @@ class TokenLoader:
         if distribute == "shards" and len(present) < num_readers:
             raise ValueError(f"distribute='shards' needs at least dp_world_size × num_workers = {num_readers} "
                              f"{split} shards, found {len(present)}; use distribute='rows' or more shards")
-        total_rows = sum(s.rows for s in present)
-        if total_rows < num_readers:
-            raise ValueError(f"{split} split of {shards!r} has {total_rows} rows, fewer than dp_world_size × "
-                             f"num_workers = {num_readers} readers; use fewer workers or more data")
+        if distribute == "rows" and sum(s.rows for s in present) < num_readers:
+            logger.info("%s split of %s has fewer rows than the %d readers; rows repeat across readers within "
+                        "an epoch", split, shards, num_readers)
         self.distribute = distribute
         self._plan = _ReadPlan(present, num_readers, seed, self.shuffle, shuffle_shards, distribute,
                                seq_length + 1, np.dtype(meta.token_dtype), verify_checksums, skip_corrupt_shards)

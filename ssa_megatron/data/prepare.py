@@ -151,6 +151,8 @@ def prepare_shards(
         rows_per_shard: rows per tar (None: as many as fit ``shard_mb`` MiB).
         valid_fraction: share of documents (by content hash) written to ``valid-*.tar`` instead of train.
         workers: tokenizer processes; None: one per CPU; 0: in this process (the tokenizer's own threads).
+            Workers are spawned, so a script calling this with workers > 0 needs the usual
+            ``if __name__ == "__main__":`` guard.
         doc_split, text_key, extensions, encoding_errors: how inputs become documents.
         unit_mb: input MB per work unit (the granularity of parallelism and of resumption).
         max_bytes: read at most about this many input bytes (whole files / ranges, in order).
