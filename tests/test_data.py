@@ -469,3 +469,14 @@ def test_held_out_split_smaller_than_the_readers_still_feeds_every_rank(corpus):
         assert len(batches) == 1
         firsts.append(_rows_of_batch(batches[0])[0])
     assert firsts == [rows[r % len(rows)] for r in range(ranks)]  # the row sequence, cycled
+
+
+def test_skipping_every_shard_stops_instead_of_spinning(corpus, tmp_path):
+    shard_dir = _copy_shards(corpus, tmp_path)
+    for shard in read_meta(shard_dir).shards:
+        if shard.split == "valid":
+            (shard_dir / shard.name).write_bytes(b"\0" * 10)
+    loader = TokenLoader(shard_dir, SEQ, micro_batch_size=1, split="valid", infinite=True,
+                         skip_corrupt_shards=True)
+    with pytest.raises(CorruptShardError, match="every shard of epoch 0 was skipped"):
+        next(iter(loader))

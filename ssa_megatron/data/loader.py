@@ -126,16 +126,23 @@ class _ReadPlan:
         """The reader's rows from position ``skip_rows`` on: epoch after epoch (or one epoch if not infinite)."""
         epoch = 0
         while True:
+            loaded = read = 0
             for index, group in enumerate(self.groups(epoch, reader)):
                 if skip_rows >= group.rows:
                     skip_rows -= group.rows  # seek without reading: meta.json knows the row counts
                     continue
                 tokens, bounds = self._load_group(group)
+                loaded += 1
+                read += len(tokens)
                 order = (np.random.default_rng([self.seed, epoch, reader, index]).permutation(len(tokens))
                          if self.shuffle else np.arange(len(tokens)))
                 for k in order[skip_rows:]:
                     yield tokens[k], bounds[k]
                 skip_rows = 0
+            if loaded and not read:  # every shard skipped as corrupt: stop rather than spin through epochs
+                names = [self.shards[i].name for g in self.groups(epoch, reader) for i in g.shard_ids]
+                raise CorruptShardError(f"reader {reader}: every shard of epoch {epoch} was skipped as corrupt "
+                                        f"({', '.join(names)})")
             epoch += 1
             if not infinite:
                 return

@@ -74,7 +74,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens (the packer adds the EOS)."""
-        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast skips character offsets, which the pipeline never needs (tokenizers >= 0.21).
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:
