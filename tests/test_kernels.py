@@ -22,7 +22,7 @@ def _load_kernels():
     import ssa_kernels
     from ssa_kernels import sparse
     if type(sparse._sparse_fwd_kernel).__name__ != "InterpretedFunction":
-        for name in ("_common", "select", "sparse", "full"):
+        for name in ("_common", "select", "sparse", "full", "gate"):
             importlib.reload(sys.modules[f"ssa_kernels.{name}"])
         importlib.reload(ssa_kernels)
     return ssa_kernels
@@ -133,14 +133,35 @@ def test_select_blocks_matches_reference(case):
     assert_selection_matches(idx, cnt, q, k, bs, top_k, score, sink, local, cu, qp)
 
 
+@pytest.mark.parametrize("config", [None, {"LIGHT": 0}, {"LIGHT": 64}, {"FILTER": False}])
+@pytest.mark.parametrize("score,top_k", [("group_softmax", 16), ("dot", 5), ("group_softmax", 33)])
+def test_select_topk_paths_over_many_chunks(config, score, top_k):
+    """Several 64-block chunks per query: threshold filter with one-by-one insertion (LIGHT 64), sort-merge
+    only (LIGHT 0), the mix of both (default) and the unfiltered merge all give the reference's selection."""
+    bs, skv, sq = 4, 4 * 200, 24
+    q = torch.randn(sq, 1, 4, 16)
+    k = torch.randn(skv, 1, 2, 16)
+    qp = torch.cat([torch.arange(300, 300 + sq // 2), torch.arange(skv - sq // 2, skv)])
+    idx, cnt = K.select_blocks(q, k, bs, top_k, score, 1, 1, q_positions=qp, _config=config)
+    assert_selection_matches(idx, cnt, q, k, bs, top_k, score, 1, 1, None, qp)
+
+
 def test_select_ties_go_to_later_block():
     # identical keys in every block -> all scores tie; the latest blocks must win
     sq, bs = 80, 16
     k = torch.randn(bs, 1, 1, 16).repeat(sq // bs, 1, 1, 1)
     q = torch.randn(sq, 1, 2, 16)
     for score in ("group_softmax", "dot"):
-        idx, cnt = K.select_blocks(q, k, bs, 3, score)
         ref, rc = R.select_blocks(q.double(), k.double(), bs, 3, score)
+        for config in (None, {"LIGHT": 0}, {"FILTER": False}):
+            idx, cnt = K.select_blocks(q, k, bs, 3, score, _config=config)
+            assert torch.equal(idx, ref) and torch.equal(cnt, rc)
+    # many tied blocks over several chunks (BS 4: 250 blocks)
+    k = torch.randn(4, 1, 1, 16).repeat(250, 1, 1, 1)
+    q = torch.randn(6, 1, 2, 16)
+    ref, rc = R.select_blocks(q.double(), k.double(), 4, 20, "dot")
+    for config in (None, {"LIGHT": 0}, {"LIGHT": 64}):
+        idx, cnt = K.select_blocks(q, k, 4, 20, "dot", _config=config)
         assert torch.equal(idx, ref) and torch.equal(cnt, rc)
 
 
@@ -257,3 +278,85 @@ def test_ssa_attention_triton_backend_matches_reference():
         res[name] = (out, loss) + g
     for a, r in zip(res["t"], res["r"]):
         assert _rel(a, r) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused gate + alignment loss vs reference.apply_gate + reference.alignment_loss (values and every gradient)
+
+
+def _gate_align_reference(of, os_, gate, beta, mode):
+    gf, gs = R.apply_gate(of, gate), R.apply_gate(os_, gate)
+    total, sp, cm = R.alignment_loss(gf, gs, beta)
+    return (gf if mode == "full" else gs), total, sp, cm
+
+
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+@pytest.mark.parametrize("beta,shape,with_gate,strided", [
+    (1.0, (37, 2, 3, 16), True, False),     # rows not a multiple of the row tile
+    (0.05, (20, 1, 4, 64), True, True),     # small beta: both SmoothL1 regimes; permuted (non-contiguous) inputs
+    (0.0, (9, 1, 2, 24), True, False),      # beta 0 = L1; D not a power of two
+    (1.0, (16, 1, 2, 32), False, False),    # no gate
+])
+def test_gate_and_align_matches_reference(mode, beta, shape, with_gate, strided):
+    sq, b, hq, d = shape
+    def make(scale):
+        if strided:  # as the full branch returns it: a permuted view of [b, HQ, sq, D]
+            return (scale * torch.randn(b, hq, sq, d)).permute(2, 0, 1, 3).requires_grad_()
+        return (scale * torch.randn(sq, b, hq, d)).requires_grad_()
+    of = make(1.0)
+    os_ = (of.detach() + make(0.1 if beta else 1.0).detach()).requires_grad_()  # close: mixed |r| < beta, > beta
+    gate = (2 * torch.randn(sq, b, hq)).requires_grad_() if with_gate else None
+    y, total, term = K.gate_and_align(of, os_, gate, beta, mode)
+    leaves = [of, os_] + ([gate] if with_gate else [])
+    dy, dl = torch.randn(sq, b, hq, d), torch.rand(()) + 0.5
+    grads = torch.autograd.grad((y * dy).sum() + dl * total, leaves)
+    dd = [x.detach().double().requires_grad_() for x in leaves]
+    ry, rtotal, rsp, rcm = _gate_align_reference(dd[0], dd[1], dd[2] if with_gate else None, beta, mode)
+    rgrads = torch.autograd.grad((ry * dy.double()).sum() + dl.double() * rtotal, dd)
+    assert y.dtype == of.dtype and total.dtype == torch.float32 and total.dim() == 0
+    assert _rel(y, ry) < 1e-6
+    assert abs(total.item() - rtotal.item()) <= 1e-5 * abs(rtotal.item())
+    assert abs(term.item() - rsp.item()) <= 1e-5 * abs(rsp.item()) and not term.requires_grad
+    for name, a, r in zip(("d_full", "d_sparse", "d_gate"), grads, rgrads):
+        assert _rel(a, r) < 1e-5, f"{name}: rel err {_rel(a, r)}"
+
+
+def test_gate_and_align_stop_gradients():
+    """Loss only: d o_full gets only the sparsity term, d o_sparse only the commitment term (opposite signs)."""
+    of = torch.randn(12, 1, 2, 16, requires_grad=True)
+    os_ = torch.randn(12, 1, 2, 16, requires_grad=True)
+    gate = torch.randn(12, 1, 2, requires_grad=True)
+    _, total, _ = K.gate_and_align(of, os_, gate, 1.0, "sparse")
+    gf, gs, gg = torch.autograd.grad(total, (of, os_, gate))
+    sig = torch.sigmoid(gate.detach())[..., None]
+    r = (of - os_).detach() * sig
+    dr = torch.where(r.abs() < 1, r, r.sign()) / r.numel()
+    assert _rel(gf, dr * sig) < 1e-5 and _rel(gs, -dr * sig) < 1e-5
+    dsig = (dr * (of - os_).detach()).sum(-1)
+    assert _rel(gg, dsig * sig[..., 0] * (1 - sig[..., 0])) < 1e-5
+
+
+def test_gate_and_align_half_precision_rounding():
+    """fp16 outputs with a float32 gate: the gated output rounds as the reference's product does."""
+    of, os_ = torch.randn(8, 1, 2, 16).half(), torch.randn(8, 1, 2, 16).half()
+    gate = torch.randn(8, 1, 2)
+    for mode in ("full", "sparse"):
+        y, total, _ = K.gate_and_align(of, os_, gate, 1.0, mode)
+        ry, rtotal, _, _ = _gate_align_reference(of, os_, gate, 1.0, mode)
+        assert y.dtype == torch.float16 and torch.equal(y, ry)
+        assert abs(total.item() - rtotal.item()) <= 1e-5 * abs(rtotal.item())
+
+
+def test_ssa_attention_fused_gate_path_matches_reference_stats():
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.ssa import attention as A
+    q, k, v = torch.randn(40, 1, 4, 16), torch.randn(40, 1, 2, 16), torch.randn(40, 1, 2, 16)
+    gate = torch.randn(40, 1, 4)
+    res = {}
+    for name, backend in (("t", "triton"), ("r", "reference")):
+        cfg = SSAConfig(block_size=16, top_k=2, backend=backend, smooth_l1_beta=0.5)
+        out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, "full", training=True)
+        res[name] = (out, loss, stats.sparsity_loss, stats.commitment_loss)
+    for a, r in zip(res["t"], res["r"]):
+        assert _rel(a, r) < 1e-5
+    assert A._fused_gate_loss(K, q) and not A._fused_gate_loss(R, q)

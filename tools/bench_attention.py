@@ -9,6 +9,9 @@ gradient), B=1, bf16, random normal inputs:
   ssa_layer  ssa_megatron.ssa.attention.ssa_attention(training=True): selection + both branches + gate +
              alignment loss (mode sparse, alpha 10)
   select     ssa_kernels.select_blocks (group_softmax) alone
+  --compare: select:v1 / layer:v1 = the previous version (unfiltered top-k merge; torch gate + alignment loss),
+             layer:fil = new top-k with the torch gate + loss, sel:L<n> = top-k insertion limit variants,
+             gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
 pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
 """
@@ -26,6 +29,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import ssa_kernels as K
+from ssa_kernels import select as KSEL
+from ssa_megatron.ssa import attention as A
 from ssa_megatron.config import SSAConfig
 from ssa_megatron.ssa.attention import ssa_attention
 
@@ -106,6 +111,39 @@ def flex_call(q, k, v, mask):
     return o.permute(2, 0, 1, 3)
 
 
+def gate_micro(add, sname, t, hq, d):
+    """Gate of both branches + alignment loss alone, fwd+bwd: torch (reference functions) vs the fused kernel.
+    The ungated outputs are laid out as the branches return them (full: a permuted [b, HQ, sq, D] view)."""
+    from ssa_megatron.ssa import reference as R
+    o_f = torch.randn(1, hq, t, d, device=DEV, dtype=DT).permute(2, 0, 1, 3).requires_grad_()
+    o_s = torch.randn(t, 1, hq, d, device=DEV, dtype=DT, requires_grad=True)
+    gate = torch.randn(t, 1, hq, device=DEV, dtype=DT, requires_grad=True)
+    do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
+
+    def torch_path():
+        gs = R.apply_gate(o_s, gate)
+        loss, _, _ = R.alignment_loss(R.apply_gate(o_f, gate), gs, 1.0)
+        return gs, loss
+
+    def fused_path():
+        y, loss, _ = K.gate_and_align(o_f, o_s, gate, 1.0, "sparse")
+        return y, loss
+
+    res = {}
+    for name, fn in (("torch", torch_path), ("fused", fused_path)):
+        def fb(fn=fn):
+            y, loss = fn()
+            torch.autograd.grad((y * do).sum() + loss, (o_f, o_s, gate))
+        res[name] = (bench(lambda fn=fn: fn()), bench(fb))
+    (yt, lt), (yf, lf) = torch_path(), fused_path()
+    err = ((yt.float() - yf.float()).norm() / yt.float().norm()).item()
+    print(f"   gate+loss check: out rel err {err:.2e}, loss torch {lt.item():.6f} fused {lf.item():.6f}", flush=True)
+    add(shape=sname, T=t, what="gate:torch", fwd=res["torch"][0], fb=res["torch"][1])
+    add(shape=sname, T=t, what="gate:fused", fwd=res["fused"][0], fb=res["fused"][1],
+        ratios={"saved_fb_ms": res["torch"][1] - res["fused"][1]})
+    del o_f, o_s, gate, do
+
+
 def profile_breakdown(add):
     """Where the time goes at T=32k, 32/2/64: selection variants, sparse kernels one by one."""
     from ssa_kernels import full as KF
@@ -173,6 +211,9 @@ def main():
     ap.add_argument("--shapes", default="32/2/64,32/8/128", help="HQ/HKV/D list")
     ap.add_argument("--ts", default="8192,32768")
     ap.add_argument("--no-small-groups", action="store_true")
+    ap.add_argument("--compare", action="store_true",
+                    help="also time the previous version in the same run (unfiltered top-k, torch gate + loss), "
+                         "the top-k LIGHT variants and the gate + loss alone")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -238,6 +279,25 @@ def main():
                 l_fb = bench(layer_fb)
                 add(shape=sname, T=t, what="ssa_layer", cfg=cfg, fwd=l_f, fb=l_fb,
                     ratios={"xSDPA_fb": l_fb / s_fb, "xSDPA_f": l_f / s_f})
+                if args.compare:
+                    # the previous version in the same run: unfiltered top-k merge, torch gate + alignment loss
+                    KSEL.DEFAULT_CONFIG["FILTER"] = False
+                    sel0 = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk))
+                    add(shape=sname, T=t, what="select:v1", cfg=cfg, fwd=sel0, ratios={"new/old": sel / sel0})
+                    A.FUSED_GATE_LOSS = False
+                    o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
+                    add(shape=sname, T=t, what="layer:v1", cfg=cfg, fwd=o_f, fb=o_fb,
+                        ratios={"xSDPA_fb": o_fb / s_fb, "new/old_fb": l_fb / o_fb})
+                    KSEL.DEFAULT_CONFIG.pop("FILTER")  # new top-k, torch gate + loss
+                    o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
+                    add(shape=sname, T=t, what="layer:fil", cfg=cfg, fwd=o_f, fb=o_fb,
+                        ratios={"xSDPA_fb": o_fb / s_fb})
+                    A.FUSED_GATE_LOSS = True
+                    for light in (0, 4, 16):
+                        ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk, _config={"LIGHT": light}))
+                        add(shape=sname, T=t, what=f"sel:L{light}", cfg=cfg, fwd=ms, ratios={"vs_L8": ms / sel})
+            if args.compare:
+                gate_micro(add, sname, t, hq, d)
             del q, k, v, do
             gc.collect()
             torch.cuda.empty_cache()

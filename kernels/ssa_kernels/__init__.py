@@ -7,10 +7,13 @@ Framework-free (torch + triton). The three entry points have exactly the signatu
                   softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
     sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
+
+plus ``gate_and_align`` (fused sigmoid gate of both branches + alignment loss, used by ``ssa_attention``).
 """
 
 from .full import full_attention
+from .gate import gate_and_align
 from .select import select_blocks
 from .sparse import build_reverse_index, sparse_attention
 
-__all__ = ["select_blocks", "sparse_attention", "full_attention", "build_reverse_index"]
+__all__ = ["select_blocks", "sparse_attention", "full_attention", "build_reverse_index", "gate_and_align"]

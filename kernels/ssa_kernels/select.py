@@ -3,9 +3,10 @@
 One program handles a tile of ``BQ`` query tokens of one (batch row, KV head): the ``BQ × G`` query rows
 form the M dimension of the scoring matmul against a chunk of ``KP`` pooled keys. The running top-k lives in
 registers as one int64 key per candidate, ``(monotone float bits of the score) << 32 | block number``, so a
-plain integer maximum ranks by score and breaks ties toward the later block, as the reference does. Each chunk
-is reduced with ``tl.topk`` and merged into the running list with the bitonic max trick, so nothing of size
-``T × T/BS`` ever reaches memory. ``group_softmax`` first runs a pass computing each head's log-sum-exp over
+plain integer maximum ranks by score and breaks ties toward the later block, as the reference does. Per chunk,
+only keys above the running KP-th best can enter (threshold filter): a few of them are inserted one by one
+(each replacing the list's minimum), many of them (early chunks) via ``tl.topk`` of the chunk and the bitonic
+max-merge, so nothing of size ``T × T/BS`` ever reaches memory. ``group_softmax`` first runs a pass computing each head's log-sum-exp over
 the scored blocks (the softmax normaliser), then the scoring pass.
 """
 
@@ -22,6 +23,8 @@ from ._common import (block_grid, interpreting, patch_interpreter, check_qkv, do
                       q_positions_or_default)
 
 _MIN_KEY = tl.constexpr(-(2 ** 63))
+DEFAULT_CONFIG: dict = {}
+"""Kernel options merged under every call's ``_config`` (benchmarks use it to time variants end to end)."""
 patch_interpreter()
 
 
@@ -38,6 +41,7 @@ def _select_kernel(
     G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
+    FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -85,9 +89,12 @@ def _select_kernel(
             m_i = m_new
         lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
 
-    # Pass 2: scores, running exact top-KP as int64 keys (ascending).
-    buf = tl.full([BQ, KP], _MIN_KEY, dtype=tl.int64)
-    thr = tl.full([BQ], _MIN_KEY, dtype=tl.int64)
+    # Pass 2: scores, running exact top-KP as int64 keys (ascending; unordered with FILTER). Empty slots hold
+    # distinct sentinels _MIN_KEY + column, below every real key (non-candidates are exactly _MIN_KEY).
+    c = tl.arange(0, KP)
+    sentinel = c.to(tl.int64) + _MIN_KEY
+    buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
+    thr = tl.min(buf, axis=1)
     for j0 in range(j_begin, j_end, BN):
         jj = j0 + n
         kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
@@ -108,6 +115,28 @@ def _select_kernel(
         key = tl.where(cand, key, _MIN_KEY)
         if NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
             buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
+        elif FILTER:
+            # Threshold filter: only keys above the running KP-th best can enter. Few of them (after the first
+            # chunks, ~KP·BN/j of the j-th candidate on random data): insert them one by one, best first, each
+            # replacing the buffer's minimum (keys are distinct, so `buf == thr` marks exactly one slot). Many
+            # of them (early chunks): the sort-based merge below.
+            above = key > thr[:, None]
+            n_new = tl.max(tl.sum(above.to(tl.int32), axis=1))
+            if n_new > LIGHT:
+                if BN == KP:
+                    top = tl.sort(key, dim=1, descending=True)
+                else:
+                    top = tl.topk(key, KP, dim=1)
+                buf = tl.bitonic_merge(tl.maximum(tl.sort(buf, dim=1), top), dim=1)
+                thr = tl.min(buf, axis=1)
+            elif n_new > 0:
+                pend = tl.where(above, key, _MIN_KEY)
+                for _ in range(n_new):
+                    best = tl.max(pend, axis=1)
+                    ins = best > thr
+                    buf = tl.where(ins[:, None] & (buf == thr[:, None]), best[:, None], buf)
+                    pend = tl.where(pend == best[:, None], _MIN_KEY, pend)
+                    thr = tl.min(buf, axis=1)
         else:
             hit = tl.max(tl.where(key > thr[:, None], 1, 0))
             if hit > 0:
@@ -121,8 +150,9 @@ def _select_kernel(
                 thr = tl.min(buf, axis=1)
 
     # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
-    c = tl.arange(0, KP)
-    valid = (buf != _MIN_KEY) & (c[None, :] >= KP - (TOPK - 1))
+    if FILTER:
+        buf = tl.sort(buf, dim=1)
+    valid = (buf >= _MIN_KEY + KP) & (c[None, :] >= KP - (TOPK - 1))
     blk = (buf & 0xFFFFFFFF).to(tl.int32)
     start = tl.load(CST + b * s_cb + blk, mask=valid, other=0)
     start = tl.where(valid, start, 2147483647)
@@ -232,7 +262,7 @@ def select_blocks(
     if bq * gp < 16:
         bq = 16 // gp
     bd = max(16, next_pow2(d))
-    extra = dict(_config or {})
+    extra = {**DEFAULT_CONFIG, **(_config or {})}
     bq = extra.pop("BQ", bq)
     bn = extra.pop("BN", bn)
     num_warps = extra.pop("num_warps", 4)

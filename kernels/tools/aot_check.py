@@ -1,7 +1,8 @@
 """Compile every ssa_kernels kernel for sm_90 on a machine without a GPU (no TRITON_INTERPRET).
 
 Catches compile errors and reports registers/spills/shared memory and whether wgmma/mma was emitted, for the
-configurations the wrappers launch. Usage: python kernels/tools/aot_check.py
+configurations the wrappers launch. Usage: python kernels/tools/aot_check.py [--select-gate] (selection and
+gate kernels only)
 """
 
 import re
@@ -11,6 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ssa_kernels import gate as GT
 from ssa_kernels import select as S
 from ssa_kernels import sparse as P
 
@@ -38,6 +40,7 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=
 
 def main():
     dt = "*bf16"
+    only_new = "--select-gate" in sys.argv
     rows = []
     for g, d, kk, bs, score in [(16, 64, 16, 16, 0), (4, 128, 32, 64, 0), (1, 64, 16, 16, 1), (16, 128, 256, 16, 0),
                                 (8, 128, 32, 64, 1)]:
@@ -55,7 +58,26 @@ def main():
                               KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score),
                               floats=("scale_log2", "inv_g"))
         rows.append((f"select G={g} D={d} K={kk} score={score}", info))
-    for g, d, bs in [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64), (2, 128, 128)]:
+        if g == 16 and kk == 16:
+            for extra in ({"FILTER": False}, {"LIGHT": 0}):
+                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
+                                      TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
+                                      **extra), floats=("scale_log2", "inv_g"))
+                rows.append((f"select G={g} D={d} K={kk} {extra}", info))
+    for d, gdt in ((64, "*bf16"), (128, "*fp32"), (80, "*bf16")):
+        cfg = GT._config(d)
+        nw = cfg.pop("num_warps")
+        for mode_full in (False, True):
+            ptr = {"OF": dt, "OS": dt, "GATE": gdt, "Y": dt, "PART": "*fp32"}
+            info = compile_kernel(GT._gate_align_fwd_kernel, ptr, dict(D=d, HAS_GATE=True, MODE_FULL=mode_full,
+                                  SMOOTH=True, **cfg), nw, floats=("beta", "half_beta", "inv_beta"))
+            rows.append((f"gate fwd D={d} gate={gdt} full={mode_full}", info))
+            ptr.update({"DY": dt, "DLOSS": "*fp32", "DOF": dt, "DOS": dt, "DGATE": gdt})
+            info = compile_kernel(GT._gate_align_bwd_kernel, ptr, dict(D=d, HAS_GATE=True, MODE_FULL=mode_full,
+                                  SMOOTH=True, HAS_DY=True, **cfg), nw, floats=("beta", "inv_beta", "inv_n"))
+            rows.append((f"gate bwd D={d} gate={gdt} full={mode_full}", info))
+    for g, d, bs in [] if only_new else [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64),
+                                         (2, 128, 128)]:
         cfg = P._fwd_config(g, bs, d)
         nw = cfg.pop("num_warps")
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}

@@ -63,6 +63,15 @@ def get_backend(name: str, device: torch.device) -> types.ModuleType:
     raise ValueError(f"ssa.backend={name!r}: must be 'auto', 'reference' or 'triton'")
 
 
+FUSED_GATE_LOSS = True
+"""Use the backend's fused gate + alignment-loss kernel when both branches are computed (benchmarks toggle it)."""
+
+
+def _fused_gate_loss(backend: types.ModuleType, o: Tensor) -> bool:
+    return (FUSED_GATE_LOSS and backend is not reference and hasattr(backend, "gate_and_align")
+            and o.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
 def _interpreting() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -113,23 +122,30 @@ def ssa_attention(
             q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
             docs, q_positions, softmax_scale,
         )
-    outputs: dict[str, Tensor] = {}
+    ungated: dict[str, Tensor] = {}
     if mode == "full" or compute_both:
-        o, _ = backend.full_attention(q, k, v, docs, q_positions, softmax_scale)
-        outputs["full"] = reference.apply_gate(o, gate)
+        ungated["full"], _ = backend.full_attention(q, k, v, docs, q_positions, softmax_scale)
     if mode == "sparse" or compute_both:
-        o, _ = backend.sparse_attention(q, k, v, block_idx, cfg.block_size, q_positions, softmax_scale)
-        outputs["sparse"] = reference.apply_gate(o, gate)
+        ungated["sparse"], _ = backend.sparse_attention(q, k, v, block_idx, cfg.block_size, q_positions,
+                                                        softmax_scale)
 
     stats = SSAStats(mode=mode)
-    if compute_both:
-        loss, stats.sparsity_loss, stats.commitment_loss = reference.alignment_loss(
-            outputs["full"], outputs["sparse"], cfg.smooth_l1_beta
-        )
+    if compute_both and _fused_gate_loss(backend, ungated["full"]):
+        # One kernel: both gates + the alignment loss (same semantics as apply_gate + alignment_loss).
+        out, loss, term = backend.gate_and_align(ungated["full"], ungated["sparse"], gate, cfg.smooth_l1_beta,
+                                                 mode)
+        stats.sparsity_loss, stats.commitment_loss = term, term.clone()
     else:
-        loss = q.new_zeros((), dtype=torch.float32)
+        outputs = {name: reference.apply_gate(o, gate) for name, o in ungated.items()}
+        out = outputs[mode]
+        if compute_both:
+            loss, stats.sparsity_loss, stats.commitment_loss = reference.alignment_loss(
+                outputs["full"], outputs["sparse"], cfg.smooth_l1_beta
+            )
+        else:
+            loss = q.new_zeros((), dtype=torch.float32)
     if with_metrics:
         stats.metrics = reference.attention_metrics(
             q.detach(), k.detach(), block_idx, cfg.block_size, docs, q_positions, softmax_scale
         )
-    return outputs[mode], loss, stats
+    return out, loss, stats
