@@ -133,11 +133,12 @@ def test_select_blocks_matches_reference(case):
     assert_selection_matches(idx, cnt, q, k, bs, top_k, score, sink, local, cu, qp)
 
 
-@pytest.mark.parametrize("config", [None, {"LIGHT": 0}, {"LIGHT": 64}, {"FILTER": False}])
+@pytest.mark.parametrize("config", [None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0},
+                                    {"FILTER": True, "LIGHT": 64}, {"FILTER": False}])
 @pytest.mark.parametrize("score,top_k", [("group_softmax", 16), ("dot", 5), ("group_softmax", 33)])
 def test_select_topk_paths_over_many_chunks(config, score, top_k):
     """Several 64-block chunks per query: threshold filter with one-by-one insertion (LIGHT 64), sort-merge
-    only (LIGHT 0), the mix of both (default) and the unfiltered merge all give the reference's selection."""
+    only (LIGHT 0), the mix of both (LIGHT 8) and the unfiltered merge all give the reference's selection."""
     bs, skv, sq = 4, 4 * 200, 24
     q = torch.randn(sq, 1, 4, 16)
     k = torch.randn(skv, 1, 2, 16)
@@ -153,14 +154,14 @@ def test_select_ties_go_to_later_block():
     q = torch.randn(sq, 1, 2, 16)
     for score in ("group_softmax", "dot"):
         ref, rc = R.select_blocks(q.double(), k.double(), bs, 3, score)
-        for config in (None, {"LIGHT": 0}, {"FILTER": False}):
+        for config in (None, {"FILTER": True, "LIGHT": 0}, {"FILTER": False}):
             idx, cnt = K.select_blocks(q, k, bs, 3, score, _config=config)
             assert torch.equal(idx, ref) and torch.equal(cnt, rc)
     # many tied blocks over several chunks (BS 4: 250 blocks)
     k = torch.randn(4, 1, 1, 16).repeat(250, 1, 1, 1)
     q = torch.randn(6, 1, 2, 16)
     ref, rc = R.select_blocks(q.double(), k.double(), 4, 20, "dot")
-    for config in (None, {"LIGHT": 0}, {"LIGHT": 64}):
+    for config in (None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0}, {"FILTER": True, "LIGHT": 64}):
         idx, cnt = K.select_blocks(q, k, 4, 20, "dot", _config=config)
         assert torch.equal(idx, ref) and torch.equal(cnt, rc)
 

@@ -10,7 +10,8 @@ gradient), B=1, bf16, random normal inputs:
              alignment loss (mode sparse, alpha 10)
   select     ssa_kernels.select_blocks (group_softmax) alone
   --compare: select:v1 / layer:v1 = the previous version (unfiltered top-k merge; torch gate + alignment loss),
-             layer:fil = new top-k with the torch gate + loss, sel:L<n> = top-k insertion limit variants,
+             layer:fil = filtered top-k with the torch gate + loss, sel:L<n> = filtered top-k with insertion
+             limit n (the default is filtered with n = 8 for K <= 17, unfiltered above),
              gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
 pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
@@ -288,14 +289,16 @@ def main():
                     o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
                     add(shape=sname, T=t, what="layer:v1", cfg=cfg, fwd=o_f, fb=o_fb,
                         ratios={"xSDPA_fb": o_fb / s_fb, "new/old_fb": l_fb / o_fb})
-                    KSEL.DEFAULT_CONFIG.pop("FILTER")  # new top-k, torch gate + loss
+                    KSEL.DEFAULT_CONFIG["FILTER"] = True  # filtered top-k, torch gate + loss
                     o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
                     add(shape=sname, T=t, what="layer:fil", cfg=cfg, fwd=o_f, fb=o_fb,
                         ratios={"xSDPA_fb": o_fb / s_fb})
                     A.FUSED_GATE_LOSS = True
-                    for light in (0, 4, 16):
-                        ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk, _config={"LIGHT": light}))
-                        add(shape=sname, T=t, what=f"sel:L{light}", cfg=cfg, fwd=ms, ratios={"vs_L8": ms / sel})
+                    KSEL.DEFAULT_CONFIG.pop("FILTER")
+                    for light in (0, 4, 8, 16):
+                        ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk,
+                                                           _config={"FILTER": True, "LIGHT": light}))
+                        add(shape=sname, T=t, what=f"sel:L{light}", cfg=cfg, fwd=ms, ratios={"vs_default": ms / sel})
             if args.compare:
                 gate_micro(add, sname, t, hq, d)
             del q, k, v, do
