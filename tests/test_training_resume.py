@@ -85,3 +85,24 @@ def test_stop_request_checkpoints_exits_and_resumes(tmp_path, how):
     second = run_training(tiny_test_recipe(run_dir, *overrides))
     assert second.start_step == 2 and not (run_dir / "STOP").exists()
     assert first.losses + second.losses == reference.losses
+
+
+def test_resume_under_tensor_parallelism(tmp_path):
+    """A checkpoint written at TP 1 (one process) resumes at TP 2 (two gloo processes): Megatron reshards model
+    and optimizer; the data-parallel size is unchanged, so the data position is restored too, and the curve
+    continues the uninterrupted one up to the rounding of split matmuls."""
+    import json
+
+    from ssa_megatron.megatron.testing import spawn_gloo
+    from ssa_megatron.training.testing import resume_in_process_group
+
+    overrides = [f"train.steps={N}", f"checkpoint.interval={N // 2}"]
+    full = run_training(tiny_test_recipe(tmp_path / "reference", *overrides))
+    run_dir = tmp_path / "run"
+    first = run_training(tiny_test_recipe(run_dir, *overrides), max_steps=N // 2)
+    out = tmp_path / "resumed.json"
+    spawn_gloo(resume_in_process_group, 2, str(run_dir), overrides + ["parallel.tensor_parallel=2"], str(out))
+    resumed = json.loads(out.read_text())
+    assert resumed["start_step"] == N // 2
+    assert first.losses == full.losses[: N // 2]
+    assert resumed["losses"] == pytest.approx(full.losses[N // 2:], abs=2e-4)

@@ -188,6 +188,7 @@ def training_state(
     is_loading: bool = False,
     with_optimizer: bool = True,
     with_rank_objects: bool = True,
+    with_data_state: bool | None = None,
     optimizer_format: str = "fully_reshardable",
 ) -> dict:
     """The sharded state dict of a training run (for saving, or as a template for loading).
@@ -211,13 +212,17 @@ def training_state(
     state["consumed_tokens"] = consumed_tokens
     state["recipe"] = recipe
     state["layout"] = layout_of(dims)
+    if with_data_state is None:
+        with_data_state = with_rank_objects
     if with_rank_objects:
-        # Per-rank objects: one RNG state per rank; one data position per data-parallel rank (the TP/CP/PP
-        # ranks of a data-parallel replica read the same batches, so only one of them writes it).
+        # One RNG state per rank: restorable only under the same layout.
         state["rng_state"] = ShardedObject(
             "rng_state", rng_state() if not is_loading else None, (dims.pp, dims.tp, dims.cp, dims.dp),
             (dims.pp_rank, dims.tp_rank, dims.cp_rank, dims.dp_rank), replica_id=0,
         )
+    if with_data_state:
+        # One data position per data-parallel rank (the TP/CP/PP ranks of a data-parallel replica read the same
+        # batches, so only one of them writes it): restorable whenever the data-parallel size is the same.
         if data_state is not None:
             state["data_state"] = ShardedObject(
                 "data_state", data_state() if not is_loading else None, (dims.dp,), (dims.dp_rank,),

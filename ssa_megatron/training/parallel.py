@@ -56,8 +56,10 @@ def pick_device(requested: str) -> torch.device:
 def init_parallel(recipe: RecipeConfig) -> ParallelDims:
     """Initialises torch.distributed (if needed) and Megatron's model-parallel groups; seeds the RNGs."""
     device = pick_device(recipe.train.device)
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if dist.is_initialized():  # a caller (a test harness, a notebook) set up the process group already
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -37,3 +37,13 @@ def run_training(recipe: RecipeConfig, **kwargs):
     finally:
         if not existed:
             destroy_parallel()
+
+
+def resume_in_process_group(rank: int, world_size: int, run_dir: str, overrides: list[str], out: str) -> None:
+    """Spawned by ``ssa_megatron.megatron.testing.spawn_gloo``: resumes ``run_dir`` under this world size and
+    writes rank 0's result (start step, losses) to ``out`` as JSON."""
+    import json
+
+    result = run_training(tiny_test_recipe(run_dir, *overrides))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"start_step": result.start_step, "losses": result.losses}))

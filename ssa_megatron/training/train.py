@@ -350,18 +350,21 @@ def _resume(path: Path, checkpointer, state, model, optimizer, scheduler, train_
         raise ValueError(f"{path} was written with checkpoint.optimizer_format=dp_reshardable under tp "
                          f"{saved.get('tp')} pp {saved.get('pp')}; it resumes only with the same TP and PP "
                          f"(now tp {layout['tp']} pp {layout['pp']})")
-    template = state(0, 0, is_loading=True, with_rank_objects=same_layout, optimizer_format=optimizer_format)
+    same_dp = saved.get("dp") == layout["dp"]
+    template = state(0, 0, is_loading=True, with_rank_objects=same_layout, with_data_state=same_dp,
+                     optimizer_format=optimizer_format)
     loaded = checkpointer.load(path, template)
     ckpt_lib.load_model_chunks(model, loaded)
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         ckpt_lib.set_rng_state(loaded["rng_state"])
-        if "data_state" in loaded:
-            train_loader.load_state_dict(loaded["data_state"])
-    elif dims.is_main:
-        log.warning("resuming %s under a different parallel layout (%s -> %s): model and optimizer resharded; "
-                    "RNG streams and data positions restart", path, common.get("layout"), ckpt_lib.layout_of(dims))
+    if same_dp and "data_state" in loaded:
+        train_loader.load_state_dict(loaded["data_state"])
+    if not same_layout and dims.is_main:
+        log.warning("resuming %s under another parallel layout (%s -> %s): model and optimizer resharded; RNG "
+                    "streams restart%s", path, saved, layout,
+                    "" if same_dp else "; the data-parallel size changed, so data positions restart too")
     return int(loaded["step"]), int(loaded["consumed_tokens"])
 
 
