@@ -11,7 +11,8 @@ gradient), B=1, bf16, random normal inputs:
   select     ssa_kernels.select_blocks (group_softmax) alone
   --compare: select:v1 / layer:v1 = the previous version (unfiltered top-k merge; torch gate + alignment loss),
              layer:fil = filtered top-k with the torch gate + loss, sel:L<n> = filtered top-k with insertion
-             limit n (the default is filtered with n = 8 for K <= 17, unfiltered above),
+             limit n (the default is filtered with n = 8 for K <= 17, unfiltered above), sel:once = filtered,
+             buffer sorted only when one-by-one insertions left it unordered (SORT_ONCE, not yet timed),
              gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
 pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
@@ -299,6 +300,9 @@ def main():
                         ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk,
                                                            _config={"FILTER": True, "LIGHT": light}))
                         add(shape=sname, T=t, what=f"sel:L{light}", cfg=cfg, fwd=ms, ratios={"vs_default": ms / sel})
+                    ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk,
+                                                       _config={"FILTER": True, "SORT_ONCE": True}))
+                    add(shape=sname, T=t, what="sel:once", cfg=cfg, fwd=ms, ratios={"vs_default": ms / sel})
             if args.compare:
                 gate_micro(add, sname, t, hq, d)
             del q, k, v, do

@@ -41,7 +41,7 @@ def _select_kernel(
     G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
-    FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8,
+    FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8, SORT_ONCE: tl.constexpr = False,
 ):
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -95,6 +95,7 @@ def _select_kernel(
     sentinel = c.to(tl.int64) + _MIN_KEY
     buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
     thr = tl.min(buf, axis=1)
+    unsorted = tl.full([], 0, dtype=tl.int32)
     for j0 in range(j_begin, j_end, BN):
         jj = j0 + n
         kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
@@ -127,9 +128,16 @@ def _select_kernel(
                     top = tl.sort(key, dim=1, descending=True)
                 else:
                     top = tl.topk(key, KP, dim=1)
-                buf = tl.bitonic_merge(tl.maximum(tl.sort(buf, dim=1), top), dim=1)
+                if SORT_ONCE:  # the buffer is unordered only after one-by-one insertions
+                    if unsorted != 0:
+                        buf = tl.sort(buf, dim=1)
+                    buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
+                    unsorted = tl.full([], 0, dtype=tl.int32)
+                else:
+                    buf = tl.bitonic_merge(tl.maximum(tl.sort(buf, dim=1), top), dim=1)
                 thr = tl.min(buf, axis=1)
             elif n_new > 0:
+                unsorted = tl.full([], 1, dtype=tl.int32)
                 pend = tl.where(above, key, _MIN_KEY)
                 for _ in range(n_new):
                     best = tl.max(pend, axis=1)

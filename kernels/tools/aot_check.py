@@ -59,7 +59,7 @@ def main():
                               floats=("scale_log2", "inv_g"))
         rows.append((f"select G={g} D={d} K={kk} score={score}", info))
         if g == 16 and kk == 16:
-            for extra in ({"FILTER": False}, {"LIGHT": 0}):
+            for extra in ({"FILTER": False}, {"LIGHT": 0}, {"SORT_ONCE": True}):
                 info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
                                       TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
                                       **extra), floats=("scale_log2", "inv_g"))
