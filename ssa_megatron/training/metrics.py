@@ -196,7 +196,7 @@ def format_line(step: int, total: int, v: dict[str, float]) -> str:
     add("optim/grad_norm", ".3f", "gnorm")
     if v.get("throughput/tokens_per_s") is not None:
         parts.append(f"{v['throughput/tokens_per_s']:,.0f} tok/s")
-    add("throughput/tflops_per_gpu", ".1f", "TFLOP/s/GPU")
+    add("throughput/tflops_per_gpu", ".3g", "TFLOP/s/GPU")
     if v.get("throughput/mfu") is not None:
         parts.append(f"MFU {100 * v['throughput/mfu']:.1f}%")
     add("memory/peak_gib", ".2f", "mem GiB")
