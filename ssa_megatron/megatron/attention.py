@@ -39,6 +39,16 @@ from ssa_megatron.ssa import ssa_attention
 CP_COMM_TYPES = ("all_gather", "allgather")
 
 
+def document_packed_seq_params(cu_seqlens: Tensor, seq_length: int) -> PackedSeqParams:
+    """``PackedSeqParams`` carrying document boundaries to ``SSACoreAttention`` (``ssa.document_mask``).
+
+    Batches stay in ``sbhd`` layout; ``cu_seqlens`` marks document starts over the flattened ``b·S`` stream of the
+    whole (not CP-split) sequence. ``max_seqlen`` is the row length ``S``: GPTModel sizes its RoPE table from it.
+    """
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
+
+
 def check_tp_heads(num_query_groups: int, num_attention_heads: int, tp_size: int) -> None:
     """Selection is per KV head and stays rank-local only if every TP rank holds whole KV groups."""
     if num_query_groups % tp_size or num_attention_heads % tp_size:

@@ -86,6 +86,31 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
     return TransformerConfig(**kwargs)
 
 
+class SSAGPTModel(GPTModel):
+    """``GPTModel`` whose RoPE follows ``position_ids`` (DESIGN.md §1.10: positions reset per document).
+
+    Megatron's GPTModel builds RoPE for positions ``0..S-1`` and reads ``position_ids`` only for learned absolute
+    embeddings. Packed rows reset positions at every document, so the RoPE angles are gathered from the table by
+    ``position_ids`` instead: ``[s, b, 1, d]`` per token, which Megatron's (unfused) RoPE broadcasts over heads.
+    With positions ``0..S-1`` (or their CP chunks) this is exactly Megatron's own table.
+    """
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                    packed_seq_params=None, padding_mask=None):
+        out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
+                                  inference_context=inference_context, packed_seq_params=packed_seq_params,
+                                  padding_mask=padding_mask)
+        rotary_pos_emb = out[1]
+        if position_ids is None or rotary_pos_emb is None or self.position_embedding_type != "rope":
+            return out
+        if self.config.apply_rope_fusion:
+            raise ValueError("SSAGPTModel: per-document RoPE positions need apply_rope_fusion=False")
+        # packed_seq=True: the whole table, not this CP rank's chunks (position_ids are already CP-sliced).
+        table = self.rotary_pos_emb(self.max_sequence_length, packed_seq=True)  # [S, 1, 1, d]
+        per_token = table[:, 0, 0][position_ids.t().to(table.device)].unsqueeze(2)  # [s, b, 1, d]
+        return (out[0], per_token, *out[2:])
+
+
 def build_gpt_model(
     recipe: RecipeConfig,
     pre_process: bool = True,
@@ -101,7 +126,7 @@ def build_gpt_model(
     config = config or transformer_config_from_recipe(recipe)
     MODE_SAMPLER.configure(recipe.train.seed)
     m = recipe.model
-    model = GPTModel(
+    model = SSAGPTModel(
         config=config,
         transformer_layer_spec=get_ssa_layer_spec("local", recipe.ssa),
         vocab_size=m.vocab_size,

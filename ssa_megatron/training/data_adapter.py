@@ -58,10 +58,9 @@ def build_token_loaders(recipe: RecipeConfig, dims) -> tuple[LoaderStream, Loade
 
 def packed_seq_params(batch: dict):
     """Document boundaries (``cu_seqlens`` over the flattened b·s stream) for ``ssa.document_mask``."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from ssa_megatron.megatron.attention import document_packed_seq_params
 
-    cu = batch["cu_seqlens"]
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    return document_packed_seq_params(batch["cu_seqlens"], batch["tokens"].shape[1])
 
 
 def _quiet(_line: str) -> None:
