@@ -106,3 +106,37 @@ def test_resume_under_tensor_parallelism(tmp_path):
     assert resumed["start_step"] == N // 2
     assert first.losses == full.losses[: N // 2]
     assert resumed["losses"] == pytest.approx(full.losses[N // 2:], abs=2e-4)
+
+
+
+
+def test_checkpoint_keys_are_those_of_the_bare_model():
+    """On GPU each chunk is wrapped in Megatron's DDP (whose sharded_state_dict prefixes 'module.'). Checkpoints use
+    the bare model's keys, so they load whatever the wrapping (a resumed GPU run failed on this before)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from ssa_megatron.megatron.model import build_gpt_model
+    from ssa_megatron.megatron.testing import init_megatron, tiny_recipe
+    from ssa_megatron.training.checkpoint import load_model_chunks, training_state
+
+    init_megatron()
+    recipe = tiny_recipe()
+    bare = build_gpt_model(recipe)
+    wrapped = DistributedDataParallel(config=bare.config, ddp_config=DistributedDataParallelConfig(),
+                                      module=build_gpt_model(recipe))
+    assert set(wrapped.sharded_state_dict()) != set(bare.sharded_state_dict())  # the wrapper adds 'module.'
+    state = training_state(model_chunks=[wrapped], optimizer=None, scheduler=None, data_state=None, step=0,
+                           consumed_tokens=0, recipe={}, dims=_Dims(), with_optimizer=False,
+                           with_rank_objects=False)
+    assert set(state["model"]) == set(bare.sharded_state_dict())
+    load_model_chunks([wrapped], {"model": bare.state_dict()})
+    for (name, a), b in zip(bare.state_dict().items(), wrapped.module.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+
+
+class _Dims:
+    pp = tp = cp = dp = 1
+    pp_rank = tp_rank = cp_rank = dp_rank = 0
+    vpp = None
+    world_size = 1

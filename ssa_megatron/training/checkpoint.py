@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ def training_state(
     """
     state: dict[str, Any] = {}
     model_sd: dict[str, Any] = {}
-    for i, chunk in enumerate(model_chunks):
+    # The bare models (no DDP / Float16Module wrappers), so keys do not depend on precision or data parallelism.
+    for i, chunk in enumerate(unwrap_model(model_chunks)):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
         state[key] = chunk.sharded_state_dict()
         model_sd[key] = state[key]
@@ -232,5 +234,5 @@ def training_state(
 
 
 def load_model_chunks(model_chunks: list[torch.nn.Module], loaded: dict) -> None:
-    for i, chunk in enumerate(model_chunks):
+    for i, chunk in enumerate(unwrap_model(model_chunks)):
         chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])

@@ -140,3 +140,25 @@ class LocalAdamW:
             for s in state_dict["state"].values():
                 s["step"] = common_step.clone().float()
         self.optimizer.load_state_dict(state_dict)
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Gives every parameter of Megatron's optimizers zero Adam state (``step`` 0) when it has none yet.
+
+    Torch AdamW creates its state lazily at the first step, while Megatron's DistributedOptimizer without Apex or
+    Transformer Engine reads every parameter's ``step`` when it builds the sharded state dict a checkpoint is loaded
+    into (``assert len(steps) == 1`` fails on a fresh optimizer). The load then overwrites this state.
+    """
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, MegatronOptimizer) or not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state.setdefault("step", torch.tensor(0.0))

@@ -31,7 +31,7 @@ from ssa_megatron.training import health
 from ssa_megatron.training.data import StepBatches, build_loaders
 from ssa_megatron.training.lr_schedule import WarmupDecayLR
 from ssa_megatron.training.metrics import MetricsLogger, Throughput, format_line, memory_gib
-from ssa_megatron.training.optimizer import build_optimizer
+from ssa_megatron.training.optimizer import build_optimizer, ensure_optimizer_state
 from ssa_megatron.training.parallel import init_parallel
 from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
 
@@ -351,6 +351,7 @@ def _resume(path: Path, checkpointer, state, model, optimizer, scheduler, train_
                          f"{saved.get('tp')} pp {saved.get('pp')}; it resumes only with the same TP and PP "
                          f"(now tp {layout['tp']} pp {layout['pp']})")
     same_dp = saved.get("dp") == layout["dp"]
+    ensure_optimizer_state(optimizer)
     template = state(0, 0, is_loading=True, with_rank_objects=same_layout, with_data_state=same_dp,
                      optimizer_format=optimizer_format)
     loaded = checkpointer.load(path, template)
