@@ -376,7 +376,7 @@ def test_builtin_stdlib_corpus_builds_quickly_and_is_cached(tmp_path):
     shard_dir, tokenizer_path = ensure_builtin_corpus(tmp_path, seq_length=256, vocab_size=2048, progress=False,
                                                       log=lambda s: None)
     # CPU seconds of all threads bound the wall time on 2 idle cores (and even on 1); unlike wall time they do
-    # not grow when other jobs share the machine. ~20 CPU-s here (docs/benchmarks_data.md).
+    # not grow when other jobs share the machine. ~20 CPU-s here (docs/benchmarks.md, "Data pipeline (CPU)").
     cpu_seconds, wall_seconds = time.process_time() - cpu_started, time.perf_counter() - started
     assert cpu_seconds < 60, f"builtin corpus took {cpu_seconds:.1f} CPU-s ({wall_seconds:.1f} s wall)"
     meta = read_meta(shard_dir)
