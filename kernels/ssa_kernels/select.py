@@ -206,6 +206,20 @@ def pooled_keys(k: Tensor, block_size: int, doc_start: Tensor | None, dtype: tor
     return kbar, starts.to(torch.int32).contiguous()
 
 
+def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
+    """Launch geometry of the selection kernel: (GP padded group, KP top-k buffer, BN key-block chunk, BQ queries
+    per program). Shared with kernels/tools/aot_check.py so the AOT check compiles what runs."""
+    gp = next_pow2(g)
+    kp = max(16, next_pow2(max(top_k - 1, 1)))
+    bn = kp if kp >= 64 else 64
+    bq = max(1, 64 // gp)
+    while bq > 1 and bq * gp * bn > 16384:  # keeps the [BQ·GP, BN] score tile in registers
+        bq //= 2
+    if bq * gp < 16:  # tl.dot needs at least 16 rows
+        bq = 16 // gp
+    return gp, kp, bn, bq
+
+
 @torch.no_grad()
 def select_blocks(
     q: Tensor,
@@ -261,14 +275,7 @@ def select_blocks(
     counts = torch.empty(b, hkv, sq, dtype=torch.int32, device=device)
     if sq == 0:
         return block_idx, counts
-    gp = next_pow2(g)
-    kp = max(16, next_pow2(max(top_k - 1, 1)))
-    bn = kp if kp >= 64 else 64
-    bq = max(1, 64 // gp)
-    while bq > 1 and bq * gp * bn > 16384:
-        bq //= 2
-    if bq * gp < 16:
-        bq = 16 // gp
+    gp, kp, bn, bq = select_tiles(g, top_k)
     bd = max(16, next_pow2(d))
     # Threshold filter only for KP = 16 (K ≤ 17): measured −17 % at 32k 16×16 but +43 % at 32k 64×32, where most
     # chunks take the sort path and pay an extra sort of the unordered buffer (H200, docs/kernels_notes.md).

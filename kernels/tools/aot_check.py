@@ -44,14 +44,7 @@ def main():
     rows = []
     for g, d, kk, bs, score in [(16, 64, 16, 16, 0), (4, 128, 32, 64, 0), (1, 64, 16, 16, 1), (16, 128, 256, 16, 0),
                                 (8, 128, 32, 64, 1)]:
-        gp = triton.next_power_of_2(g)
-        kp = max(16, triton.next_power_of_2(kk - 1))
-        bn = kp if kp >= 64 else 64
-        bq = max(1, 64 // gp)
-        while bq > 1 and bq * gp * bn > 16384:
-            bq //= 2
-        if bq * gp < 16:
-            bq = 16 // gp
+        gp, kp, bn, bq = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
                "CNT": "*i32"}
         info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, TOPK=kk,
