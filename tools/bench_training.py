@@ -48,10 +48,14 @@ MODES = {
 }
 
 
-def bench_recipe(mode: str, args) -> "RecipeConfig":  # noqa: F821
+def bench_recipe(spec: str, args) -> "RecipeConfig":  # noqa: F821
+    """``spec`` = a mode of MODES, optionally followed by ``:key=value`` recipe overrides (a variant)."""
     from ssa_megatron.config import load_recipe
 
-    return load_recipe("ssa_1b", MODES[mode] + [
+    mode, *variant = spec.split(":")
+    if mode not in MODES:
+        raise ValueError(f"--modes entry {spec!r}: mode {mode!r} is not one of {sorted(MODES)}")
+    return load_recipe("ssa_1b", MODES[mode] + variant + [
         f"model.num_layers={args.layers}", f"model.seq_length={args.seq}", "data.train_shards=synthetic",
         "train.micro_batch_size=1", f"train.global_batch_size={args.micro_batches}",
         f"train.recompute={args.recompute}", "train.metrics_interval=0", "train.progress_bar=false",
@@ -112,6 +116,18 @@ def time_mode(mode: str, args) -> dict:
             times.append(time.perf_counter() - t0)
         losses.append(sum(float(r["lm_sum"]) for r in reports) / sum(float(r["tokens"]) for r in reports))
         get_ssa_tracker().reset()
+    if args.profile:
+        def one_step():
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            fb(forward_step_func=forward_step, data_iterator=feed.next_step(len(model)), model=model,
+               num_microbatches=args.micro_batches, seq_length=recipe.model.seq_length, micro_batch_size=1,
+               decoder_seq_length=recipe.model.seq_length, forward_only=False)
+            optimizer.step()
+
+        MODE_SAMPLER.set_iteration(args.warmup + args.steps)
+        _profile_step(mode, args, one_step)
     step_s = sorted(times)[len(times) // 2]  # median
     tokens = args.micro_batches * recipe.model.seq_length
     tps = tokens / step_s
@@ -127,6 +143,19 @@ def time_mode(mode: str, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def _profile_step(mode: str, args, step) -> None:
+    """One more step under torch.profiler: the CUDA kernels by total time, to ``--profile DIR/<mode>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    (args.profile / f"{mode.replace(':', '_').replace('=', '-')}.txt").write_text(table)
+    print(f"bench_training: profile of one {mode} step in {args.profile}", flush=True)
 
 
 def time_hf(args) -> dict:
@@ -201,7 +230,9 @@ def smoke_checkpoint(directory: Path, device: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="full_attn,ssa,sparse")
+    parser.add_argument("--modes", default="full_attn,ssa,sparse",
+                        help="comma-separated; a mode may carry ':key=value' overrides, e.g. "
+                             "full_attn:train.fused_ops=false")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--fallback-layers", type=int, default=8,
                         help="if a mode runs out of memory, time every mode again with this many layers")
@@ -213,6 +244,8 @@ def main() -> int:
     parser.add_argument("--hf", action="store_true", help="also time plain HF LlamaForCausalLM (SDPA)")
     parser.add_argument("--smoke-checkpoint", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profile one extra step per mode; kernel tables go to this directory")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a dry run of the harness (fp32, no MFU), for development only")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides (a.b=c)")

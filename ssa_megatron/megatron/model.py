@@ -20,6 +20,11 @@ from ssa_megatron.megatron.spec import get_ssa_layer_spec
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def runs_on_cuda(recipe: RecipeConfig) -> bool:
+    """Whether ``train.device`` resolves to a GPU (``auto``: when one is visible)."""
+    return recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
+
+
 def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of a Llama-style SSA decoder (RMSNorm, SwiGLU, RoPE, no biases, no dropout).
 
@@ -41,6 +46,8 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
             f"parallel.cp_comm_type={p.cp_comm_type!r}: SSA context parallelism implements 'all_gather' only"
         )
     dtype = _DTYPES[t.precision]
+    # Megatron's native fusions are torch.compile'd (megatron.core.jit.jit_fuser); no Apex/TE needed.
+    fused = t.fused_ops and runs_on_cuda(recipe)
     recompute = {}
     if t.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
@@ -63,7 +70,9 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fused,  # SwiGLU in one kernel (bias_swiglu_impl)
+        cross_entropy_loss_fusion=fused,
+        cross_entropy_fusion_impl="native",
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,

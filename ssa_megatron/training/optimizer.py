@@ -46,7 +46,10 @@ def build_optimizer(recipe: RecipeConfig, model_chunks: list[torch.nn.Module], d
             use_distributed_optimizer=recipe.parallel.distributed_optimizer,
             overlap_param_gather=False,  # see wrap.py: params are gathered inside step()
         )
-        return get_megatron_optimizer(config, model_chunks)
+        optimizer = get_megatron_optimizer(config, model_chunks)
+        if recipe.train.fused_ops:
+            use_fused_adamw(optimizer)
+        return optimizer
     if recipe.train.precision != "fp32":
         raise ValueError(f"train.precision={recipe.train.precision!r}: CPU runs support only 'fp32'")
     return LocalAdamW(model_chunks, lr=opt.lr, betas=opt.betas, eps=opt.eps,
@@ -142,6 +145,44 @@ class LocalAdamW:
         self.optimizer.load_state_dict(state_dict)
 
 
+def _torch_optimizers(optimizer):
+    """The torch optimizers inside Megatron's (chained) optimizer."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, MegatronOptimizer) and isinstance(inner, torch.optim.Optimizer):
+            yield inner
+
+
+def use_fused_adamw(optimizer) -> None:
+    """Switches the torch AdamW Megatron falls back to (no Apex/TE) from ``foreach`` to the fused CUDA kernel.
+
+    Megatron builds ``torch.optim.AdamW`` with torch's default (``foreach``); the fused kernel does the update in
+    one pass. Fused AdamW keeps ``step`` as a float32 tensor on the parameter's device, so existing state (e.g. just
+    loaded from a checkpoint as a CPU scalar) is moved there. Idempotent; call again after loading a checkpoint.
+    """
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if all(p.is_cuda for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+    place_fused_adamw_steps(optimizer)
+
+
+def place_fused_adamw_steps(optimizer) -> None:
+    """Moves Adam ``step`` scalars of fused param groups onto their parameters' device (after a checkpoint load)."""
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            if not group.get("fused"):
+                continue
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 def ensure_optimizer_state(optimizer) -> None:
     """Gives every parameter of Megatron's optimizers zero Adam state (``step`` 0) when it has none yet.
 
@@ -149,16 +190,13 @@ def ensure_optimizer_state(optimizer) -> None:
     Transformer Engine reads every parameter's ``step`` when it builds the sharded state dict a checkpoint is loaded
     into (``assert len(steps) == 1`` fails on a fresh optimizer). The load then overwrites this state.
     """
-    from megatron.core.optimizer.optimizer import MegatronOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(opt, MegatronOptimizer) or not isinstance(inner, torch.optim.Optimizer):
-            continue
+    for inner in _torch_optimizers(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state.setdefault("step", torch.tensor(0.0))
+                # fused AdamW keeps step on the parameter's device (use_fused_adamw)
+                state.setdefault("step", torch.zeros((), dtype=torch.float32,
+                                                     device=p.device if group.get("fused") else "cpu"))
