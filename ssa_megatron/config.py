@@ -259,8 +259,8 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA (NCCL) when a GPU is visible, else CPU (gloo)."""
     fused_ops: bool = True
-    """On CUDA: Megatron's native (torch.compile) SwiGLU and cross-entropy fusions and torch's fused AdamW kernel.
-    Ignored on CPU, where torch.compile would need a C++ toolchain and gains nothing."""
+    """On CUDA: Megatron's native (torch.compile) SwiGLU and cross-entropy fusions, a torch.compile'd RoPE and
+    torch's fused AdamW kernel. Ignored on CPU, where torch.compile would need a C++ toolchain."""
     log_interval: int = 10
     """Console/TensorBoard logging every this many steps."""
     metrics_interval: int = 50

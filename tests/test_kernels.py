@@ -206,7 +206,7 @@ def test_sparse_attention_forward_backward(case):
     cu = torch.tensor(docs) if docs is not None else None
     qp = _qpos(qpos, sq, skv)
     idx, _ = R.select_blocks(q.detach(), k.detach(), bs, top_k, cu_seqlens=cu, q_positions=qp)
-    out, lse = K.sparse_attention(q, k, v, idx, bs, qp)
+    out, lse = K.sparse_attention(q, k, v, idx, bs, qp, starts_on_grid=docs is None)  # the checked path for docs
     do, dl = torch.randn_like(out), torch.randn_like(lse)
     grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))

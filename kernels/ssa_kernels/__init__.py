@@ -5,7 +5,7 @@ Framework-free (torch + triton). The three entry points have exactly the signatu
 
     select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
                   softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
-    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale) -> (out, lse)
+    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale, starts_on_grid) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
 
 plus ``gate_and_align`` (fused sigmoid gate of both branches + alignment loss, used by ``ssa_attention``).

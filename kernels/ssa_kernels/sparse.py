@@ -244,11 +244,12 @@ def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
     key = key.reshape(-1)
     if nrows < 2 ** 31 - 1:
         key = key.to(torch.int32)
-    order = torch.sort(key, stable=True).indices
+    sorted_key, order = torch.sort(key, stable=True)
     ridx = (order // kk % sq).to(torch.int32)
-    counts = torch.bincount(key.long(), minlength=nrows + 1)[:nrows]
-    rptr = torch.zeros(nrows + 1, dtype=torch.int64, device=block_idx.device)
-    torch.cumsum(counts, 0, out=rptr[1:])
+    # rptr[r] = entries with key < r. searchsorted on the sorted keys, not bincount: bincount sizes its output
+    # from the data and so waits for the GPU.
+    rows = torch.arange(nrows + 1, device=block_idx.device, dtype=sorted_key.dtype)
+    rptr = torch.searchsorted(sorted_key, rows)
     return rptr, ridx
 
 
@@ -342,12 +343,12 @@ def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size
     return dk, dv
 
 
-def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
+def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, starts_on_grid=False):
     do = last_dim_contiguous(do)
     dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale)
     # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
     # block), so the grid of the whole row covers every key exactly once.
-    kst, ken = _grid_for_table(block_idx, k.shape[0], block_size, q.device)
+    kst, ken = _grid_for_table(block_idx, k.shape[0], block_size, q.device, starts_on_grid)
     rptr, ridx = build_reverse_index(block_idx, k.shape[0])
     dk, dv = launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale)
     return dq, dk, dv
@@ -356,12 +357,16 @@ def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_si
 _GRID_CACHE: dict = {}
 
 
-def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device) -> tuple[Tensor, Tensor]:
+def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts_on_grid: bool = False
+                    ) -> tuple[Tensor, Tensor]:
     """Key ranges for the dK/dV programs: every key of the row exactly once, split at every block start
-    that appears in the table (so each program's range is one selectable block) and every BS keys."""
+    that appears in the table (so each program's range is one selectable block) and every BS keys.
+
+    ``starts_on_grid``: the caller knows every start is a multiple of BS (no documents); otherwise that is
+    checked here, which waits for the GPU."""
     b = block_idx.shape[0]
     # Fast path: all starts on the global grid (no documents) -> the regular grid.
-    if bool(((block_idx % block_size) == 0).logical_or_(block_idx < 0).all()):
+    if starts_on_grid or bool(((block_idx % block_size) == 0).logical_or_(block_idx < 0).all()):
         key = (b, skv, block_size, str(device))
         if key not in _GRID_CACHE:
             st, en, _ = block_grid(None, b, skv, block_size, device)
@@ -390,11 +395,12 @@ def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device) -> tup
 
 class SparseAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, nslot, q_pos, block_size, scale):
+    def forward(ctx, q, k, v, block_idx, nslot, q_pos, block_size, scale, starts_on_grid):
         o, lse = sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale)
         ctx.save_for_backward(q, k, v, o, lse, block_idx, nslot, q_pos)
         ctx.block_size = block_size
         ctx.scale = scale
+        ctx.starts_on_grid = starts_on_grid
         return o, lse
 
     @staticmethod
@@ -403,14 +409,17 @@ class SparseAttentionFn(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv = sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, ctx.block_size,
-                                     ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+                                     ctx.scale, ctx.starts_on_grid)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
-                     q_positions: Tensor | None = None, softmax_scale: float | None = None
-                     ) -> tuple[Tensor, Tensor]:
+                     q_positions: Tensor | None = None, softmax_scale: float | None = None,
+                     starts_on_grid: bool = False) -> tuple[Tensor, Tensor]:
     """Attention over the selected blocks only (own block causal); same contract as the reference.
+
+    ``starts_on_grid=True`` promises every block start is a multiple of ``block_size`` (no documents), so the
+    backward needs no device-synchronising check of the table.
 
     Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq] float32)``; differentiable in q, k, v (and through lse).
     The index table must hold distinct block starts per row (as ``select_blocks`` returns).
@@ -426,4 +435,4 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_s
     block_idx = block_idx.to(torch.int32).contiguous()
     q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
     nslot = _slot_bound(block_idx)
-    return SparseAttentionFn.apply(q, k, v, block_idx, nslot, q_pos, block_size, scale)
+    return SparseAttentionFn.apply(q, k, v, block_idx, nslot, q_pos, block_size, scale, starts_on_grid)

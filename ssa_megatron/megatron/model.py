@@ -120,6 +120,24 @@ class SSAGPTModel(GPTModel):
         return (out[0], per_token, *out[2:])
 
 
+def compile_unfused_rope() -> None:
+    """Makes Megatron's unfused RoPE one kernel each way (forward, backward) with ``torch.compile``.
+
+    Megatron's fused RoPE needs Transformer Engine. Without it every layer runs ``_apply_rotary_pos_emb_bshd``
+    eagerly: chunk, neg, cat, two multiplies, an add and a final cat, about seven passes over q and k in each
+    direction. The compiled function is the same math; the swap is process-wide (Megatron looks the function up
+    in its module at every call) and idempotent.
+    """
+    from megatron.core.models.common.embeddings import rope_utils
+
+    eager = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(eager, "ssa_compiled", False):
+        return
+    compiled = torch.compile(eager, dynamic=False)
+    compiled.ssa_compiled = True
+    rope_utils._apply_rotary_pos_emb_bshd = compiled
+
+
 def build_gpt_model(
     recipe: RecipeConfig,
     pre_process: bool = True,
@@ -134,6 +152,8 @@ def build_gpt_model(
     """
     config = config or transformer_config_from_recipe(recipe)
     MODE_SAMPLER.configure(recipe.train.seed)
+    if recipe.train.fused_ops and runs_on_cuda(recipe):
+        compile_unfused_rope()
     m = recipe.model
     model = SSAGPTModel(
         config=config,

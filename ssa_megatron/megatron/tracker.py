@@ -3,7 +3,8 @@
 Every SSA layer records, per training micro-batch, its alignment loss and its two terms (sparsity: full moves toward
 sparse; commitment: sparse moves toward full), the mode it ran, and, on steps where the loop asks for them,
 attention statistics (``with_metrics``: attention sparsity, entropy, KL, sink mass; mean over local heads).
-Values are kept as sums and counts in ``[num_layers]`` tensors indexed by the global layer number.
+Values are kept as sums (on the recording device) and counts in ``[num_layers]`` tensors indexed by the global
+layer number.
 
 :meth:`SSAMetricsTracker.reduce` sums sums and counts over a process group (default: the whole world) and divides:
 each layer lives on one pipeline stage, so this is a sum over PP stages and a mean over DP, CP and TP ranks and
@@ -45,12 +46,21 @@ class SSAMetricsTracker:
             self.num_layers = num_layers
 
     def record(self, name: str, layer_number: int, num_layers: int, value: Tensor | float) -> None:
-        """Adds one micro-batch's value for layer ``layer_number`` (1-based, global)."""
+        """Adds one micro-batch's value for layer ``layer_number`` (1-based, global).
+
+        A tensor value is summed on its own device: reading it here (``float(value)``) would stall the host on
+        the GPU at every layer of every micro-batch. The host sees the sums once per step, in :meth:`reduce`.
+        """
         self._ensure(num_layers)
+        if isinstance(value, Tensor):
+            value = value.detach().reshape(()).to(torch.float64)
+        else:
+            value = torch.tensor(float(value), dtype=torch.float64)
         if name not in self.sums:
-            self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64)
+            self.sums[name] = torch.zeros(self.num_layers, dtype=torch.float64, device=value.device)
             self.counts[name] = torch.zeros(self.num_layers, dtype=torch.float64)
-        self.sums[name][layer_number - 1] += float(value)
+        sums = self.sums[name]
+        sums[layer_number - 1] += value.to(sums.device)
         self.counts[name][layer_number - 1] += 1
 
     def record_mode(self, microbatch: int, mode: str, chunk: int = 0) -> None:
@@ -76,7 +86,7 @@ class SSAMetricsTracker:
         counts = torch.zeros_like(sums)
         for i, name in enumerate(names):
             if name in self.sums:
-                sums[i, :L] = self.sums[name]
+                sums[i, :L] = self.sums[name].cpu()
                 counts[i, :L] = self.counts[name]
         if dist.is_available() and dist.is_initialized():
             if device is None:

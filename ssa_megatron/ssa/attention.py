@@ -6,7 +6,7 @@ reference (``ssa_megatron.ssa.reference``) elsewhere. Both expose the same three
 
     select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
                   softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
-    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale) -> (out, lse)
+    sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale, starts_on_grid) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
 """
 
@@ -127,7 +127,7 @@ def ssa_attention(
         ungated["full"], _ = backend.full_attention(q, k, v, docs, q_positions, softmax_scale)
     if mode == "sparse" or compute_both:
         ungated["sparse"], _ = backend.sparse_attention(q, k, v, block_idx, cfg.block_size, q_positions,
-                                                        softmax_scale)
+                                                        softmax_scale, starts_on_grid=docs is None)
 
     stats = SSAStats(mode=mode)
     if compute_both and _fused_gate_loss(backend, ungated["full"]):

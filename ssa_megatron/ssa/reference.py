@@ -254,9 +254,13 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scal
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
-                     q_positions: Tensor | None = None, softmax_scale: float | None = None
-                     ) -> tuple[Tensor, Tensor]:
-    """Attention over the selected blocks only (own block causal). Returns ``(out, lse)``."""
+                     q_positions: Tensor | None = None, softmax_scale: float | None = None,
+                     starts_on_grid: bool = False) -> tuple[Tensor, Tensor]:
+    """Attention over the selected blocks only (own block causal). Returns ``(out, lse)``.
+
+    ``starts_on_grid`` (every block start a multiple of ``block_size``, i.e. no documents) is a hint the
+    kernels' backward uses to skip a check; the reference does not need it.
+    """
     check_qkv(q, k, v)
     q_pos = default_q_positions(q_positions, q.shape[0], k.shape[0], q.device)
     mask = sparse_mask(block_idx, block_size, q_pos, k.shape[0])

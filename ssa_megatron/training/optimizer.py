@@ -13,6 +13,7 @@ Megatron's non-distributed optimizer (``optimizer.state.exp_avg.<param key>``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -181,6 +182,41 @@ def place_fused_adamw_steps(optimizer) -> None:
                 state = inner.state.get(p)
                 if state and "step" in state:
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def torch_adam_step_kept_out_of_param_load(optimizer):
+    """Lets Megatron 0.19.2's DistributedOptimizer load its parameter state into torch's AdamW.
+
+    Without Apex/TE, Megatron falls back to ``torch.optim.AdamW``, whose per-parameter state holds a ``step``
+    tensor. ``load_state_dict`` first restores ``step`` from the param groups, then copies the saved parameter
+    state into every tensor of the optimizer state, ``step`` included, while the saved state has no ``step``
+    (it is "handled separately"): ``KeyError: 'step'``. Inside this context the copy skips ``step``.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        index = getattr(opt, "model_param_group_index_map", None)
+        if setter is None or index is None:
+            continue
+
+        def set_without_step(model_param, tensors, _opt=opt, _setter=setter):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            state = _opt.optimizer.state[_opt.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                _setter(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_without_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
 
 
 def ensure_optimizer_state(optimizer) -> None:

@@ -31,7 +31,8 @@ from ssa_megatron.training import health
 from ssa_megatron.training.data import StepBatches, build_loaders
 from ssa_megatron.training.lr_schedule import WarmupDecayLR
 from ssa_megatron.training.metrics import MetricsLogger, Throughput, format_line, memory_gib
-from ssa_megatron.training.optimizer import build_optimizer, ensure_optimizer_state, place_fused_adamw_steps
+from ssa_megatron.training.optimizer import (build_optimizer, ensure_optimizer_state, place_fused_adamw_steps,
+                                             torch_adam_step_kept_out_of_param_load)
 from ssa_megatron.training.parallel import init_parallel
 from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
 
@@ -356,7 +357,8 @@ def _resume(path: Path, checkpointer, state, model, optimizer, scheduler, train_
                      optimizer_format=optimizer_format)
     loaded = checkpointer.load(path, template)
     ckpt_lib.load_model_chunks(model, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch_adam_step_kept_out_of_param_load(optimizer):
+        optimizer.load_state_dict(loaded["optimizer"])
     place_fused_adamw_steps(optimizer)  # a loaded Adam step is a CPU scalar; fused AdamW wants it on the GPU
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:

@@ -180,3 +180,32 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
         A.FUSED_GATE_LOSS = True
     for name, a, r in zip(("out", "loss", "sparsity", "commitment", "dq", "dk", "dv", "dgate"), *res):
         assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
+
+
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_ssa_training_path_never_waits_for_the_gpu(mode):
+    """Selection, both branches, the fused gate + loss and their backward (no documents), plus the tracker's
+    record, queue work without a host-device sync: a sync per layer stalls the CPU that must stay ahead of the
+    GPU (the step then runs at launch speed)."""
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.megatron.tracker import SSAMetricsTracker
+    from ssa_megatron.ssa import attention as A
+    q, k, v = _inputs(2048, 1, 32, 2, 64)
+    gate = torch.randn(2048, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(2048, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
+    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto")
+    tracker = SSAMetricsTracker()
+
+    def step():
+        out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, mode, training=True)
+        tracker.record("alignment_loss", 1, 1, loss)
+        return torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate))
+
+    step()  # compiles the kernels (compilation may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert tracker.reduce()["alignment_loss"] > 0
