@@ -253,6 +253,11 @@ def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
     return rptr, ridx
 
 
+TUNING: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
+"""Launch-parameter overrides per kernel (NBLK / TQ, num_warps, num_stages) on top of the defaults below; set only
+by kernels/tools/tune_sparse.py, which times candidate settings against the defaults."""
+
+
 def _fwd_config(g: int, bs: int, d: int) -> dict:
     gp = max(16, next_pow2(g))
     nblk = max(1, 64 // bs)
@@ -280,7 +285,7 @@ def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
     lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return o, lse
-    cfg = _fwd_config(g, block_size, d)
+    cfg = {**_fwd_config(g, block_size, d), **TUNING["fwd"]}
     _sparse_fwd_kernel[(sq, b * hkv)](
         q, k, v, block_idx, nslot, q_pos, o, lse,
         skv,
@@ -303,7 +308,7 @@ def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, sc
     delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return dq, delta
-    cfg = _fwd_config(g, block_size, d)
+    cfg = {**_fwd_config(g, block_size, d), **TUNING["dq"]}
     has_dlse = dlse is not None
     dl = dlse.contiguous() if has_dlse else lse
     _sparse_dq_kernel[(sq, b * hkv)](
@@ -330,6 +335,7 @@ def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size
     if rows is not None:
         cfg["TQ"] = max(1, rows // cfg["GP"])
         cfg["num_warps"] = 4 if cfg["TQ"] * cfg["GP"] * d <= 64 * 64 else 8
+    cfg.update(TUNING["dkdv"])
     _sparse_dkdv_kernel[(kst.shape[1], b * hkv)](
         q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, dk, dv,
         sq, skv, kst.shape[1],

@@ -21,6 +21,10 @@ def test_compiled_rope_matches_eager():
     angles = pos.float()[..., None] * inv
     freqs = torch.cat([angles, angles], -1).unsqueeze(2)  # [s, b, 1, d]
     dy = torch.randn_like(t)
+    # float64 truth; eager bf16 rounds after every op, the compiled kernel once, so compare both to the truth
+    td = t.detach().double().requires_grad_()
+    truth = eager(td, freqs.double())
+    (truth_grad,) = torch.autograd.grad((truth * dy.double()).sum(), td)
     want = eager(t, freqs)
     (want_grad,) = torch.autograd.grad((want * dy).sum(), t)
     try:
@@ -29,5 +33,11 @@ def test_compiled_rope_matches_eager():
         (got_grad,) = torch.autograd.grad((got * dy).sum(), t)
     finally:
         rope_utils._apply_rotary_pos_emb_bshd = eager
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-2, atol=1e-2)
+    assert got.dtype == want.dtype and got.shape == want.shape
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    for name, compiled, eager_out, ref in (("out", got, want, truth), ("grad", got_grad, want_grad, truth_grad)):
+        assert rel(compiled, ref) < 1e-2, name
+        assert rel(compiled, ref) <= 1.05 * rel(eager_out, ref), name  # not less accurate than eager

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Times launch settings of the block-sparse kernels (forward, dQ, dK/dV) against the shipped defaults.
+
+One GPU, one run: for each shape the index table comes from ``select_blocks`` on random normal bf16 inputs, every
+candidate's outputs are compared with the default's (they must agree to bf16 rounding), and each kernel is timed
+alone with ``triton.testing.do_bench`` (median). Prints one table per kernel and shape, best first.
+
+    PYTHONPATH=$PWD/kernels python3 kernels/tools/tune_sparse.py [--ts 8192,32768] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+
+import ssa_kernels as K
+from ssa_kernels import sparse as S
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int) -> list[dict]:
+    torch.manual_seed(0)
+    q = torch.randn(t, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(t, 1, hkv, d, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn_like(q)
+    idx, _ = K.select_blocks(q, k, bs, top_k)
+    idx = idx.to(torch.int32).contiguous()
+    nslot = S._slot_bound(idx)
+    qpos = torch.arange(t, device="cuda", dtype=torch.int32)
+    scale = d ** -0.5
+    kst, ken = S._grid_for_table(idx, t, bs, q.device, True)
+    rptr, ridx = S.build_reverse_index(idx, t)
+
+    def fwd():
+        return S.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)
+
+    o, lse = fwd()
+
+    def dq():
+        return S.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)
+
+    _, delta = dq()
+
+    def dkdv():
+        return S.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale)
+
+    spaces = {
+        "fwd": (fwd, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
+                      for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
+        "dq": (dq, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
+                    for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
+        "dkdv": (dkdv, [dict(TQ=max(1, rows // triton.next_power_of_2(hq // hkv)), num_warps=w, num_stages=st)
+                        for rows, w, st in itertools.product((128, 256), (4, 8), (1, 2, 3))]),
+    }
+    rows = []
+    for kernel, (fn, candidates) in spaces.items():
+        S.TUNING[kernel] = {}
+        ref = fn()
+        base = triton.testing.do_bench(fn, return_mode="median")
+        results = [{"kernel": kernel, "config": "default", "ms": base, "rel_err": 0.0}]
+        for cand in candidates:
+            S.TUNING[kernel] = cand
+            try:
+                out = fn()
+                err = max(_rel(a, b) for a, b in zip(out, ref))
+                ms = triton.testing.do_bench(fn, return_mode="median")
+            except Exception as exc:  # out of resources: report, go on
+                results.append({"kernel": kernel, "config": cand, "error": str(exc).splitlines()[0][:100]})
+                continue
+            results.append({"kernel": kernel, "config": cand, "ms": ms, "rel_err": err})
+        S.TUNING[kernel] = {}
+        shape = f"T={t} {hq}/{hkv}/{d} {bs}x{top_k}"
+        print(f"\n{kernel} at {shape} (default {base:.3f} ms)")
+        for r in sorted(results, key=lambda r: r.get("ms", 1e9))[:8]:
+            r["shape"] = shape
+            ms = f"{r['ms']:.3f} ms ({r['ms'] / base:.2f}x)" if "ms" in r else r["error"]
+            print(f"  {str(r['config']):55s} {ms}  rel_err {r.get('rel_err', float('nan')):.1e}")
+        rows += results
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ts", default="8192,32768")
+    p.add_argument("--shapes", default="32/2/64")
+    p.add_argument("--blocks", default="16x16,64x32")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    print(f"tune_sparse on {torch.cuda.get_device_name()}")
+    rows = []
+    for t in map(int, a.ts.split(",")):
+        for shape in a.shapes.split(","):
+            hq, hkv, d = map(int, shape.split("/"))
+            for blk in a.blocks.split(","):
+                bs, kk = map(int, blk.split("x"))
+                rows += tune_shape(t, hq, hkv, d, bs, kk)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
