@@ -258,10 +258,24 @@ TUNING: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
 by kernels/tools/tune_sparse.py, which times candidate settings against the defaults."""
 
 
-def _fwd_config(g: int, bs: int, d: int) -> dict:
+# Launch settings from kernels/tools/tune_sparse.py on an H200 (32/2/64, T 8k and 32k, 16x16 and 64x32; see
+# docs/kernels_notes.md "v3"): two pipeline stages beat Triton's default three everywhere (the gathered K/V tiles
+# are consumed once, so a third buffer only costs shared memory and occupancy). The forward reads 128 keys per
+# step at D <= 64 (more loads in flight: 0.80x at 16x16, 0.71-0.73x at 64x32); dQ keeps 64 keys for small blocks
+# (0.81x) and 128 for BS >= 64 (0.72x). D 128 keeps 64-key tiles (not tuned).
+def _fwd_config(g: int, bs: int, d: int, keys: int = 64) -> dict:
     gp = max(16, next_pow2(g))
-    nblk = max(1, 64 // bs)
-    return dict(GP=gp, NBLK=nblk, BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8)
+    nblk = max(1, keys // bs)
+    return dict(GP=gp, NBLK=nblk, BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8,
+                num_stages=2)
+
+
+def _fwd_keys(bs: int, d: int) -> int:
+    return 128 if d <= 64 else 64
+
+
+def _dq_keys(bs: int, d: int) -> int:
+    return 128 if d <= 64 and bs >= 64 else 64
 
 
 # Query rows (tokens x heads) per dK/dV step, by head dim. H200 profile, 64x32 at 32k, D 64:
@@ -274,7 +288,10 @@ def _dkdv_config(g: int, bs: int, d: int) -> dict:
     # rows x BS score tiles above 256 x 64 run out of shared memory (BS 128 with 256 rows failed on an H200)
     rows = min(DKDV_ROWS.get(next_pow2(d), 64), max(64, 16384 // bs))
     tq = max(1, rows // gp)
-    return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)), num_warps=4 if tq * gp * d <= 64 * 64 else 8)
+    # tune_sparse (H200, D 64): 4 warps and 2 stages for blocks <= 32 keys (16x16 at 32k: 0.74x); BS 64 keeps 8.
+    small = bs <= 32 and d <= 64
+    return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)),
+                num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=2 if small else 3)
 
 
 def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
@@ -285,7 +302,7 @@ def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
     lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return o, lse
-    cfg = {**_fwd_config(g, block_size, d), **TUNING["fwd"]}
+    cfg = {**_fwd_config(g, block_size, d, _fwd_keys(block_size, d)), **TUNING["fwd"]}
     _sparse_fwd_kernel[(sq, b * hkv)](
         q, k, v, block_idx, nslot, q_pos, o, lse,
         skv,
@@ -308,7 +325,7 @@ def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, sc
     delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return dq, delta
-    cfg = {**_fwd_config(g, block_size, d), **TUNING["dq"]}
+    cfg = {**_fwd_config(g, block_size, d, _dq_keys(block_size, d)), **TUNING["dq"]}
     has_dlse = dlse is not None
     dl = dlse.contiguous() if has_dlse else lse
     _sparse_dq_kernel[(sq, b * hkv)](

@@ -71,20 +71,22 @@ def main():
             rows.append((f"gate bwd D={d} gate={gdt} full={mode_full}", info))
     for g, d, bs in [] if only_new else [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64),
                                          (2, 128, 128)]:
-        cfg = P._fwd_config(g, bs, d)
-        nw = cfg.pop("num_warps")
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
         ptr.update({"IDX": "*i32", "NSLOT": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32",
                     "DELTA": "*fp32"})
-        info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, floats=("scale_log2",))
+        cfg = P._fwd_config(g, bs, d, P._fwd_keys(bs, d))  # the launch settings sparse_forward uses
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns, floats=("scale_log2",))
         rows.append((f"fwd G={g} D={d} BS={bs}", info))
-        info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **cfg), nw,
+        cfg = P._fwd_config(g, bs, d, P._dq_keys(bs, d))
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dq  G={g} D={d} BS={bs}", info))
         cfg = P._dkdv_config(g, bs, d)
-        nw = cfg.pop("num_warps")
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         ptr.update({"KST": "*i32", "KEN": "*i32", "RPTR": "*i64", "RIDX": "*i32", "DK": dt, "DV": dt})
-        info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw,
+        info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dkdv G={g} D={d} BS={bs}", info))
     for name, info in rows:
