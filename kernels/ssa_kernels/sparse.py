@@ -255,10 +255,10 @@ def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
 
 TUNING: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
 """Launch-parameter overrides per kernel (NBLK / TQ, num_warps, num_stages) on top of the defaults below; set only
-by kernels/tools/tune_sparse.py, which times candidate settings against the defaults."""
+by kernels/tools/tune_launch.py, which times candidate settings against the defaults."""
 
 
-# Launch settings from kernels/tools/tune_sparse.py on an H200 (32/2/64, T 8k and 32k, 16x16 and 64x32; see
+# Launch settings from kernels/tools/tune_launch.py on an H200 (32/2/64, T 8k and 32k, 16x16 and 64x32; see
 # docs/kernels_notes.md "v3"): two pipeline stages beat Triton's default three everywhere (the gathered K/V tiles
 # are consumed once, so a third buffer only costs shared memory and occupancy). The forward reads 128 keys per
 # step at D <= 64 (more loads in flight: 0.80x at 16x16, 0.71-0.73x at 64x32); dQ keeps 64 keys for small blocks
@@ -288,7 +288,7 @@ def _dkdv_config(g: int, bs: int, d: int) -> dict:
     # rows x BS score tiles above 256 x 64 run out of shared memory (BS 128 with 256 rows failed on an H200)
     rows = min(DKDV_ROWS.get(next_pow2(d), 64), max(64, 16384 // bs))
     tq = max(1, rows // gp)
-    # tune_sparse (H200, D 64): 4 warps and 2 stages for blocks <= 32 keys (16x16 at 32k: 0.74x); BS 64 keeps 8.
+    # tune_launch (H200, D 64): 4 warps and 2 stages for blocks <= 32 keys (16x16 at 32k: 0.74x); BS 64 keeps 8.
     small = bs <= 32 and d <= 64
     return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)),
                 num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=2 if small else 3)

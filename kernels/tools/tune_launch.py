@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Times launch settings of the block-sparse kernels (forward, dQ, dK/dV) against the shipped defaults.
+"""Times launch settings of the selection and block-sparse kernels (forward, dQ, dK/dV) against the defaults.
 
 One GPU, one run: for each shape the index table comes from ``select_blocks`` on random normal bf16 inputs, every
-candidate's outputs are compared with the default's (they must agree to bf16 rounding), and each kernel is timed
-alone with ``triton.testing.do_bench`` (median). Prints one table per kernel and shape, best first.
+candidate's outputs are compared with the default's (the selection must be identical; attention outputs agree to
+bf16 rounding), and each kernel is timed alone with ``triton.testing.do_bench`` (median). Prints one table per
+kernel and shape, best first.
 
-    PYTHONPATH=$PWD/kernels python3 kernels/tools/tune_sparse.py [--ts 8192,32768] [--json out.json]
+    PYTHONPATH=$PWD/kernels python3 kernels/tools/tune_launch.py [--ts 8192,32768] [--kernels select,fwd] [--json f]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import triton
 
 import ssa_kernels as K
+from ssa_kernels import select as SEL
 from ssa_kernels import sparse as S
 
 
@@ -25,7 +27,17 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int) -> list[dict]:
+def select_candidates(g: int, top_k: int) -> list[dict]:
+    _, kp, _, _ = SEL.select_tiles(g, top_k)
+    out = [dict(BN=bn, num_warps=w, num_stages=st, **({"SORT_ONCE": so} if kp <= 16 else {}))
+           for bn, w, st, so in itertools.product((32, 64), (2, 4), (1, 2), (False, True) if kp <= 16 else (False,))
+           if bn >= kp]
+    if kp > 16:  # the threshold filter, off by default at KP >= 32, with the sort-once fix
+        out += [dict(FILTER=True, SORT_ONCE=True), dict(FILTER=True, SORT_ONCE=True, num_stages=2)]
+    return out
+
+
+def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: set[str]) -> list[dict]:
     torch.manual_seed(0)
     q = torch.randn(t, 1, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(t, 1, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -38,6 +50,9 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int) -> list[d
     scale = d ** -0.5
     kst, ken = S._grid_for_table(idx, t, bs, q.device, True)
     rptr, ridx = S.build_reverse_index(idx, t)
+
+    def select(config=None):
+        return K.select_blocks(q, k, bs, top_k, _config=config)
 
     def fwd():
         return S.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)
@@ -53,6 +68,7 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int) -> list[d
         return S.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale)
 
     spaces = {
+        "select": (None, select_candidates(hq // hkv, top_k)),
         "fwd": (fwd, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
                       for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
         "dq": (dq, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
@@ -62,21 +78,35 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int) -> list[d
     }
     rows = []
     for kernel, (fn, candidates) in spaces.items():
-        S.TUNING[kernel] = {}
-        ref = fn()
-        base = triton.testing.do_bench(fn, return_mode="median")
+        if kernel not in kernels:
+            continue
+        if kernel == "select":  # the selection takes its variant as ``_config``
+            def run(cand):
+                return select(cand)
+
+            def err_of(out, ref):  # exact selection: any difference is an error
+                return 0.0 if all(torch.equal(a, b) for a, b in zip(out, ref)) else float("inf")
+        else:
+            def run(cand, _kernel=kernel, _fn=fn):
+                S.TUNING[_kernel] = cand or {}
+                return _fn()
+
+            def err_of(out, ref):
+                return max(_rel(a, b) for a, b in zip(out, ref))
+        ref = run(None)
+        base = triton.testing.do_bench(lambda: run(None), return_mode="median")
         results = [{"kernel": kernel, "config": "default", "ms": base, "rel_err": 0.0}]
         for cand in candidates:
-            S.TUNING[kernel] = cand
             try:
-                out = fn()
-                err = max(_rel(a, b) for a, b in zip(out, ref))
-                ms = triton.testing.do_bench(fn, return_mode="median")
+                out = run(cand)
+                err = err_of(out, ref)
+                ms = triton.testing.do_bench(lambda: run(cand), return_mode="median")
             except Exception as exc:  # out of resources: report, go on
                 results.append({"kernel": kernel, "config": cand, "error": str(exc).splitlines()[0][:100]})
                 continue
             results.append({"kernel": kernel, "config": cand, "ms": ms, "rel_err": err})
-        S.TUNING[kernel] = {}
+        if kernel in S.TUNING:
+            S.TUNING[kernel] = {}
         shape = f"T={t} {hq}/{hkv}/{d} {bs}x{top_k}"
         print(f"\n{kernel} at {shape} (default {base:.3f} ms)")
         for r in sorted(results, key=lambda r: r.get("ms", 1e9))[:8]:
@@ -92,16 +122,17 @@ def main() -> None:
     p.add_argument("--ts", default="8192,32768")
     p.add_argument("--shapes", default="32/2/64")
     p.add_argument("--blocks", default="16x16,64x32")
+    p.add_argument("--kernels", default="select,fwd,dq,dkdv")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    print(f"tune_sparse on {torch.cuda.get_device_name()}")
+    print(f"tune_launch on {torch.cuda.get_device_name()}")
     rows = []
     for t in map(int, a.ts.split(",")):
         for shape in a.shapes.split(","):
             hq, hkv, d = map(int, shape.split("/"))
             for blk in a.blocks.split(","):
                 bs, kk = map(int, blk.split("x"))
-                rows += tune_shape(t, hq, hkv, d, bs, kk)
+                rows += tune_shape(t, hq, hkv, d, bs, kk, set(a.kernels.split(",")))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1, default=str)
