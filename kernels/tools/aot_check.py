@@ -47,15 +47,17 @@ def main():
         gp, kp, bn, bq = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
                "CNT": "*i32"}
+        opts = S.select_options(kp)  # the flags and launch options select_blocks uses
+        nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
         info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, TOPK=kk,
-                              KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score),
+                              KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **opts), nw, ns,
                               floats=("scale_log2", "inv_g"))
         rows.append((f"select G={g} D={d} K={kk} score={score}", info))
         if g == 16 and kk == 16:
-            for extra in ({"FILTER": False}, {"LIGHT": 0}, {"SORT_ONCE": True}):
+            for extra in ({"FILTER": False}, {"LIGHT": 0}, {"SORT_ONCE": False}):
                 info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
                                       TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
-                                      **extra), floats=("scale_log2", "inv_g"))
+                                      **{**opts, **extra}), nw, ns, floats=("scale_log2", "inv_g"))
                 rows.append((f"select G={g} D={d} K={kk} {extra}", info))
     for d, gdt in ((64, "*bf16"), (128, "*fp32"), (80, "*bf16")):
         cfg = GT._config(d)
