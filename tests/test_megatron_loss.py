@@ -164,3 +164,21 @@ def _tracker_ranks(rank, world_size):
 
 def test_tracker_reduction_two_ranks():
     spawn_gloo(_tracker_ranks, 2)
+
+
+def test_tracker_sums_tensors_where_they_live():
+    """Tensor values (what the layers record) are summed as tensors, detached, without reading them on the host;
+    floats still work; the reduction divides by the number of records per layer."""
+    from ssa_megatron.megatron.tracker import SSAMetricsTracker
+
+    tracker = SSAMetricsTracker()
+    w = torch.tensor(2.0, requires_grad=True)
+    tracker.record("alignment_loss", 1, 2, w * 1.5)  # 3.0, carries a graph
+    tracker.record("alignment_loss", 1, 2, torch.tensor([5.0]))  # any one-element shape
+    tracker.record("alignment_loss", 2, 2, 0.25)
+    assert isinstance(tracker.sums["alignment_loss"], torch.Tensor)
+    assert not tracker.sums["alignment_loss"].requires_grad
+    out = tracker.reduce()
+    assert out["alignment_loss/layer_1"] == pytest.approx(4.0)
+    assert out["alignment_loss/layer_2"] == pytest.approx(0.25)
+    assert out["alignment_loss"] == pytest.approx((4.0 + 0.25) / 2)

@@ -53,6 +53,15 @@ def test_transformer_config_from_recipe(megatron_world):
     assert cfg.normalization == "RMSNorm" and cfg.gated_linear_unit and not cfg.add_bias_linear
     assert cfg.num_query_groups == 2 and cfg.kv_channels == 16
     assert cfg.experimental_attention_variant_loss_scale_func is set_alignment_loss_scale
+    # train.fused_ops: Megatron's torch.compile fusions only where the run is on a GPU
+    assert not cfg.bias_activation_fusion and not cfg.cross_entropy_loss_fusion  # tiny_recipe runs on CPU
+    on_gpu = tiny_recipe()
+    on_gpu.train.device = "cuda"
+    fused = transformer_config_from_recipe(on_gpu)
+    assert fused.bias_activation_fusion and fused.cross_entropy_loss_fusion
+    assert fused.cross_entropy_fusion_impl == "native" and not fused.apply_rope_fusion  # TE-free fusions only
+    on_gpu.train.fused_ops = False
+    assert not transformer_config_from_recipe(on_gpu).bias_activation_fusion
     bad = tiny_recipe()
     bad.parallel.tensor_parallel = 4  # 2 KV heads cannot be split over 4 ranks
     with pytest.raises(ValueError, match="num_query_groups=2"):
