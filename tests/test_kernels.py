@@ -259,6 +259,32 @@ def test_full_attention_paths(docs, qpos):
     assert _rel(o2, ro) < 1e-5 and _rel(l2, rl) < 1e-5
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_varlen_runs_cover_every_query_once_and_are_maximal(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, skv, sq = 2, 64, 40
+    cu = torch.unique(torch.cat([torch.tensor([0, skv, 2 * skv]), torch.randint(0, 2 * skv, (5,), generator=g)]))
+    if seed % 2:  # zigzag-like chunks with a few isolated positions
+        pos = torch.cat([torch.arange(0, 16), torch.arange(40, 60), torch.randint(0, skv, (4,), generator=g)])
+    else:
+        pos = torch.randint(0, skv, (sq,), generator=g)
+    runs = kfull._runs(cu, pos, b, skv)
+    for r in range(b):
+        bounds = [int(c) - r * skv for c in cu if r * skv <= int(c) < (r + 1) * skv]
+        doc_start = [max(x for x in bounds if x <= int(p)) for p in pos]
+        covered = []
+        for rr, i, n, ks, ke in runs:
+            if rr != r:
+                continue
+            covered += range(i, i + n)
+            seg = [int(p) for p in pos[i:i + n]]
+            assert seg == list(range(seg[0], seg[0] + n)) and ke == seg[-1] + 1  # consecutive, keys up to the last
+            assert all(doc_start[j] == ks for j in range(i, i + n))  # one document, keys from its start
+            if i + n < len(pos):  # maximal: the next query breaks the run
+                assert int(pos[i + n]) != seg[-1] + 1 or doc_start[i + n] != ks
+        assert sorted(covered) == list(range(len(pos)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end through ssa_attention (backend='triton' under the interpreter) vs backend='reference'
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -95,27 +96,27 @@ def _flash_dense(q, k, v, scale):
 
 
 def _runs(cu_seqlens, q_pos, b, skv):
-    """Host-side: varlen sequences (b, q row start, length, key start, key end) covering all queries."""
-    pos = q_pos.long().cpu().tolist()
+    """Host-side: varlen sequences (b, q row start, length, key start, key end) covering all queries.
+
+    A sequence is a maximal run of consecutive query positions inside one document; its keys run from the document
+    start to the run's last position. Vectorised with numpy: this runs at every layer (CP, documents), where a
+    Python loop over the positions cost milliseconds of host time per call.
+    """
+    pos = q_pos.long().cpu().numpy()
+    n = len(pos)
     if cu_seqlens is None:
-        doc_bounds = [[0]] * b
+        doc_bounds = [np.zeros(1, dtype=np.int64)] * b
     else:
-        cu = [int(x) for x in cu_seqlens.cpu().tolist()]
-        doc_bounds = [[c - r * skv for c in cu if r * skv <= c < (r + 1) * skv] for r in range(b)]
-    import bisect
+        cu = cu_seqlens.long().cpu().numpy()
+        doc_bounds = [cu[(cu >= r * skv) & (cu < (r + 1) * skv)] - r * skv for r in range(b)]
     runs = []
-    for r in range(b):
-        bounds = doc_bounds[r]
-        i = 0
-        while i < len(pos):
-            p0 = pos[i]
-            ds = bounds[bisect.bisect_right(bounds, p0) - 1]
-            de = bounds[bisect.bisect_right(bounds, p0)] if bisect.bisect_right(bounds, p0) < len(bounds) else skv
-            j = i + 1
-            while j < len(pos) and pos[j] == pos[j - 1] + 1 and pos[j] < de:
-                j += 1
-            runs.append((r, i, j - i, ds, pos[j - 1] + 1))
-            i = j
+    for r, bounds in enumerate(doc_bounds):
+        if n == 0:
+            continue
+        doc = np.searchsorted(bounds, pos, side="right") - 1  # document of each query
+        starts = np.flatnonzero(np.concatenate([[True], (pos[1:] != pos[:-1] + 1) | (doc[1:] != doc[:-1])]))
+        ends = np.append(starts[1:], n)
+        runs += [(r, int(i), int(j - i), int(bounds[doc[i]]), int(pos[j - 1]) + 1) for i, j in zip(starts, ends)]
     return runs
 
 
