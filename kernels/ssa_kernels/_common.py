@@ -66,9 +66,10 @@ def block_grid(doc_start: Tensor | None, b: int, s: int, block_size: int, device
                ) -> tuple[Tensor, Tensor, Tensor]:
     """The key-block grid of every row.
 
-    Returns ``(starts [b, NBG] int32, ends [b, NBG] int32, complete [b, NBG] bool)`` over the NBG grid
-    blocks (complete or not) of each row, padded with ``starts = s`` (and ``ends = s``) past the row's last
-    block. Without documents the grid is ``0, BS, 2BS, ...`` for every row.
+    Returns ``(starts [b, NBG] int32, ends [b, NBG] int32, complete [b, NBG] bool)`` over the grid blocks
+    (complete or not) of each row, padded with ``starts = s`` (and ``ends = s``) past the row's last block.
+    Without documents the grid is ``0, BS, 2BS, ...`` for every row (NBG = ceil(s / BS)); with documents NBG = s,
+    a bound known without reading the GPU.
     """
     if doc_start is None:
         nb = (s + block_size - 1) // block_size
@@ -82,7 +83,8 @@ def block_grid(doc_start: Tensor | None, b: int, s: int, block_size: int, device
     doc_end = torch.flip(torch.cummin(torch.flip(next_first, [1]), dim=1).values, [1])
     is_start = (pos - doc_start) % block_size == 0
     cnt = is_start.sum(1)
-    nbg = int(cnt.max())
+    # NBG = s, an upper bound, not cnt.max(): reading the count back would make every layer wait for the GPU.
+    nbg = s
     # positions of the grid starts, in order (stable: True before False keeps ascending positions)
     order = torch.sort((~is_start).to(torch.int8), dim=1, stable=True).indices[:, :nbg]
     valid = torch.arange(nbg, device=device)[None, :] < cnt[:, None]
