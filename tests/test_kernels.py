@@ -289,6 +289,18 @@ def test_varlen_runs_cover_every_query_once_and_are_maximal(seed):
 # End to end through ssa_attention (backend='triton' under the interpreter) vs backend='reference'
 
 
+def test_float64_is_refused_by_the_kernels_and_routed_to_the_reference():
+    from ssa_megatron.ssa.attention import get_backend
+    q, k, v = (torch.randn(20, 1, 2, 16, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(ValueError, match=r"q.dtype=torch.float64: ssa_kernels support float16, bfloat16 and float32"):
+        K.select_blocks(q, k, 16, 1)
+    with pytest.raises(ValueError, match="must share a dtype"):
+        K.sparse_attention(q.float(), k.float(), v.half(), torch.zeros(1, 2, 20, 1, dtype=torch.int32), 16)
+    with pytest.raises(ValueError, match=r"ssa.backend='triton' takes float16, bfloat16 or float32 inputs"):
+        get_backend("triton", torch.device("cpu"), torch.float64)
+    assert get_backend("auto", torch.device("cuda"), torch.float64) is R  # even where the kernels would run
+
+
 def test_ssa_attention_triton_backend_matches_reference():
     from ssa_megatron.config import SSAConfig
     from ssa_megatron.ssa.attention import get_backend, ssa_attention

@@ -9,11 +9,13 @@ Framework-free (torch + triton). The three entry points have exactly the signatu
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
 
 plus ``gate_and_align`` (fused sigmoid gate of both branches + alignment loss, used by ``ssa_attention``).
+Inputs are float16, bfloat16 or float32 (``SUPPORTED_DTYPES``); float64 is the reference's.
 """
 
+from ._common import SUPPORTED_DTYPES
 from .full import full_attention
 from .gate import gate_and_align
 from .select import select_blocks
 from .sparse import build_reverse_index, sparse_attention
 
-__all__ = ["select_blocks", "sparse_attention", "full_attention", "build_reverse_index", "gate_and_align"]
+__all__ = ["SUPPORTED_DTYPES", "select_blocks", "sparse_attention", "full_attention", "build_reverse_index", "gate_and_align"]

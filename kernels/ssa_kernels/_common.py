@@ -19,11 +19,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+"""Input dtypes of the kernels (float64 is the reference implementation's: ssa_megatron.ssa.reference)."""
+
+
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, int]:
     """Validates Megatron-layout q/k/v; returns (HKV, G)."""
     for name, t in (("q", q), ("k", k)) + ((("v", v),) if v is not None else ()):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [s, b, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}.dtype={t.dtype}: ssa_kernels support float16, bfloat16 and float32 "
+                             f"(float64 runs on the reference implementation, ssa.backend='reference' or 'auto')")
+        if t.dtype != q.dtype:
+            raise ValueError(f"q, k and v must share a dtype, got q {q.dtype} and {name} {t.dtype}")
     if v is not None and k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:

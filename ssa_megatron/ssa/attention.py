@@ -46,8 +46,9 @@ def _triton_backend() -> types.ModuleType | None:
         return None
 
 
-def get_backend(name: str, device: torch.device) -> types.ModuleType:
-    """The module that provides select_blocks / sparse_attention / full_attention for ``device``."""
+def get_backend(name: str, device: torch.device, dtype: torch.dtype | None = None) -> types.ModuleType:
+    """The module that provides select_blocks / sparse_attention / full_attention for ``device`` (and inputs of
+    ``dtype``: the kernels take float16/bfloat16/float32; 'auto' sends float64 to the reference)."""
     if name == "reference":
         return reference
     kernels = _triton_backend()
@@ -56,9 +57,13 @@ def get_backend(name: str, device: torch.device) -> types.ModuleType:
             raise ValueError("ssa.backend='triton' but the ssa_kernels package is not importable")
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"ssa.backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), got {device}")
+        if dtype is not None and dtype not in kernels.SUPPORTED_DTYPES:
+            raise ValueError(f"ssa.backend='triton' takes float16, bfloat16 or float32 inputs, got {dtype}; "
+                             f"use 'auto' or 'reference' for {dtype}")
         return kernels
     if name == "auto":
-        usable = kernels is not None and hasattr(kernels, "sparse_attention") and device.type == "cuda"
+        usable = (kernels is not None and hasattr(kernels, "sparse_attention") and device.type == "cuda"
+                  and (dtype is None or dtype in kernels.SUPPORTED_DTYPES))
         return kernels if usable else reference
     raise ValueError(f"ssa.backend={name!r}: must be 'auto', 'reference' or 'triton'")
 
@@ -112,7 +117,7 @@ def ssa_attention(
     if not training:
         cfg = cfg.for_inference()
     docs = cu_seqlens if cfg.document_mask else None
-    backend = get_backend(cfg.backend, q.device)
+    backend = get_backend(cfg.backend, q.device, q.dtype)
     compute_both = training and cfg.alpha > 0
     need_sparse = mode == "sparse" or compute_both or with_metrics
 
