@@ -19,7 +19,8 @@ def _core_attention(cp_size: int, ssa, cp_comm_type: str = "all_gather"):
                             cp_comm_type=cp_comm_type, ssa=ssa)
 
 
-def _cp_ranks(rank, world_size):
+def _cp_ranks(rank, world_size, backend="reference"):
+    """``backend='triton'``: the kernels under TRITON_INTERPRET=1 (set by the caller), in float32."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from ssa_megatron.config import SSAConfig
@@ -37,15 +38,17 @@ def _cp_ranks(rank, world_size):
                                                      else [4, 5, 6, 7, 8, 9, 10, 11])
 
     S, b, alpha = 128, 2, 10.0
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     set_alignment_loss_scale(1.0)
     for mode, document_mask in (("full", False), ("sparse", False), ("sparse", True), ("full", True)):
-        ssa = SSAConfig(block_size=16, top_k=3, alpha=alpha, document_mask=document_mask)
+        ssa = SSAConfig(block_size=16, top_k=3, alpha=alpha, document_mask=document_mask, backend=backend)
         gen = torch.Generator().manual_seed(42)
-        q = torch.randn(S, b, 4, 16, generator=gen, dtype=torch.float64)
-        k = torch.randn(S, b, 2, 16, generator=gen, dtype=torch.float64)
-        v = torch.randn(S, b, 2, 16, generator=gen, dtype=torch.float64)
-        gate = torch.randn(S, b, 4, generator=gen, dtype=torch.float64)
-        w = torch.randn(S, b, 64, generator=gen, dtype=torch.float64)
+        q = torch.randn(S, b, 4, 16, generator=gen, dtype=dtype)
+        k = torch.randn(S, b, 2, 16, generator=gen, dtype=dtype)
+        v = torch.randn(S, b, 2, 16, generator=gen, dtype=dtype)
+        gate = torch.randn(S, b, 4, generator=gen, dtype=dtype)
+        w = torch.randn(S, b, 64, generator=gen, dtype=dtype)
         cu = torch.tensor([0, 40, 128, 128 + 77, 256]) if document_mask else None
 
         # One process: the whole sequence; objective = <out, w> + alpha/L * L_align (L = 1 layer).
@@ -56,7 +59,7 @@ def _cp_ranks(rank, world_size):
         ref_grads = [t.grad for t in leaves]
 
         # CP: this rank's zigzag chunks through the core attention (gather fwd / reduce-scatter bwd, scaler).
-        core = _core_attention(2, ssa).double()
+        core = _core_attention(2, ssa).to(dtype)
         core.train()
         local = [split_zigzag(t, 2, rank).clone().requires_grad_() for t in (q, k, v, gate)]
         psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if document_mask else None
@@ -65,14 +68,20 @@ def _cp_ranks(rank, world_size):
         (out_local * split_zigzag(w, 2, rank)).sum().backward()
 
         tag = f"mode={mode} document_mask={document_mask}"
-        torch.testing.assert_close(out_local.detach(), split_zigzag(ref_out, 2, rank), msg=tag)
+        torch.testing.assert_close(out_local.detach(), split_zigzag(ref_out, 2, rank), msg=tag, **tol)
         for name, t, g in zip("q k v gate".split(), local, ref_grads):
-            torch.testing.assert_close(t.grad, split_zigzag(g, 2, rank), rtol=1e-7, atol=1e-9,
-                                       msg=f"d{name} {tag}")
+            torch.testing.assert_close(t.grad, split_zigzag(g, 2, rank), msg=f"d{name} {tag}", **tol)
 
 
 def test_context_parallel_matches_one_process():
     spawn_gloo(_cp_ranks, 2)
+
+
+def test_context_parallel_with_the_kernels_matches_one_process(monkeypatch):
+    """The same check through the Triton kernels (interpreter): CP query subsets with global positions in the
+    selection, sparse and full kernels, documents included."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks before they import the kernels
+    spawn_gloo(_cp_ranks, 2, "triton")
 
 
 def _tp_ranks(rank, world_size):
