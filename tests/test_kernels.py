@@ -285,6 +285,32 @@ def test_varlen_runs_cover_every_query_once_and_are_maximal(seed):
         assert sorted(covered) == list(range(len(pos)))
 
 
+def test_varlen_plan_is_made_once_per_layout(monkeypatch):
+    """Layers of one micro-batch pass the same cu_seqlens / q_positions objects: the host-side plan (which waits
+    for the GPU) is made once; another object or an in-place change makes a new one."""
+    calls = []
+    runs = kfull._runs
+    monkeypatch.setattr(kfull, "_runs", lambda *a: calls.append(1) or runs(*a))
+    monkeypatch.setattr(kfull, "_PLANS", [])
+    q, k, v = torch.randn(30, 2, 4, 16), torch.randn(50, 2, 2, 16), torch.randn(50, 2, 2, 16)
+    cu, qp = torch.tensor([0, 20, 50, 77, 100]), _qpos("zigzag", 30, 50)
+
+    def layer(positions):
+        return kfull._flash_varlen(q, k, v, cu, positions.int(), 0.25, attn=kfull.varlen_reference,
+                                   q_positions=positions, cached=True)
+
+    first = layer(qp)
+    for _ in range(3):
+        again = layer(qp)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    ro, rl = R.full_attention(q.double(), k.double(), v.double(), cu, qp, 0.25)
+    assert _rel(first[0], ro) < 1e-5 and _rel(first[1], rl) < 1e-5
+    layer(qp.clone())  # another tensor with equal values: planned again (identity, not value)
+    qp.add_(0)  # in place: a new version
+    layer(qp)
+    assert len(calls) == 3
+
+
 # ----------------------------------------------------------------------------------------------------------
 # End to end through ssa_attention (backend='triton' under the interpreter) vs backend='reference'
 

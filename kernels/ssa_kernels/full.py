@@ -120,17 +120,60 @@ def _runs(cu_seqlens, q_pos, b, skv):
     return runs
 
 
-def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, attn=None):
+class _VarlenPlan:
+    """The varlen packing of one (documents, query positions) layout: gather rows, cu_seqlens, max lengths."""
+
+    def __init__(self, cu_seqlens, q_pos, b, skv, device):
+        self.runs = _runs(cu_seqlens, q_pos, b, skv)
+        runs = self.runs
+        self.q_rows = torch.cat([torch.arange(i, i + n, device=device) * b + r for (r, i, n, _, _) in runs])
+        self.k_rows = torch.cat([torch.arange(ks, ke, device=device) * b + r for (r, _, _, ks, ke) in runs])
+        lens_q = [n for (_, _, n, _, _) in runs]
+        lens_k = [ke - ks for (_, _, _, ks, ke) in runs]
+        self.cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        self.cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        self.max_q, self.max_k = max(lens_q), max(lens_k)
+
+
+def _identity(tensors, shape) -> tuple:
+    return tuple((id(t), getattr(t, "_version", None)) for t in tensors) + tuple(shape)
+
+
+_PLANS: list[tuple[tuple, tuple, _VarlenPlan]] = []  # (identity key, the key tensors kept alive, plan)
+_PLANS_KEPT = 4
+
+
+def _varlen_plan(cu_seqlens, q_positions, q_pos, b, skv, device) -> _VarlenPlan:
+    """The plan for the caller's ``cu_seqlens`` / ``q_positions`` tensors, made once per micro-batch rather than
+    at every layer.
+
+    Making a plan reads positions and document bounds on the host, which waits for the GPU. Every layer of a
+    micro-batch passes the same tensor objects (the CP positions are memoised), so the last few plans are kept,
+    matched by tensor identity and in-place version (the key tensors are held, so their ids cannot be reused).
+    """
+    key = _identity((cu_seqlens, q_positions), (q_pos.shape[0], b, skv, str(device)))
+    for k, _, plan in _PLANS:
+        if k == key:
+            return plan
+    plan = _VarlenPlan(cu_seqlens, q_pos, b, skv, device)
+    _PLANS.insert(0, (key, (cu_seqlens, q_positions), plan))
+    del _PLANS[_PLANS_KEPT:]
+    return plan
+
+
+def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, attn=None, q_positions=None, cached=False):
+    """Causal attention over runs of consecutive positions (documents, CP query subsets) as varlen sequences.
+
+    ``cached``: reuse the plan of the caller's ``cu_seqlens`` / ``q_positions`` objects (None = the default
+    positions; ``q_pos`` is their int32 copy on the device).
+    """
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    runs = _runs(cu_seqlens, q_pos, b, skv)
     dev = q.device
-    q_rows = torch.cat([torch.arange(i, i + n, device=dev) * b + r for (r, i, n, _, _) in runs])
-    k_rows = torch.cat([torch.arange(ks, ke, device=dev) * b + r for (r, _, _, ks, ke) in runs])
-    lens_q = torch.tensor([0] + [n for (_, _, n, _, _) in runs], device=dev, dtype=torch.int32)
-    lens_k = torch.tensor([0] + [ke - ks for (_, _, _, ks, ke) in runs], device=dev, dtype=torch.int32)
-    cu_q, cu_k = lens_q.cumsum(0, dtype=torch.int32), lens_k.cumsum(0, dtype=torch.int32)
-    max_q, max_k = int(lens_q.max()), int(lens_k.max())
+    plan = (_varlen_plan(cu_seqlens, q_positions, q_pos, b, skv, dev) if cached
+            else _VarlenPlan(cu_seqlens, q_pos, b, skv, dev))
+    runs, q_rows, k_rows = plan.runs, plan.q_rows, plan.k_rows
+    cu_q, cu_k, max_q, max_k = plan.cu_q, plan.cu_k, plan.max_q, plan.max_k
     qf = q.reshape(sq * b, hq, d).index_select(0, q_rows)
     kf = k.reshape(skv * b, hkv, d).index_select(0, k_rows)
     vf = v.reshape(skv * b, hkv, d).index_select(0, k_rows)
@@ -170,7 +213,7 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = 
     if cu_seqlens is None and default_pos and _fa_varlen is None:
         return _flash_dense(q, k, v, scale)
     q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
-    return _flash_varlen(q, k, v, cu_seqlens, q_pos, scale)
+    return _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, q_positions=q_positions, cached=True)
 
 
 def varlen_reference(qf, kf, vf, cu_q, cu_k, scale):

@@ -399,15 +399,17 @@ def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts
     # General: boundaries = table starts (per row) ∪ {0}; a program per boundary, range up to the next one
     # or BS keys, whichever comes first; gaps longer than BS get extra programs at multiples of BS.
     is_b = torch.zeros(b, skv + 1, dtype=torch.bool, device=device)
-    bi = torch.arange(b, device=device).view(b, 1, 1, 1).expand_as(block_idx)
-    ok = block_idx >= 0
-    is_b[bi[ok], block_idx[ok].long()] = True
+    # empty slots (-1) mark column skv, which is dropped below (no boolean indexing: it would wait for the GPU)
+    marks = torch.where(block_idx >= 0, block_idx, skv).long().reshape(b, -1)
+    is_b.scatter_(1, marks, torch.ones_like(marks, dtype=torch.bool))
     is_b[:, 0] = True
     pos = torch.arange(skv + 1, device=device).expand(b, skv + 1)
     last_b = torch.cummax(torch.where(is_b, pos, torch.zeros_like(pos)), dim=1).values
     is_start = (is_b | ((pos - last_b) % block_size == 0))[:, :skv]
     cnt = is_start.sum(1)
-    n = int(cnt.max())
+    # n = skv programs per row (a bound: every range holds at least one key), not cnt.max(), which would make
+    # every layer's backward wait for the GPU; the extra programs find an empty range and return.
+    n = skv
     order = torch.sort((~is_start).to(torch.int8), dim=1, stable=True).indices[:, :n]
     valid = torch.arange(n, device=device)[None, :] < cnt[:, None]
     st = torch.where(valid, order, torch.full_like(order, skv))

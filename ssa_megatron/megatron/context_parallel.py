@@ -14,15 +14,26 @@ Block keys for selection are pooled from the gathered keys, so selection sees ev
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
 def zigzag_positions(local_len: int, cp_size: int, cp_rank: int, device: torch.device | str = "cpu") -> Tensor:
-    """Global positions ``[2C]`` of CP rank ``cp_rank``'s tokens (chunks ``r`` and ``2·cp-1-r``)."""
+    """Global positions ``[2C]`` of CP rank ``cp_rank``'s tokens (chunks ``r`` and ``2·cp-1-r``).
+
+    Memoised: every layer gets the same (read-only) tensor, so the kernels plan their varlen packing once rather
+    than at every layer (ssa_kernels.full).
+    """
     if local_len % 2:
         raise ValueError(f"context parallel: the local sequence length {local_len} must be even (two chunks)")
+    return _zigzag_positions(local_len, cp_size, cp_rank, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=16)
+def _zigzag_positions(local_len: int, cp_size: int, cp_rank: int, device: str) -> Tensor:
     c = local_len // 2
     first = torch.arange(cp_rank * c, (cp_rank + 1) * c, device=device)
     second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c, device=device)

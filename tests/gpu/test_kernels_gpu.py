@@ -182,22 +182,29 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
         assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
 
 
-@pytest.mark.parametrize("mode", ["sparse", "full"])
-def test_ssa_training_path_never_waits_for_the_gpu(mode):
-    """Selection, both branches, the fused gate + loss and their backward (no documents), plus the tracker's
-    record, queue work without a host-device sync: a sync per layer stalls the CPU that must stay ahead of the
-    GPU (the step then runs at launch speed)."""
+@pytest.mark.parametrize("mode,layout", [("sparse", None), ("full", None), ("sparse", "documents"),
+                                         ("sparse", "cp")])
+def test_ssa_training_path_never_waits_for_the_gpu(mode, layout):
+    """Selection, both branches, the fused gate + loss and their backward, plus the tracker's record, queue work
+    without a host-device sync: a sync per layer stalls the CPU that must stay ahead of the GPU (the step then
+    runs at launch speed). With documents or CP query positions the first call plans the full branch's varlen
+    packing (one sync per micro-batch); the layers after it, passing the same tensors, must not sync."""
     from ssa_megatron.config import SSAConfig
+    from ssa_megatron.megatron.context_parallel import zigzag_positions
     from ssa_megatron.megatron.tracker import SSAMetricsTracker
     from ssa_megatron.ssa import attention as A
-    q, k, v = _inputs(2048, 1, 32, 2, 64)
-    gate = torch.randn(2048, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(2048, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
-    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto")
+    sq = 1024 if layout == "cp" else 2048
+    q, k, v = _inputs(2048, 1, 32, 2, 64, sq=sq)
+    gate = torch.randn(sq, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(sq, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
+    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto", document_mask=layout == "documents")
+    cu = torch.tensor([0, 700, 2048], device=DEV, dtype=torch.int32) if layout == "documents" else None
+    qpos = zigzag_positions(sq, 2, 0, DEV) if layout == "cp" else None
     tracker = SSAMetricsTracker()
 
     def step():
-        out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, mode, training=True)
+        out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, mode, training=True, cu_seqlens=cu,
+                                           q_positions=qpos)
         tracker.record("alignment_loss", 1, 1, loss)
         return torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate))
 
