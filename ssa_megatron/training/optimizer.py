@@ -160,8 +160,8 @@ def use_fused_adamw(optimizer) -> None:
     """Switches the torch AdamW Megatron falls back to (no Apex/TE) from ``foreach`` to the fused CUDA kernel.
 
     Megatron builds ``torch.optim.AdamW`` with torch's default (``foreach``); the fused kernel does the update in
-    one pass. Fused AdamW keeps ``step`` as a float32 tensor on the parameter's device, so existing state (e.g. just
-    loaded from a checkpoint as a CPU scalar) is moved there. Idempotent; call again after loading a checkpoint.
+    one pass. Fused AdamW keeps ``step`` as a float32 tensor on the parameter's device, so existing state is moved
+    there (after a checkpoint load, :func:`place_fused_adamw_steps` does that alone). Idempotent.
     """
     for inner in _torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.AdamW):
