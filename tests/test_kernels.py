@@ -206,7 +206,8 @@ def test_sparse_attention_forward_backward(case):
     cu = torch.tensor(docs) if docs is not None else None
     qp = _qpos(qpos, sq, skv)
     idx, _ = R.select_blocks(q.detach(), k.detach(), bs, top_k, cu_seqlens=cu, q_positions=qp)
-    out, lse = K.sparse_attention(q, k, v, idx, bs, qp, starts_on_grid=docs is None)  # the checked path for docs
+    # what ssa_attention passes: the regular grid without documents, the general one with them
+    out, lse = K.sparse_attention(q, k, v, idx, bs, qp, starts_on_grid=docs is None)
     do, dl = torch.randn_like(out), torch.randn_like(lse)
     grads = torch.autograd.grad((out * do).sum() + (lse * dl).sum(), (q, k, v))
     qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -215,6 +216,18 @@ def test_sparse_attention_forward_backward(case):
     assert out.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
     for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
         assert _rel(a, r) < 1e-5, f"{name}: rel err {_rel(a, r)}"
+
+
+def test_sparse_backward_grid_hint_gives_the_same_gradients():
+    """starts_on_grid: True (regular grid), False (general grid, what documents use) and None (checked) agree on a
+    table without documents, bitwise."""
+    q, k, v = (torch.randn(70, 1, h, 16, requires_grad=True) for h in (4, 2, 2))
+    idx, _ = R.select_blocks(q.detach(), k.detach(), 16, 3)
+    do = torch.randn(70, 1, 4, 16)
+    grads = [torch.autograd.grad((K.sparse_attention(q, k, v, idx, 16, starts_on_grid=hint)[0] * do).sum(),
+                                 (q, k, v)) for hint in (True, False, None)]
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
 
 
 def test_sparse_attention_strided_fp16_and_scale():

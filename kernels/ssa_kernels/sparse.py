@@ -366,7 +366,7 @@ def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size
     return dk, dv
 
 
-def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, starts_on_grid=False):
+def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, starts_on_grid=None):
     do = last_dim_contiguous(do)
     dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale)
     # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
@@ -380,16 +380,19 @@ def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_si
 _GRID_CACHE: dict = {}
 
 
-def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts_on_grid: bool = False
+def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts_on_grid: bool | None = None
                     ) -> tuple[Tensor, Tensor]:
     """Key ranges for the dK/dV programs: every key of the row exactly once, split at every block start
     that appears in the table (so each program's range is one selectable block) and every BS keys.
 
-    ``starts_on_grid``: the caller knows every start is a multiple of BS (no documents); otherwise that is
-    checked here, which waits for the GPU."""
+    ``starts_on_grid``: True, the caller knows every start is a multiple of BS (no documents): the regular grid;
+    False, the caller knows they may not be (documents): the general grid, also right for on-grid starts; None,
+    unknown: checked here, which waits for the GPU."""
     b = block_idx.shape[0]
     # Fast path: all starts on the global grid (no documents) -> the regular grid.
-    if starts_on_grid or bool(((block_idx % block_size) == 0).logical_or_(block_idx < 0).all()):
+    if starts_on_grid is None:
+        starts_on_grid = bool(((block_idx % block_size) == 0).logical_or_(block_idx < 0).all())
+    if starts_on_grid:
         key = (b, skv, block_size, str(device))
         if key not in _GRID_CACHE:
             st, en, _ = block_grid(None, b, skv, block_size, device)
@@ -440,11 +443,12 @@ class SparseAttentionFn(torch.autograd.Function):
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
                      q_positions: Tensor | None = None, softmax_scale: float | None = None,
-                     starts_on_grid: bool = False) -> tuple[Tensor, Tensor]:
+                     starts_on_grid: bool | None = None) -> tuple[Tensor, Tensor]:
     """Attention over the selected blocks only (own block causal); same contract as the reference.
 
-    ``starts_on_grid=True`` promises every block start is a multiple of ``block_size`` (no documents), so the
-    backward needs no device-synchronising check of the table.
+    ``starts_on_grid``: True promises every block start is a multiple of ``block_size`` (no documents), False
+    that they may not be (documents); either way the backward skips a check of the table that waits for the GPU
+    (None: checked).
 
     Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq] float32)``; differentiable in q, k, v (and through lse).
     The index table must hold distinct block starts per row (as ``select_blocks`` returns).

@@ -255,7 +255,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scal
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
                      q_positions: Tensor | None = None, softmax_scale: float | None = None,
-                     starts_on_grid: bool = False) -> tuple[Tensor, Tensor]:
+                     starts_on_grid: bool | None = None) -> tuple[Tensor, Tensor]:
     """Attention over the selected blocks only (own block causal). Returns ``(out, lse)``.
 
     ``starts_on_grid`` (every block start a multiple of ``block_size``, i.e. no documents) is a hint the
