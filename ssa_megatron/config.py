@@ -281,6 +281,12 @@ class TrainConfig:
     """On SIGTERM/SIGUSR1 (SLURM pre-timeout), finish the step, save a checkpoint and exit cleanly."""
     distributed_timeout_minutes: int = 30
 
+    def uses_cuda(self) -> bool:
+        """Whether ``device`` resolves to a GPU (``auto``: when one is visible)."""
+        import torch  # here only: the schema itself does not need torch
+
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
                      "recompute_num_layers", "distributed_timeout_minutes"):

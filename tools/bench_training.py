@@ -98,8 +98,8 @@ def time_mode(mode: str, args) -> dict:
                              micro_batch_size=1, seed=0)
     feed = StepBatches(loader, args.micro_batches, dims.device)
     fb = get_forward_backward_func()
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
+    def run_step(step: int) -> tuple[float, list]:
+        """One optimizer step at mode-sampler iteration ``step``: (seconds, the schedule's loss reports)."""
         MODE_SAMPLER.set_iteration(step)
         for chunk in model:
             chunk.zero_grad_buffer()
@@ -112,22 +112,18 @@ def time_mode(mode: str, args) -> dict:
                      decoder_seq_length=recipe.model.seq_length, forward_only=False)
         optimizer.step()
         _sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(sum(float(r["lm_sum"]) for r in reports) / sum(float(r["tokens"]) for r in reports))
+        elapsed = time.perf_counter() - t0
         get_ssa_tracker().reset()
-    if args.profile:
-        def one_step():
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            fb(forward_step_func=forward_step, data_iterator=feed.next_step(len(model)), model=model,
-               num_microbatches=args.micro_batches, seq_length=recipe.model.seq_length, micro_batch_size=1,
-               decoder_seq_length=recipe.model.seq_length, forward_only=False)
-            optimizer.step()
+        return elapsed, reports
 
-        MODE_SAMPLER.set_iteration(args.warmup + args.steps)
-        _profile_step(mode, args, one_step)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        elapsed, reports = run_step(step)
+        if step >= args.warmup:
+            times.append(elapsed)
+        losses.append(sum(float(r["lm_sum"]) for r in reports) / sum(float(r["tokens"]) for r in reports))
+    if args.profile:
+        _profile_step(mode, args, lambda: run_step(args.warmup + args.steps))
     step_s = sorted(times)[len(times) // 2]  # median
     tokens = args.micro_batches * recipe.model.seq_length
     tps = tokens / step_s

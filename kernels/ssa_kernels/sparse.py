@@ -270,7 +270,7 @@ def _fwd_config(g: int, bs: int, d: int, keys: int = 64) -> dict:
                 num_stages=2)
 
 
-def _fwd_keys(bs: int, d: int) -> int:
+def _fwd_keys(d: int) -> int:
     return 128 if d <= 64 else 64
 
 
@@ -302,7 +302,7 @@ def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
     lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return o, lse
-    cfg = {**_fwd_config(g, block_size, d, _fwd_keys(block_size, d)), **TUNING["fwd"]}
+    cfg = {**_fwd_config(g, block_size, d, _fwd_keys(d)), **TUNING["fwd"]}
     _sparse_fwd_kernel[(sq, b * hkv)](
         q, k, v, block_idx, nslot, q_pos, o, lse,
         skv,

@@ -76,7 +76,7 @@ def main():
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
         ptr.update({"IDX": "*i32", "NSLOT": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32",
                     "DELTA": "*fp32"})
-        cfg = P._fwd_config(g, bs, d, P._fwd_keys(bs, d))  # the launch settings sparse_forward uses
+        cfg = P._fwd_config(g, bs, d, P._fwd_keys(d))  # the launch settings sparse_forward uses
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns, floats=("scale_log2",))
         rows.append((f"fwd G={g} D={d} BS={bs}", info))

@@ -20,11 +20,6 @@ from ssa_megatron.megatron.spec import get_ssa_layer_spec
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def runs_on_cuda(recipe: RecipeConfig) -> bool:
-    """Whether ``train.device`` resolves to a GPU (``auto``: when one is visible)."""
-    return recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
-
-
 def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> TransformerConfig:
     """Megatron ``TransformerConfig`` of a Llama-style SSA decoder (RMSNorm, SwiGLU, RoPE, no biases, no dropout).
 
@@ -47,7 +42,7 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
         )
     dtype = _DTYPES[t.precision]
     # Megatron's native fusions are torch.compile'd (megatron.core.jit.jit_fuser); no Apex/TE needed.
-    fused = t.fused_ops and runs_on_cuda(recipe)
+    fused = t.fused_ops and t.uses_cuda()
     recompute = {}
     if t.recompute == "selective":
         recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
@@ -152,7 +147,7 @@ def build_gpt_model(
     """
     config = config or transformer_config_from_recipe(recipe)
     MODE_SAMPLER.configure(recipe.train.seed)
-    if recipe.train.fused_ops and runs_on_cuda(recipe):
+    if recipe.train.fused_ops and recipe.train.uses_cuda():
         compile_unfused_rope()
     m = recipe.model
     model = SSAGPTModel(

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from ssa_megatron.config import RecipeConfig
+from ssa_megatron.config import RecipeConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,9 @@ class ParallelDims:
         return self.pp_rank == self.pp - 1
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(train: TrainConfig) -> torch.device:
     """``train.device``: 'auto' picks CUDA when a GPU is visible."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if train.uses_cuda():
         if not torch.cuda.is_available():
             raise ValueError("train.device='cuda' but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -55,7 +55,7 @@ def pick_device(requested: str) -> torch.device:
 
 def init_parallel(recipe: RecipeConfig) -> ParallelDims:
     """Initialises torch.distributed (if needed) and Megatron's model-parallel groups; seeds the RNGs."""
-    device = pick_device(recipe.train.device)
+    device = pick_device(recipe.train)
     if dist.is_initialized():  # a caller (a test harness, a notebook) set up the process group already
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
