@@ -8,6 +8,7 @@ gradient), B=1, bf16, random normal inputs:
   sparse     ssa_kernels.sparse_attention on the table from ssa_kernels.select_blocks
   ssa_layer  ssa_megatron.ssa.attention.ssa_attention(training=True): selection + both branches + gate +
              alignment loss (mode sparse, alpha 10)
+  layer:serial  the same layer with both branches on one CUDA stream (attention.OVERLAP_BRANCHES off)
   select     ssa_kernels.select_blocks (group_softmax) alone
   --compare: select:v1 / layer:v1 = the previous version (unfiltered top-k merge; torch gate + alignment loss),
              layer:fil = filtered top-k with the torch gate + loss, sel:L<n> = filtered top-k with insertion
@@ -202,6 +203,23 @@ def profile_breakdown(add):
     torch.cuda.empty_cache()
 
 
+def profile_layer(step, path):
+    """Kernel time table of a few fwd+bwd steps of the SSA layer, and a Chrome trace at ``path``.json."""
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path + ".json")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+    print(f"--- profile {path} (5 steps) ---\n{table}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8k only, no 128k, no small groups")
@@ -213,6 +231,8 @@ def main():
     ap.add_argument("--shapes", default="32/2/64,32/8/128", help="HQ/HKV/D list")
     ap.add_argument("--ts", default="8192,32768")
     ap.add_argument("--no-small-groups", action="store_true")
+    ap.add_argument("--layer-profile", default=None, metavar="DIR",
+                    help="profile the 16x16 SSA layer (serial and overlapped branches) at each T into DIR")
     ap.add_argument("--compare", action="store_true",
                     help="also time the previous version in the same run (unfiltered top-k, torch gate + loss), "
                          "the top-k LIGHT variants and the gate + loss alone")
@@ -281,6 +301,16 @@ def main():
                 l_fb = bench(layer_fb)
                 add(shape=sname, T=t, what="ssa_layer", cfg=cfg, fwd=l_f, fb=l_fb,
                     ratios={"xSDPA_fb": l_fb / s_fb, "xSDPA_f": l_f / s_f})
+                A.OVERLAP_BRANCHES = False  # the same layer with both branches on one stream
+                o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
+                A.OVERLAP_BRANCHES = True
+                add(shape=sname, T=t, what="layer:serial", cfg=cfg, fwd=o_f, fb=o_fb,
+                    ratios={"xSDPA_fb": o_fb / s_fb, "overlap_saves_fb_ms": o_fb - l_fb})
+                if args.layer_profile and (bs, kk) == (16, 16):
+                    for overlap in (False, True):
+                        A.OVERLAP_BRANCHES = overlap
+                        profile_layer(layer_fb, f"{args.layer_profile}/layer_{t}_{'overlap' if overlap else 'serial'}")
+                    A.OVERLAP_BRANCHES = True
                 if args.compare:
                     # the previous version in the same run: unfiltered top-k merge, torch gate + alignment loss
                     KSEL.DEFAULT_CONFIG["FILTER"] = False

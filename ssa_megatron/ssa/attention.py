@@ -77,6 +77,40 @@ def _fused_gate_loss(backend: types.ModuleType, o: Tensor) -> bool:
             and o.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
+OVERLAP_BRANCHES = True
+"""On CUDA, run the selection and the sparse branch on a second stream while the full branch runs (benchmarks toggle
+it). Autograd runs each backward on its forward's stream, so the two backward passes overlap as well."""
+
+
+def _overlap_branches(backend: types.ModuleType, q: Tensor) -> bool:
+    return OVERLAP_BRANCHES and backend is not reference and q.is_cuda
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device_index)
+
+
+def _run_concurrently(sparse_side, full_side, q: Tensor, k: Tensor, v: Tensor):
+    """``sparse_side()`` on the side stream, ``full_side()`` on the current one; returns when the current stream
+    has both results ``(block_idx, o_sparse, o_full)``. Results and results-to-be are protected for the caching
+    allocator: q/k/v (allocated on the current stream) are read by the side stream now and, through the sparse
+    branch's saved tensors, in its backward; the side's outputs are read on the current stream."""
+    main = torch.cuda.current_stream(q.device)
+    side = _side_stream(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        block_idx, o_sparse = sparse_side()
+    o_full = full_side()
+    main.wait_stream(side)
+    for t in (q, k, v):
+        t.record_stream(side)
+    for t in (block_idx, o_sparse):
+        if t is not None:
+            t.record_stream(main)
+    return block_idx, o_sparse, o_full
+
+
 def _interpreting() -> bool:
     import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -121,18 +155,31 @@ def ssa_attention(
     compute_both = training and cfg.alpha > 0
     need_sparse = mode == "sparse" or compute_both or with_metrics
 
-    block_idx = None
-    if need_sparse:
-        block_idx, _ = backend.select_blocks(
+    def sparse_side() -> tuple[Tensor | None, Tensor | None]:
+        """The selection and (when needed) the sparse branch: ``(block_idx, ungated sparse output)``."""
+        if not need_sparse:
+            return None, None
+        idx, _ = backend.select_blocks(
             q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
             docs, q_positions, softmax_scale,
         )
-    ungated: dict[str, Tensor] = {}
-    if mode == "full" or compute_both:
-        ungated["full"], _ = backend.full_attention(q, k, v, docs, q_positions, softmax_scale)
-    if mode == "sparse" or compute_both:
-        ungated["sparse"], _ = backend.sparse_attention(q, k, v, block_idx, cfg.block_size, q_positions,
-                                                        softmax_scale, starts_on_grid=docs is None)
+        if mode != "sparse" and not compute_both:
+            return idx, None
+        o_sparse, _ = backend.sparse_attention(q, k, v, idx, cfg.block_size, q_positions, softmax_scale,
+                                               starts_on_grid=docs is None)
+        return idx, o_sparse
+
+    def full_side() -> Tensor | None:
+        if mode != "full" and not compute_both:
+            return None
+        return backend.full_attention(q, k, v, docs, q_positions, softmax_scale)[0]
+
+    if compute_both and _overlap_branches(backend, q):
+        block_idx, o_sparse, o_full = _run_concurrently(sparse_side, full_side, q, k, v)
+    else:
+        block_idx, o_sparse = sparse_side()
+        o_full = full_side()
+    ungated = {name: o for name, o in (("full", o_full), ("sparse", o_sparse)) if o is not None}
 
     stats = SSAStats(mode=mode)
     if compute_both and _fused_gate_loss(backend, ungated["full"]):

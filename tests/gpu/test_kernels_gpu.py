@@ -182,6 +182,40 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
         assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
 
 
+@pytest.mark.parametrize("layout", [None, "documents", "cp"])
+def test_overlapped_branches_match_serial_bitwise(layout):
+    """The selection + sparse branch on a side stream (forward and, through autograd, backward) computes exactly
+    what the serial path computes. Run twice in a row so that freed side-stream memory is reused: a missing
+    record_stream would show up as corrupted values in the second call."""
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.megatron.context_parallel import zigzag_positions
+    from ssa_megatron.ssa import attention as A
+    sq = 2048 if layout == "cp" else 4096
+    q, k, v = _inputs(4096, 1, 32, 2, 64, sq=sq)
+    gate = torch.randn(sq, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(sq, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
+    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto", document_mask=layout == "documents")
+    cu = torch.tensor([0, 1500, 4096], device=DEV, dtype=torch.int32) if layout == "documents" else None
+    qpos = zigzag_positions(sq, 2, 1, DEV) if layout == "cp" else None
+
+    def step():
+        out, loss, _ = A.ssa_attention(q, k, v, gate, cfg, "sparse", training=True, cu_seqlens=cu,
+                                       q_positions=qpos)
+        return (out, loss) + torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate))
+
+    res = {}
+    try:
+        for overlap in (False, True):
+            A.OVERLAP_BRANCHES = overlap
+            res[overlap] = [step(), step()]
+    finally:
+        A.OVERLAP_BRANCHES = True
+    torch.cuda.synchronize()
+    for serial, overlapped in zip(res[False], res[True]):
+        for name, a, b in zip(("out", "loss", "dq", "dk", "dv", "dgate"), serial, overlapped):
+            assert torch.equal(a, b), f"{name} differs with overlapped branches (layout {layout})"
+
+
 @pytest.mark.parametrize("mode,layout", [("sparse", None), ("full", None), ("sparse", "documents"),
                                          ("sparse", "cp")])
 def test_ssa_training_path_never_waits_for_the_gpu(mode, layout):
