@@ -42,8 +42,11 @@ def _select_kernel(
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
     FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8, SORT_ONCE: tl.constexpr = False,
+    REVERSE: tl.constexpr = False, BN1: tl.constexpr = 32, P1_STAGES: tl.constexpr = 1,
 ):
     pid_q = tl.program_id(0)
+    if REVERSE:  # the last tiles have the most candidates (causal): start them first, keep the tail short
+        pid_q = tl.num_programs(0) - 1 - pid_q
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
@@ -76,8 +79,9 @@ def _select_kernel(
     if SCORE == 0:
         m_i = tl.full([M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([M], dtype=tl.float32)
-        for j0 in range(j_begin, j_end, BN):
-            jj = j0 + n
+        n1 = tl.arange(0, BN1)
+        for j0 in tl.range(j_begin, j_end, BN1, num_stages=P1_STAGES):
+            jj = j0 + n1
             kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
                          mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
             s = tl.dot(q, kb) * scale_log2
@@ -291,6 +295,7 @@ def select_blocks(
     extra = {**select_options(kp), **DEFAULT_CONFIG, **(_config or {})}
     bq = extra.pop("BQ", bq)
     bn = extra.pop("BN", bn)
+    bn1 = extra.pop("BN1", bn)
     num_warps = extra.pop("num_warps")
     grid = (triton.cdiv(sq, bq), b * hkv)
     _select_kernel[grid](
@@ -302,7 +307,7 @@ def select_blocks(
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         counts.stride(0), counts.stride(1),
         hkv, scale * math.log2(math.e), 1.0 / g,
-        G=g, GP=gp, BQ=bq, D=d, BD=bd, KP=kp, BN=bn, TOPK=top_k, KO=next_pow2(top_k),
+        G=g, GP=gp, BQ=bq, D=d, BD=bd, KP=kp, BN=bn, BN1=bn1, TOPK=top_k, KO=next_pow2(top_k),
         SINK=sink_blocks, LOCAL=local_blocks, SCORE=0 if score == "group_softmax" else 1,
         num_warps=num_warps, **extra,
     )
