@@ -43,6 +43,7 @@ def _select_kernel(
     SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
     FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8, SORT_ONCE: tl.constexpr = False,
     REVERSE: tl.constexpr = False, BN1: tl.constexpr = 32, P1_STAGES: tl.constexpr = 1,
+    BUCKET_R: tl.constexpr = 0,
 ):
     pid_q = tl.program_id(0)
     if REVERSE:  # the last tiles have the most candidates (causal): start them first, keep the tail short
@@ -100,6 +101,12 @@ def _select_kernel(
     buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
     thr = tl.min(buf, axis=1)
     unsorted = tl.full([], 0, dtype=tl.int32)
+    NBK: tl.constexpr = BN // 2
+    if BUCKET_R > 0:
+        # Bucketed top-k: chunk column pairs (2i, 2i+1) feed bucket i; every bucket keeps its best BUCKET_R keys,
+        # ascending along the last axis. With BUCKET_R >= KP the union of the buckets holds the exact top KP.
+        r_ax = tl.arange(0, BUCKET_R)
+        lists = tl.full([BQ, NBK, BUCKET_R], _MIN_KEY, dtype=tl.int64)
     for j0 in range(j_begin, j_end, BN):
         jj = j0 + n
         kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
@@ -118,7 +125,16 @@ def _select_kernel(
         mono = tl.where(forced, 0x7F800000, mono)
         key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
         key = tl.where(cand, key, _MIN_KEY)
-        if NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
+        if BUCKET_R > 0:
+            # Branch-free: the chunk's two keys per bucket, descending, padded with _MIN_KEY, against the ascending
+            # list: the element-wise max holds the list's new top BUCKET_R as a bitonic sequence; one merge.
+            ka, kb2 = tl.split(tl.reshape(key, [BQ, NBK, 2]))
+            k_hi = tl.maximum(ka, kb2)
+            k_lo = tl.minimum(ka, kb2)
+            new_desc = tl.where(r_ax[None, None, :] == 0, k_hi[:, :, None],
+                                tl.where(r_ax[None, None, :] == 1, k_lo[:, :, None], _MIN_KEY))
+            lists = tl.bitonic_merge(tl.maximum(lists, new_desc), dim=2)
+        elif NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
             buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
         elif FILTER:
             # Threshold filter: only keys above the running KP-th best can enter. Few of them (after the first
@@ -162,7 +178,9 @@ def _select_kernel(
                 thr = tl.min(buf, axis=1)
 
     # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
-    if FILTER:
+    if BUCKET_R > 0:
+        buf = tl.sort(tl.topk(tl.reshape(lists, [BQ, NBK * BUCKET_R]), KP, dim=1), dim=1)
+    elif FILTER:
         buf = tl.sort(buf, dim=1)
     valid = (buf >= _MIN_KEY + KP) & (c[None, :] >= KP - (TOPK - 1))
     blk = (buf & 0xFFFFFFFF).to(tl.int32)
