@@ -135,7 +135,7 @@ def test_select_blocks_matches_reference(case):
 
 @pytest.mark.parametrize("config", [None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0},
                                     {"FILTER": True, "LIGHT": 64}, {"FILTER": True, "LIGHT": 2, "SORT_ONCE": True},
-                                    {"FILTER": False}])
+                                    {"FILTER": False}, {"BUCKET_R": 0}, {"BUCKET_R": 2}, {"BUCKET_R": 8, "REVERSE": True}])
 @pytest.mark.parametrize("score,top_k", [("group_softmax", 16), ("dot", 5), ("group_softmax", 33)])
 def test_select_topk_paths_over_many_chunks(config, score, top_k):
     """Several 64-block chunks per query: threshold filter with one-by-one insertion (LIGHT 64), sort-merge
@@ -148,6 +148,20 @@ def test_select_topk_paths_over_many_chunks(config, score, top_k):
     assert_selection_matches(idx, cnt, q, k, bs, top_k, score, 1, 1, None, qp)
 
 
+def test_select_bucket_overflow_is_detected_and_recomputed():
+    """The bucketed top-k keeps BUCKET_R keys per bucket; when a bucket would have to keep more (here: 2 per bucket
+    for a top-15), the bucketed pass alone is wrong, and the flagged tiles' exact recomputation repairs it."""
+    bs, skv, sq = 4, 4 * 200, 24
+    q = torch.randn(sq, 1, 4, 16)
+    k = torch.randn(skv, 1, 2, 16)
+    alone, _ = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 2, "NO_FIXUP": True})
+    idx, cnt = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 2})
+    ref, _ = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 0})
+    assert not torch.equal(alone, ref), "the test needs overflowing buckets"
+    assert torch.equal(idx, ref)
+    assert_selection_matches(idx, cnt, q, k, bs, 16)
+
+
 def test_select_ties_go_to_later_block():
     # identical keys in every block -> all scores tie; the latest blocks must win
     sq, bs = 80, 16
@@ -155,14 +169,15 @@ def test_select_ties_go_to_later_block():
     q = torch.randn(sq, 1, 2, 16)
     for score in ("group_softmax", "dot"):
         ref, rc = R.select_blocks(q.double(), k.double(), bs, 3, score)
-        for config in (None, {"FILTER": True, "LIGHT": 0}, {"FILTER": False}):
+        for config in (None, {"FILTER": True, "LIGHT": 0}, {"FILTER": False}, {"BUCKET_R": 2}):
             idx, cnt = K.select_blocks(q, k, bs, 3, score, _config=config)
             assert torch.equal(idx, ref) and torch.equal(cnt, rc)
     # many tied blocks over several chunks (BS 4: 250 blocks)
     k = torch.randn(4, 1, 1, 16).repeat(250, 1, 1, 1)
     q = torch.randn(6, 1, 2, 16)
     ref, rc = R.select_blocks(q.double(), k.double(), 4, 20, "dot")
-    for config in (None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0}, {"FILTER": True, "LIGHT": 64}):
+    for config in (None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0}, {"FILTER": True, "LIGHT": 64},
+                   {"BUCKET_R": 0}, {"BUCKET_R": 2}):
         idx, cnt = K.select_blocks(q, k, 4, 20, "dot", _config=config)
         assert torch.equal(idx, ref) and torch.equal(cnt, rc)
 

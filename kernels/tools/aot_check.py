@@ -5,6 +5,7 @@ configurations the wrappers launch. Usage: python kernels/tools/aot_check.py [--
 gate kernels only)
 """
 
+import inspect
 import re
 import sys
 
@@ -20,6 +21,10 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=()):
+    # constexpr parameters left out take their defaults, as at a launch (else they would compile as i32 arguments)
+    defaults = {p.name: p.default for p in fn.params
+                if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -46,16 +51,21 @@ def main():
                                 (8, 128, 32, 64, 1)]:
         gp, kp, bn, bq = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
-               "CNT": "*i32"}
+               "CNT": "*i32", "OVF": "*i32"}
         opts = S.select_options(kp)  # the flags and launch options select_blocks uses
         nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
-        info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, TOPK=kk,
-                              KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **opts), nw, ns,
-                              floats=("scale_log2", "inv_g"))
-        rows.append((f"select G={g} D={d} K={kk} score={score}", info))
+        launches = [("", opts)]
+        if opts["BUCKET_R"]:  # the bucketed launch and the exact recomputation of its overflowing tiles
+            launches.append((" fixup", {**opts, "BUCKET_R": 0, "FIXUP": True}))
+        for label, flags in launches:
+            info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, BN1=bn,
+                                  TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **flags),
+                                  nw, ns, floats=("scale_log2", "inv_g"))
+            rows.append((f"select G={g} D={d} K={kk} score={score}{label}", info))
         if g == 16 and kk == 16:
-            for extra in ({"FILTER": False}, {"LIGHT": 0}, {"SORT_ONCE": False}):
-                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
+            for extra in ({"BUCKET_R": 0, "FILTER": False}, {"BUCKET_R": 0, "LIGHT": 0},
+                          {"BUCKET_R": 0, "SORT_ONCE": False}):
+                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, BN1=bn,
                                       TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
                                       **{**opts, **extra}), nw, ns, floats=("scale_log2", "inv_g"))
                 rows.append((f"select G={g} D={d} K={kk} {extra}", info))
