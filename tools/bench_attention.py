@@ -10,11 +10,8 @@ gradient), B=1, bf16, random normal inputs:
              alignment loss (mode sparse, alpha 10)
   layer:serial  the same layer with both branches on one CUDA stream (attention.OVERLAP_BRANCHES off)
   select     ssa_kernels.select_blocks (group_softmax) alone
-  --compare: select:v1 / layer:v1 = the previous version (unfiltered top-k merge; torch gate + alignment loss),
-             layer:fil = filtered top-k with the torch gate + loss, sel:L<n> = filtered top-k with insertion
-             limit n (the default is filtered with n = 8 for K <= 17, unfiltered above), sel:once = filtered,
-             buffer sorted only when one-by-one insertions left it unordered (SORT_ONCE, not yet timed),
-             gate:torch / gate:fused = the gate of both branches + alignment loss alone
+  --compare: select:v3 / layer:v3 = the previous selection (streaming threshold-filtered top-k, session 2) alone
+             and in the layer; gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
 pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
 """
@@ -234,8 +231,8 @@ def main():
     ap.add_argument("--layer-profile", default=None, metavar="DIR",
                     help="profile the 16x16 SSA layer (serial and overlapped branches) at each T into DIR")
     ap.add_argument("--compare", action="store_true",
-                    help="also time the previous version in the same run (unfiltered top-k, torch gate + loss), "
-                         "the top-k LIGHT variants and the gate + loss alone")
+                    help="also time the previous selection in the same run (alone and in the layer) and the gate + "
+                         "loss alone")
     args = ap.parse_args()
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
@@ -314,27 +311,17 @@ def main():
                         profile_layer(layer_fb, f"{args.layer_profile}/layer_{t}_{'overlap' if overlap else 'serial'}")
                     A.OVERLAP_BRANCHES = True
                 if args.compare:
-                    # the previous version in the same run: unfiltered top-k merge, torch gate + alignment loss
-                    KSEL.DEFAULT_CONFIG["FILTER"] = False
-                    sel0 = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk))
-                    add(shape=sname, T=t, what="select:v1", cfg=cfg, fwd=sel0, ratios={"new/old": sel / sel0})
-                    A.FUSED_GATE_LOSS = False
+                    # the previous selection (session 2: streaming filtered top-k, pass 1 in 32-block chunks, tiles
+                    # in launch order) and the layer with it, in the same run
+                    prev = {"BUCKET_R": 0, "REVERSE": False, "P1_STAGES": 1,
+                            "BN1": KSEL.select_tiles(hq // hkv, kk)[2]}
+                    sel0 = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk, _config=prev))
+                    add(shape=sname, T=t, what="select:v3", cfg=cfg, fwd=sel0, ratios={"new/old": sel / sel0})
+                    KSEL.DEFAULT_CONFIG.update(prev)
                     o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
-                    add(shape=sname, T=t, what="layer:v1", cfg=cfg, fwd=o_f, fb=o_fb,
+                    KSEL.DEFAULT_CONFIG.clear()
+                    add(shape=sname, T=t, what="layer:v3", cfg=cfg, fwd=o_f, fb=o_fb,
                         ratios={"xSDPA_fb": o_fb / s_fb, "new/old_fb": l_fb / o_fb})
-                    KSEL.DEFAULT_CONFIG["FILTER"] = True  # filtered top-k, torch gate + loss
-                    o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
-                    add(shape=sname, T=t, what="layer:fil", cfg=cfg, fwd=o_f, fb=o_fb,
-                        ratios={"xSDPA_fb": o_fb / s_fb})
-                    A.FUSED_GATE_LOSS = True
-                    KSEL.DEFAULT_CONFIG.pop("FILTER")
-                    for light in (0, 4, 8, 16):
-                        ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk,
-                                                           _config={"FILTER": True, "LIGHT": light}))
-                        add(shape=sname, T=t, what=f"sel:L{light}", cfg=cfg, fwd=ms, ratios={"vs_default": ms / sel})
-                    ms = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk,
-                                                       _config={"FILTER": True, "SORT_ONCE": True}))
-                    add(shape=sname, T=t, what="sel:once", cfg=cfg, fwd=ms, ratios={"vs_default": ms / sel})
             if args.compare:
                 gate_micro(add, sname, t, hq, d)
             del q, k, v, do

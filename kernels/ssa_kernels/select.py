@@ -63,13 +63,12 @@ def _select_kernel(
              + (h * G + r_g).to(tl.int64)[:, None] * s_qh + d[None, :])
     ovf_ptr = OVF + pid_bh * tl.num_programs(0) + pid_q
     if FIXUP:  # second launch after a bucketed one: only the tiles it flagged are recomputed (exactly)
-        live = tl.load(ovf_ptr) != 0
-    else:
-        live = True
-    q = tl.load(q_ptr, mask=r_ok[:, None] & (d[None, :] < D) & live, other=0.0)
+        if tl.load(ovf_ptr) == 0:
+            return
+    q = tl.load(q_ptr, mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
 
     toks = pid_q * BQ + tl.arange(0, BQ)
-    t_ok = (toks < sq) & live
+    t_ok = toks < sq
     lo_q = tl.load(LO + b * s_lb + toks, mask=t_ok, other=0)
     hi_q = tl.load(HI + b * s_lb + toks, mask=t_ok, other=0)
     own_q = tl.load(OWN + b * s_lb + toks, mask=t_ok, other=0)
@@ -77,7 +76,6 @@ def _select_kernel(
     hi_r = tl.load(HI + b * s_lb + r_tok, mask=r_ok, other=0)
     j_begin = tl.min(tl.where(t_ok & (hi_q > lo_q), lo_q, nbc), axis=0)
     j_end = tl.max(tl.where(t_ok, hi_q, 0), axis=0)
-    j_end = tl.where(live, j_end, j_begin)
 
     kb_base = KB + b.to(tl.int64) * s_kbb + h.to(tl.int64) * s_kbh
     n = tl.arange(0, BN)
@@ -256,17 +254,19 @@ def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
     return gp, kp, bn, bq
 
 
-def select_options(kp: int) -> dict:
+def select_options(kp: int, bn: int) -> dict:
     """Kernel flags and launch options of the selection (shared with kernels/tools/aot_check.py).
 
     BUCKET_R 8 for KP 16 and 32 (top-k up to 33): the bucketed top-k (branch-free, one small bitonic merge per chunk)
-    plus the exact recomputation of the rare overflowing tiles. Without it: FILTER (threshold-filtered top-k) only
+    plus the exact recomputation of the rare overflowing tiles; its pass 1 (no top-k) reads 64-block chunks (BN1)
+    through a 2-stage pipeline. Without it: FILTER (threshold-filtered top-k) only
     for KP = 16, where it beat the unfiltered merge (-17 % at 32k 16x16, +43 % at 64x32); SORT_ONCE re-sorts the
     filtered buffer only after one-by-one insertions. REVERSE starts the tiles with the most candidates first. One
     pipeline stage: the chunk loop is bound by the top-k, not by loads. (H200; docs/kernels_notes.md, v2-v4.)
     """
-    return {"BUCKET_R": 8 if kp in (16, 32) else 0, "FILTER": kp <= 16, "SORT_ONCE": True, "REVERSE": True,
-            "num_warps": 4, "num_stages": 1}
+    bucketed = kp in (16, 32)
+    return {"BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16, "SORT_ONCE": True, "REVERSE": True,
+            "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1, "num_warps": 4, "num_stages": 1}
 
 
 @torch.no_grad()
@@ -326,10 +326,10 @@ def select_blocks(
         return block_idx, counts
     gp, kp, bn, bq = select_tiles(g, top_k)
     bd = max(16, next_pow2(d))
-    extra = {**select_options(kp), **DEFAULT_CONFIG, **(_config or {})}
+    extra = {**select_options(kp, bn), **DEFAULT_CONFIG, **(_config or {})}
     bq = extra.pop("BQ", bq)
     bn = extra.pop("BN", bn)
-    bn1 = extra.pop("BN1", bn)
+    bn1 = extra.pop("BN1")
     num_warps = extra.pop("num_warps")
     grid = (triton.cdiv(sq, bq), b * hkv)
     launch = functools.partial(

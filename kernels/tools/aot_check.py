@@ -52,20 +52,20 @@ def main():
         gp, kp, bn, bq = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
                "CNT": "*i32", "OVF": "*i32"}
-        opts = S.select_options(kp)  # the flags and launch options select_blocks uses
+        opts = S.select_options(kp, bn)  # the flags and launch options select_blocks uses
         nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
         launches = [("", opts)]
         if opts["BUCKET_R"]:  # the bucketed launch and the exact recomputation of its overflowing tiles
             launches.append((" fixup", {**opts, "BUCKET_R": 0, "FIXUP": True}))
         for label, flags in launches:
-            info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, BN1=bn,
+            info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
                                   TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **flags),
                                   nw, ns, floats=("scale_log2", "inv_g"))
             rows.append((f"select G={g} D={d} K={kk} score={score}{label}", info))
         if g == 16 and kk == 16:
             for extra in ({"BUCKET_R": 0, "FILTER": False}, {"BUCKET_R": 0, "LIGHT": 0},
                           {"BUCKET_R": 0, "SORT_ONCE": False}):
-                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn, BN1=bn,
+                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
                                       TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
                                       **{**opts, **extra}), nw, ns, floats=("scale_log2", "inv_g"))
                 rows.append((f"select G={g} D={d} K={kk} {extra}", info))

@@ -17,5 +17,11 @@ for (t, hq, hkv, d, bs, kk, score, docs) in [(300, 16, 1, 64, 16, 4, "group_soft
     (out.float().square().sum() + lse.sum()).backward()
     fo, _ = K.full_attention(q, k, v, cu)
     fo.float().sum().backward()
+# the bucketed selection with buckets too small for its top-k: most tiles overflow and are recomputed exactly
+q = torch.randn(1000, 1, 16, 64, device=dev, dtype=dt)
+k = torch.randn(1000, 1, 1, 64, device=dev, dtype=dt)
+idx_small, _ = K.select_blocks(q, k, 16, 16, _config={"BUCKET_R": 2})
+idx_exact, _ = K.select_blocks(q, k, 16, 16, _config={"BUCKET_R": 0})
+assert torch.equal(idx_small, idx_exact), "overflow recomputation"
 torch.cuda.synchronize()
 print("sanitize_run: done")
