@@ -59,6 +59,9 @@ class SSAConfig:
     """Block size override at inference (None: block_size)."""
     backend: Backend = "auto"
     """auto: Triton kernels on CUDA, the reference elsewhere."""
+    overlap_branches: bool = True
+    """When both branches are computed on CUDA (training, alpha > 0), run the selection and the sparse branch on a
+    second stream while the full branch runs. Speed only: the results are bitwise the same."""
 
     def validate(self, prefix: str = "ssa") -> None:
         for name in ("block_size", "inference_block_size"):

@@ -8,7 +8,7 @@ gradient), B=1, bf16, random normal inputs:
   sparse     ssa_kernels.sparse_attention on the table from ssa_kernels.select_blocks
   ssa_layer  ssa_megatron.ssa.attention.ssa_attention(training=True): selection + both branches + gate +
              alignment loss (mode sparse, alpha 10)
-  layer:serial  the same layer with both branches on one CUDA stream (attention.OVERLAP_BRANCHES off)
+  layer:serial  the same layer with both branches on one CUDA stream (ssa.overlap_branches off)
   select     ssa_kernels.select_blocks (group_softmax) alone
   --compare: select:v3 / layer:v3 = the previous selection (streaming threshold-filtered top-k, session 2) alone
              and in the layer; gate:torch / gate:fused = the gate of both branches + alignment loss alone
@@ -19,6 +19,7 @@ pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -30,7 +31,6 @@ from triton.testing import do_bench
 
 import ssa_kernels as K
 from ssa_kernels import select as KSEL
-from ssa_megatron.ssa import attention as A
 from ssa_megatron.config import SSAConfig
 from ssa_megatron.ssa.attention import ssa_attention
 
@@ -286,30 +286,27 @@ def main():
                 scfg = SSAConfig(block_size=bs, top_k=kk, alpha=10.0, backend="auto")
                 gate = torch.randn(t, 1, hq, device=DEV, dtype=DT, requires_grad=True)
 
-                def layer():
-                    out, loss, _ = ssa_attention(q, k, v, gate, scfg, "sparse", training=True)
+                def layer(cfg=scfg):
+                    out, loss, _ = ssa_attention(q, k, v, gate, cfg, "sparse", training=True)
                     return out, loss
 
                 one = torch.ones((), device=DEV)
 
-                def layer_fb():  # upstream gradients given directly, as for SDPA (no extra mul/sum passes)
-                    out, loss = layer()
+                def layer_fb(cfg=scfg):  # upstream gradients given directly, as for SDPA (no extra mul/sum passes)
+                    out, loss = layer(cfg)
                     torch.autograd.grad((out, loss), (q, k, v, gate), (do, one))
 
                 l_f = bench(lambda: layer())
                 l_fb = bench(layer_fb)
                 add(shape=sname, T=t, what="ssa_layer", cfg=cfg, fwd=l_f, fb=l_fb,
                     ratios={"xSDPA_fb": l_fb / s_fb, "xSDPA_f": l_f / s_f})
-                A.OVERLAP_BRANCHES = False  # the same layer with both branches on one stream
-                o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
-                A.OVERLAP_BRANCHES = True
+                serial = dataclasses.replace(scfg, overlap_branches=False)  # both branches on one stream
+                o_f, o_fb = bench(lambda: layer(serial)), bench(lambda: layer_fb(serial))
                 add(shape=sname, T=t, what="layer:serial", cfg=cfg, fwd=o_f, fb=o_fb,
                     ratios={"xSDPA_fb": o_fb / s_fb, "overlap_saves_fb_ms": o_fb - l_fb})
                 if args.layer_profile and (bs, kk) == (16, 16):
-                    for overlap in (False, True):
-                        A.OVERLAP_BRANCHES = overlap
-                        profile_layer(layer_fb, f"{args.layer_profile}/layer_{t}_{'overlap' if overlap else 'serial'}")
-                    A.OVERLAP_BRANCHES = True
+                    for name, cfg_p in (("serial", serial), ("overlap", scfg)):
+                        profile_layer(lambda: layer_fb(cfg_p), f"{args.layer_profile}/layer_{t}_{name}")
                 if args.compare:
                     # the previous selection (session 2: streaming filtered top-k, pass 1 in 32-block chunks, tiles
                     # in launch order) and the layer with it, in the same run

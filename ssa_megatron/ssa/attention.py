@@ -77,13 +77,10 @@ def _fused_gate_loss(backend: types.ModuleType, o: Tensor) -> bool:
             and o.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
-OVERLAP_BRANCHES = True
-"""On CUDA, run the selection and the sparse branch on a second stream while the full branch runs (benchmarks toggle
-it). Autograd runs each backward on its forward's stream, so the two backward passes overlap as well."""
-
-
-def _overlap_branches(backend: types.ModuleType, q: Tensor) -> bool:
-    return OVERLAP_BRANCHES and backend is not reference and q.is_cuda
+def _overlap_branches(cfg: SSAConfig, backend: types.ModuleType, q: Tensor) -> bool:
+    """``cfg.overlap_branches`` where it applies: the kernels on CUDA. Autograd runs each backward on its forward's
+    stream, so the two branches' backward passes overlap as well."""
+    return cfg.overlap_branches and backend is not reference and q.is_cuda
 
 
 @functools.cache
@@ -174,7 +171,7 @@ def ssa_attention(
             return None
         return backend.full_attention(q, k, v, docs, q_positions, softmax_scale)[0]
 
-    if compute_both and _overlap_branches(backend, q):
+    if compute_both and _overlap_branches(cfg, backend, q):
         block_idx, o_sparse, o_full = _run_concurrently(sparse_side, full_side, q, k, v)
     else:
         block_idx, o_sparse = sparse_side()

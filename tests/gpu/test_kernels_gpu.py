@@ -1,6 +1,7 @@
 """ssa_kernels on a GPU: bf16 correctness at real sizes vs the float64 reference (computed on the GPU),
 bitwise-deterministic gradients, and the auto backend. Skipped without CUDA (tests/conftest.py)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -204,12 +205,9 @@ def test_overlapped_branches_match_serial_bitwise(layout):
         return (out, loss) + torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate))
 
     res = {}
-    try:
-        for overlap in (False, True):
-            A.OVERLAP_BRANCHES = overlap
-            res[overlap] = [step(), step()]
-    finally:
-        A.OVERLAP_BRANCHES = True
+    for overlap in (False, True):
+        cfg = dataclasses.replace(cfg, overlap_branches=overlap)
+        res[overlap] = [step(), step()]
     torch.cuda.synchronize()
     for serial, overlapped in zip(res[False], res[True]):
         for name, a, b in zip(("out", "loss", "dq", "dk", "dv", "dgate"), serial, overlapped):
