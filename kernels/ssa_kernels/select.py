@@ -1,13 +1,18 @@
 """Block selection: mean-pool the keys, score the complete earlier blocks, keep the exact top-k.
 
 One program handles a tile of ``BQ`` query tokens of one (batch row, KV head): the ``BQ × G`` query rows
-form the M dimension of the scoring matmul against a chunk of ``KP`` pooled keys. The running top-k lives in
-registers as one int64 key per candidate, ``(monotone float bits of the score) << 32 | block number``, so a
-plain integer maximum ranks by score and breaks ties toward the later block, as the reference does. Per chunk,
-only keys above the running KP-th best can enter (threshold filter): a few of them are inserted one by one
-(each replacing the list's minimum), many of them (early chunks) via ``tl.topk`` of the chunk and the bitonic
-max-merge, so nothing of size ``T × T/BS`` ever reaches memory. ``group_softmax`` first runs a pass computing each head's log-sum-exp over
-the scored blocks (the softmax normaliser), then the scoring pass.
+form the M dimension of the scoring matmul against chunks of pooled keys. Every candidate becomes one int64 key,
+``(monotone float bits of the score) << 32 | block number``, so a plain integer maximum ranks by score and breaks
+ties toward the later block, as the reference does; nothing of size ``T × T/BS`` ever reaches memory.
+``group_softmax`` first runs a pass computing each head's log-sum-exp over the scored blocks (the softmax
+normaliser), then the scoring pass, which keeps the top KP keys in registers in one of two ways:
+
+- bucketed (the default for KP 16 and 32): the chunk's columns feed 16 buckets that each keep their best
+  ``BUCKET_R`` keys (one small bitonic merge per chunk, no branches). A tile where a full bucket's smallest kept
+  key ranks inside the top KP may have dropped a winner; it is flagged, and a second launch recomputes the flagged
+  tiles with the streaming top-k below (exact; rare on any input where a bucket rarely holds 8 of the winners).
+- streaming: a running top-KP list; per chunk only keys above its KP-th best can enter (threshold filter), a
+  few of them inserted one by one, many of them via ``tl.topk`` of the chunk and a bitonic max-merge.
 """
 
 from __future__ import annotations
