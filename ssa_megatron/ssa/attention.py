@@ -88,20 +88,23 @@ def _side_stream(device_index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device_index)
 
 
-def _run_concurrently(sparse_side, full_side, q: Tensor, k: Tensor, v: Tensor):
+def _run_concurrently(sparse_side, full_side, inputs: tuple[Tensor | None, ...]):
     """``sparse_side()`` on the side stream, ``full_side()`` on the current one; returns when the current stream
-    has both results ``(block_idx, o_sparse, o_full)``. Results and results-to-be are protected for the caching
-    allocator: q/k/v (allocated on the current stream) are read by the side stream now and, through the sparse
-    branch's saved tensors, in its backward; the side's outputs are read on the current stream."""
-    main = torch.cuda.current_stream(q.device)
-    side = _side_stream(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    has both results ``(block_idx, o_sparse, o_full)``. Tensors are protected for the caching allocator: the
+    ``inputs`` (q, k, v, positions, document bounds; allocated on the current stream) are read by the side stream
+    now and, through the sparse branch's saved tensors, in its backward; the side's outputs are read on the
+    current stream."""
+    device = inputs[0].device
+    main = torch.cuda.current_stream(device)
+    side = _side_stream(device.index if device.index is not None else torch.cuda.current_device())
     side.wait_stream(main)
     with torch.cuda.stream(side):
         block_idx, o_sparse = sparse_side()
     o_full = full_side()
     main.wait_stream(side)
-    for t in (q, k, v):
-        t.record_stream(side)
+    for t in inputs:
+        if t is not None and t.is_cuda:
+            t.record_stream(side)
     for t in (block_idx, o_sparse):
         if t is not None:
             t.record_stream(main)
@@ -172,7 +175,7 @@ def ssa_attention(
         return backend.full_attention(q, k, v, docs, q_positions, softmax_scale)[0]
 
     if compute_both and _overlap_branches(cfg, backend, q):
-        block_idx, o_sparse, o_full = _run_concurrently(sparse_side, full_side, q, k, v)
+        block_idx, o_sparse, o_full = _run_concurrently(sparse_side, full_side, (q, k, v, q_positions, docs))
     else:
         block_idx, o_sparse = sparse_side()
         o_full = full_side()
