@@ -135,7 +135,9 @@ def _select_kernel(
         mono = tl.where(forced, 0x7F800000, mono)
         key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
         key = tl.where(cand, key, _MIN_KEY)
-        if BUCKET_R > 0:
+        if NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
+            buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
+        elif BUCKET_R > 0:
             # Branch-free: the chunk's two keys per bucket, descending, padded with _MIN_KEY, against the ascending
             # list: the element-wise max holds the list's new top BUCKET_R as a bitonic sequence; one merge.
             ka, kb2 = tl.split(tl.reshape(key, [BQ, NBK, 2]))
@@ -144,8 +146,6 @@ def _select_kernel(
             new_desc = tl.where(r_ax[None, None, :] == 0, k_hi[:, :, None],
                                 tl.where(r_ax[None, None, :] == 1, k_lo[:, :, None], _MIN_KEY))
             lists = tl.bitonic_merge(tl.maximum(lists, new_desc), dim=2)
-        elif NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
-            buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
         elif FILTER:
             # Threshold filter: only keys above the running KP-th best can enter. Few of them (after the first
             # chunks, ~KP·BN/j of the j-th candidate on random data): insert them one by one, best first, each
@@ -188,7 +188,7 @@ def _select_kernel(
                 thr = tl.min(buf, axis=1)
 
     # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
-    if BUCKET_R > 0:
+    if BUCKET_R > 0 and not NO_TOPK:
         buf = tl.sort(tl.topk(tl.reshape(lists, [BQ, NBK * BUCKET_R]), KP, dim=1), dim=1)
         # Exact unless a bucket dropped a key that belongs to the top KP: dropped keys lie below their bucket's
         # kept minimum, so that can only happen when a full bucket's minimum is above the KP-th best kept key.
@@ -352,7 +352,7 @@ def select_blocks(
         num_warps=num_warps,
     )
     skip_fixup = extra.pop("NO_FIXUP", False)  # tests and benchmarks: the bucketed pass alone
-    if extra.get("BUCKET_R", 0) > 0:
+    if extra.get("BUCKET_R", 0) > 0 and not extra.get("NO_TOPK"):
         # Bucketed top-k, then the exact streaming top-k for the (rare) tiles whose buckets overflowed. The flags
         # stay on the GPU: the second launch reads them, so nothing waits for the host.
         overflow = torch.empty(grid[1], grid[0], dtype=torch.int32, device=device)

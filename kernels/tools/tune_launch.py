@@ -28,13 +28,13 @@ def _rel(a, b):
 
 
 def select_candidates(g: int, top_k: int) -> list[dict]:
-    _, kp, _, _ = SEL.select_tiles(g, top_k)
-    out = [dict(BN=bn, num_warps=w, num_stages=st, **({"SORT_ONCE": so} if kp <= 16 else {}))
-           for bn, w, st, so in itertools.product((32, 64), (2, 4), (1, 2), (False, True) if kp <= 16 else (False,))
-           if bn >= kp]
-    if kp > 16:  # the threshold filter, off by default at KP >= 32, with the sort-once fix
-        out += [dict(FILTER=True, SORT_ONCE=True), dict(FILTER=True, SORT_ONCE=True, num_stages=2)]
-    return out
+    """Top-k variants (bucket size, or the streaming top-k with and without the threshold filter), pass-1 chunking
+    and pipelining, warps and launch order."""
+    _, kp, bn, _ = SEL.select_tiles(g, top_k)
+    topk = [dict(BUCKET_R=r) for r in (8, 16) if kp <= 32] + [dict(BUCKET_R=0, FILTER=f) for f in (False, True)]
+    out = [dict(**v, BN1=bn1, P1_STAGES=st, num_warps=w)
+           for v, bn1, st, w in itertools.product(topk, sorted({bn, max(bn, 64)}), (1, 2), (2, 4))]
+    return out + [dict(REVERSE=False)]
 
 
 def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: set[str]) -> list[dict]:
