@@ -259,17 +259,18 @@ def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
     return gp, kp, bn, bq
 
 
-def select_options(kp: int, bn: int) -> dict:
+def select_options(kp: int, bn: int, bq: int) -> dict:
     """Kernel flags and launch options of the selection (shared with kernels/tools/aot_check.py).
 
-    BUCKET_R 8 for KP 16 and 32 (top-k up to 33): the bucketed top-k (branch-free, one small bitonic merge per chunk)
+    BUCKET_R 8 for KP 16 and 32 (top-k up to 33) and tiles of at most 16 tokens (G >= 4): the bucketed top-k (branch-free, one small bitonic merge per chunk)
     plus the exact recomputation of the rare overflowing tiles; its pass 1 (no top-k) reads 64-block chunks (BN1)
     through a 2-stage pipeline. Without it: FILTER (threshold-filtered top-k) only
     for KP = 16, where it beat the unfiltered merge (-17 % at 32k 16x16, +43 % at 64x32); SORT_ONCE re-sorts the
     filtered buffer only after one-by-one insertions. REVERSE starts the tiles with the most candidates first. One
     pipeline stage: the chunk loop is bound by the top-k, not by loads. (H200; docs/kernels_notes.md, v2-v4.)
     """
-    bucketed = kp in (16, 32)
+    # G = 1 (64-token tiles) holds 8192 int64 list entries per tile and ran 4.3x slower than the streaming top-k.
+    bucketed = kp in (16, 32) and bq <= 16
     return {"BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16, "SORT_ONCE": True, "REVERSE": True,
             "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1, "num_warps": 4, "num_stages": 1}
 
@@ -331,7 +332,7 @@ def select_blocks(
         return block_idx, counts
     gp, kp, bn, bq = select_tiles(g, top_k)
     bd = max(16, next_pow2(d))
-    extra = {**select_options(kp, bn), **DEFAULT_CONFIG, **(_config or {})}
+    extra = {**select_options(kp, bn, bq), **DEFAULT_CONFIG, **(_config or {})}
     bq = extra.pop("BQ", bq)
     bn = extra.pop("BN", bn)
     bn1 = extra.pop("BN1")

@@ -52,7 +52,7 @@ def main():
         gp, kp, bn, bq = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
                "CNT": "*i32", "OVF": "*i32"}
-        opts = S.select_options(kp, bn)  # the flags and launch options select_blocks uses
+        opts = S.select_options(kp, bn, bq)  # the flags and launch options select_blocks uses
         nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
         launches = [("", opts)]
         if opts["BUCKET_R"]:  # the bucketed launch and the exact recomputation of its overflowing tiles
