@@ -183,21 +183,28 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
         assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
 
 
+def _layer_case(t, layout):
+    """Inputs of one SSA layer call at ``t`` keys, 32/2/64, 16x16, alpha 10: dense, two documents, or the second
+    CP rank's zigzag half of the queries. Returns ``(q, k, v, gate, dout, cfg, cu_seqlens, q_positions)``."""
+    from ssa_megatron.config import SSAConfig
+    from ssa_megatron.megatron.context_parallel import zigzag_positions
+    sq = t // 2 if layout == "cp" else t
+    q, k, v = _inputs(t, 1, 32, 2, 64, sq=sq)
+    gate = torch.randn(sq, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(sq, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
+    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto", document_mask=layout == "documents")
+    cu = torch.tensor([0, t // 3, t], device=DEV, dtype=torch.int32) if layout == "documents" else None
+    qpos = zigzag_positions(sq, 2, 1, DEV) if layout == "cp" else None
+    return q, k, v, gate, do, cfg, cu, qpos
+
+
 @pytest.mark.parametrize("layout", [None, "documents", "cp"])
 def test_overlapped_branches_match_serial_bitwise(layout):
     """The selection + sparse branch on a side stream (forward and, through autograd, backward) computes exactly
     what the serial path computes. Run twice in a row so that freed side-stream memory is reused: a missing
     record_stream would show up as corrupted values in the second call."""
-    from ssa_megatron.config import SSAConfig
-    from ssa_megatron.megatron.context_parallel import zigzag_positions
     from ssa_megatron.ssa import attention as A
-    sq = 2048 if layout == "cp" else 4096
-    q, k, v = _inputs(4096, 1, 32, 2, 64, sq=sq)
-    gate = torch.randn(sq, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(sq, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
-    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto", document_mask=layout == "documents")
-    cu = torch.tensor([0, 1500, 4096], device=DEV, dtype=torch.int32) if layout == "documents" else None
-    qpos = zigzag_positions(sq, 2, 1, DEV) if layout == "cp" else None
+    q, k, v, gate, do, cfg, cu, qpos = _layer_case(4096, layout)
 
     def step():
         out, loss, _ = A.ssa_attention(q, k, v, gate, cfg, "sparse", training=True, cu_seqlens=cu,
@@ -221,17 +228,9 @@ def test_ssa_training_path_never_waits_for_the_gpu(mode, layout):
     without a host-device sync: a sync per layer stalls the CPU that must stay ahead of the GPU (the step then
     runs at launch speed). With documents or CP query positions the first call plans the full branch's varlen
     packing (one sync per micro-batch); the layers after it, passing the same tensors, must not sync."""
-    from ssa_megatron.config import SSAConfig
-    from ssa_megatron.megatron.context_parallel import zigzag_positions
     from ssa_megatron.megatron.tracker import SSAMetricsTracker
     from ssa_megatron.ssa import attention as A
-    sq = 1024 if layout == "cp" else 2048
-    q, k, v = _inputs(2048, 1, 32, 2, 64, sq=sq)
-    gate = torch.randn(sq, 1, 32, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(sq, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
-    cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto", document_mask=layout == "documents")
-    cu = torch.tensor([0, 700, 2048], device=DEV, dtype=torch.int32) if layout == "documents" else None
-    qpos = zigzag_positions(sq, 2, 0, DEV) if layout == "cp" else None
+    q, k, v, gate, do, cfg, cu, qpos = _layer_case(2048, layout)
     tracker = SSAMetricsTracker()
 
     def step():
