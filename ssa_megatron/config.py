@@ -489,7 +489,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe path, or a bare name looked up in the repository's ``recipes/`` folder (``tiny`` → recipes/tiny.yaml)."""
+    """A recipe path, or a bare name looked up in the repository's ``recipes/`` folder
+    (``tiny`` → recipes/tiny.yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path

@@ -135,7 +135,8 @@ def test_select_blocks_matches_reference(case):
 
 @pytest.mark.parametrize("config", [None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0},
                                     {"FILTER": True, "LIGHT": 64}, {"FILTER": True, "LIGHT": 2, "SORT_ONCE": True},
-                                    {"FILTER": False}, {"BUCKET_R": 0}, {"BUCKET_R": 2}, {"BUCKET_R": 8, "REVERSE": True}])
+                                    {"FILTER": False}, {"BUCKET_R": 0}, {"BUCKET_R": 2},
+                                    {"BUCKET_R": 8, "REVERSE": True}])
 @pytest.mark.parametrize("score,top_k", [("group_softmax", 16), ("dot", 5), ("group_softmax", 33)])
 def test_select_topk_paths_over_many_chunks(config, score, top_k):
     """Several 64-block chunks per query: threshold filter with one-by-one insertion (LIGHT 64), sort-merge

@@ -286,14 +286,14 @@ def main():
                 scfg = SSAConfig(block_size=bs, top_k=kk, alpha=10.0, backend="auto")
                 gate = torch.randn(t, 1, hq, device=DEV, dtype=DT, requires_grad=True)
 
-                def layer(cfg=scfg):
-                    out, loss, _ = ssa_attention(q, k, v, gate, cfg, "sparse", training=True)
+                def layer(ssa_cfg=scfg):
+                    out, loss, _ = ssa_attention(q, k, v, gate, ssa_cfg, "sparse", training=True)
                     return out, loss
 
                 one = torch.ones((), device=DEV)
 
-                def layer_fb(cfg=scfg):  # upstream gradients given directly, as for SDPA (no extra mul/sum passes)
-                    out, loss = layer(cfg)
+                def layer_fb(ssa_cfg=scfg):  # upstream gradients given directly, as for SDPA (no mul/sum passes)
+                    out, loss = layer(ssa_cfg)
                     torch.autograd.grad((out, loss), (q, k, v, gate), (do, one))
 
                 l_f = bench(lambda: layer())
@@ -305,8 +305,8 @@ def main():
                 add(shape=sname, T=t, what="layer:serial", cfg=cfg, fwd=o_f, fb=o_fb,
                     ratios={"xSDPA_fb": o_fb / s_fb, "overlap_saves_fb_ms": o_fb - l_fb})
                 if args.layer_profile and (bs, kk) == (16, 16):
-                    for name, cfg_p in (("serial", serial), ("overlap", scfg)):
-                        profile_layer(lambda: layer_fb(cfg_p), f"{args.layer_profile}/layer_{t}_{name}")
+                    for label, variant in (("serial", serial), ("overlap", scfg)):
+                        profile_layer(lambda: layer_fb(variant), f"{args.layer_profile}/layer_{t}_{label}")
                 if args.compare:
                     # the previous selection (session 2: streaming filtered top-k, pass 1 in 32-block chunks, tiles
                     # in launch order) and the layer with it, in the same run

@@ -305,8 +305,8 @@ def main() -> int:
             continue
         ratio = f"{r['step_ms'] / base['step_ms']:.3f}" if base and r["layers"] == base["layers"] else "-"
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "-"
-        print(f"| {r['mode']} | {r['layers']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
-              f"{r['peak_mem_gib']:.1f} | {ratio} |")
+        print(f"| {r['mode']} | {r['layers']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+              f"{mfu} | {r['peak_mem_gib']:.1f} | {ratio} |")
     if args.json:
         save()
         print(f"bench_training: wrote {args.json}")

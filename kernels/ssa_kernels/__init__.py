@@ -18,4 +18,5 @@ from .gate import gate_and_align
 from .select import select_blocks
 from .sparse import build_reverse_index, sparse_attention
 
-__all__ = ["SUPPORTED_DTYPES", "select_blocks", "sparse_attention", "full_attention", "build_reverse_index", "gate_and_align"]
+__all__ = ["SUPPORTED_DTYPES", "select_blocks", "sparse_attention", "full_attention", "build_reverse_index",
+           "gate_and_align"]

@@ -204,7 +204,8 @@ def gate_and_align(o_full: Tensor, o_sparse: Tensor, gate: Tensor | None, beta: 
     if mode not in ("full", "sparse"):
         raise ValueError(f"mode={mode!r}: must be 'full' or 'sparse'")
     if o_full.shape != o_sparse.shape or o_full.dim() != 4:
-        raise ValueError(f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must be the same 4-D shape")
+        raise ValueError(f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} must be the same "
+                         f"4-D shape")
     if o_full.dtype != o_sparse.dtype:
         raise ValueError(f"o_full and o_sparse must have the same dtype, got {o_full.dtype} and {o_sparse.dtype}")
     if gate is not None and gate.shape != o_full.shape[:3]:

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (block_grid, interpreting, patch_interpreter, check_qkv, document_starts, last_dim_contiguous, next_pow2,
-                      q_positions_or_default)
+from ._common import (block_grid, check_qkv, document_starts, interpreting, last_dim_contiguous, next_pow2,
+                      patch_interpreter, q_positions_or_default)
 
 _MIN_KEY = tl.constexpr(-(2 ** 63))
 DEFAULT_CONFIG: dict = {}
@@ -114,7 +114,8 @@ def _select_kernel(
     NBK: tl.constexpr = BN // 2
     if BUCKET_R > 0:
         # Bucketed top-k: chunk column pairs (2i, 2i+1) feed bucket i; every bucket keeps its best BUCKET_R keys,
-        # ascending along the last axis. With BUCKET_R >= KP the union of the buckets holds the exact top KP.
+        # ascending along the last axis. With BUCKET_R >= KP the union of the buckets holds the exact top KP; with
+        # fewer, the overflow check after the loop flags the tiles where it may not.
         r_ax = tl.arange(0, BUCKET_R)
         lists = tl.full([BQ, NBK, BUCKET_R], _MIN_KEY, dtype=tl.int64)
     for j0 in range(j_begin, j_end, BN):
@@ -262,17 +263,19 @@ def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
 def select_options(kp: int, bn: int, bq: int) -> dict:
     """Kernel flags and launch options of the selection (shared with kernels/tools/aot_check.py).
 
-    BUCKET_R 8 for KP 16 and 32 (top-k up to 33) and tiles of at most 16 tokens (G >= 4): the bucketed top-k (branch-free, one small bitonic merge per chunk)
-    plus the exact recomputation of the rare overflowing tiles; its pass 1 (no top-k) reads 64-block chunks (BN1)
-    through a 2-stage pipeline. Without it: FILTER (threshold-filtered top-k) only
-    for KP = 16, where it beat the unfiltered merge (-17 % at 32k 16x16, +43 % at 64x32); SORT_ONCE re-sorts the
-    filtered buffer only after one-by-one insertions. REVERSE starts the tiles with the most candidates first. One
-    pipeline stage: the chunk loop is bound by the top-k, not by loads. (H200; docs/kernels_notes.md, v2-v4.)
+    BUCKET_R 8 for KP 16 and 32 (top-k up to 33) and tiles of at most 16 tokens (G >= 4): the bucketed top-k
+    (branch-free, one small bitonic merge per chunk) plus the exact recomputation of the rare overflowing tiles;
+    its pass 1 (no top-k) reads 64-block chunks (BN1) through a 2-stage pipeline. Without it: FILTER
+    (threshold-filtered top-k) only for KP = 16, where it beat the unfiltered merge (-17 % at 32k 16x16, +43 % at
+    64x32); SORT_ONCE re-sorts the filtered buffer only after one-by-one insertions. REVERSE starts the tiles with
+    the most candidates first. One pipeline stage: the chunk loop is bound by the top-k, not by loads. (H200;
+    docs/kernels_notes.md, v2-v4.)
     """
     # G = 1 (64-token tiles) holds 8192 int64 list entries per tile and ran 4.3x slower than the streaming top-k.
     bucketed = kp in (16, 32) and bq <= 16
     return {"BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16, "SORT_ONCE": True, "REVERSE": True,
-            "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1, "num_warps": 4, "num_stages": 1}
+            "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1,
+            "num_warps": 4, "num_stages": 1}
 
 
 @torch.no_grad()

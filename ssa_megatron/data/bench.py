@@ -4,7 +4,8 @@
 
 Counts ``micro_batch_size × seq_length`` tokens per batch received in the main process (tensors built, workers'
 decode + checksum + shuffle included); the clock starts after the first batch so that worker start-up and the
-first group load are reported separately. Compare with what the GPUs consume (docs/benchmarks.md, "Data pipeline (CPU)").
+first group load are reported separately. Compare with what the GPUs consume (docs/benchmarks.md, "Data pipeline
+(CPU)").
 """
 
 from __future__ import annotations

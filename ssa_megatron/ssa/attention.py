@@ -74,7 +74,7 @@ FUSED_GATE_LOSS = True
 
 def _fused_gate_loss(backend: types.ModuleType, o: Tensor) -> bool:
     return (FUSED_GATE_LOSS and backend is not reference and hasattr(backend, "gate_and_align")
-            and o.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and o.dtype in backend.SUPPORTED_DTYPES)
 
 
 def _overlap_branches(cfg: SSAConfig, backend: types.ModuleType, q: Tensor) -> bool:
