@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ssa_megatron.megatron.testing import init_megatron, tiny_recipe
+from helpers.megatron import init_megatron, tiny_recipe
 
 SEQ = 64  # block 16: top_k 4 covers the whole sequence
 ATOL = 1e-5  # fp32 logits; the two stacks run the same ops, so the difference is at rounding level

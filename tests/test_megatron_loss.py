@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssa_megatron.megatron.loss import AlignmentLossScaler, alignment_loss_weight, set_alignment_loss_scale
-from ssa_megatron.megatron.testing import init_megatron, spawn_gloo, tiny_recipe
+from helpers.megatron import init_megatron, spawn_gloo, tiny_recipe
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssa_megatron.megatron.mode import MODE_SAMPLER, force_mode, sample_mode
-from ssa_megatron.megatron.testing import init_megatron, tiny_recipe
+from helpers.megatron import init_megatron, tiny_recipe
 
 
 def test_sample_mode_deterministic_and_calibrated():

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from ssa_megatron.megatron.testing import init_megatron, tiny_recipe
+from helpers.megatron import init_megatron, tiny_recipe
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ssa_megatron.megatron.testing import init_megatron, spawn_gloo, tiny_recipe
+from helpers.megatron import init_megatron, spawn_gloo, tiny_recipe
 
 
 def _core_attention(cp_size: int, ssa, cp_comm_type: str = "all_gather"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ssa_megatron.training import checkpoint as ckpt_lib
-from ssa_megatron.training.testing import run_training, tiny_test_recipe
+from helpers.training import run_training, tiny_test_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ KILLED_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from ssa_megatron.training import checkpoint as ckpt_lib
-    from ssa_megatron.training.testing import run_training, tiny_test_recipe
+    from helpers.training import run_training, tiny_test_recipe
 
     run_dir, marker = Path(sys.argv[1]), Path(sys.argv[2])
     real_save = ckpt_lib.dist_checkpointing.save

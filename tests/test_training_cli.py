@@ -3,7 +3,7 @@
 import pytest
 
 from ssa_megatron.training import cli
-from ssa_megatron.training.testing import TEST_OVERRIDES
+from helpers.training import TEST_OVERRIDES
 
 
 def test_print_recipe(capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssa_megatron.training.health import NonFiniteError
-from ssa_megatron.training.testing import run_training, tiny_test_recipe
+from helpers.training import run_training, tiny_test_recipe
 
 
 def _param(model_chunks, name):

@@ -8,7 +8,7 @@ through the data pipeline's resumable loader.
 import pytest
 import torch
 
-from ssa_megatron.training.testing import run_training, tiny_test_recipe
+from helpers.training import run_training, tiny_test_recipe
 
 N = 6
 
@@ -93,8 +93,8 @@ def test_resume_under_tensor_parallelism(tmp_path):
     continues the uninterrupted one up to the rounding of split matmuls."""
     import json
 
-    from ssa_megatron.megatron.testing import spawn_gloo
-    from ssa_megatron.training.testing import resume_in_process_group
+    from helpers.megatron import spawn_gloo
+    from helpers.training import resume_in_process_group
 
     overrides = [f"train.steps={N}", f"checkpoint.interval={N // 2}"]
     full = run_training(tiny_test_recipe(tmp_path / "reference", *overrides))
@@ -116,7 +116,7 @@ def test_checkpoint_keys_are_those_of_the_bare_model():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from ssa_megatron.megatron.model import build_gpt_model
-    from ssa_megatron.megatron.testing import init_megatron, tiny_recipe
+    from helpers.megatron import init_megatron, tiny_recipe
     from ssa_megatron.training.checkpoint import load_model_chunks, training_state
 
     init_megatron()

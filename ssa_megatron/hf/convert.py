@@ -422,9 +422,9 @@ def hf_to_megatron_checkpoint(hf_dir: str | Path, out_dir: str | Path, *, recipe
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hf["model.embed_tokens.weight"].dtype, "fp32")
     recipe.train.precision = precision
     if not parallel_state.model_parallel_is_initialized():
-        from ssa_megatron.megatron.testing import init_megatron
+        from ssa_megatron.training.parallel import init_single_process
 
-        init_megatron(tp=1, pp=1, cp=1)
+        init_single_process()
     if parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise ValueError("hf_to_megatron_checkpoint runs on one process (tp = pp = 1); torch_dist checkpoints "
                          "reshard on load, so train with any layout afterwards")

@@ -73,7 +73,7 @@ def init_parallel(recipe: RecipeConfig) -> ParallelDims:
             # A lone process (not torchrun): its own rendezvous on a free local port, whatever the environment
             # inherited, so concurrent or back-to-back runs never collide.
             os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
@@ -131,6 +131,23 @@ def seed_everything(seed: int, device: torch.device) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def init_single_process(seed: int = 1234) -> None:
+    """Megatron parallel state for one process (tp = pp = cp = 1) where no recipe drives the layout: checkpoint
+    conversion. A gloo group of world size 1 is created unless one exists; without CUDA the CPU patches apply."""
+    from ssa_megatron.megatron import cpu_compat
+
+    cpu_compat.enable_cpu_compat()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel()
+    device = torch.device("cpu") if cpu_compat.cpu_compat_enabled() else torch.device("cuda")
+    seed_everything(seed, device)
+
+
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -138,9 +155,10 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     import socket
 
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -4,7 +4,6 @@ Megatron parallel-state set-up, and a tiny recipe."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from typing import Callable
 
@@ -13,12 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ssa_megatron.config import ModelConfig, ParallelConfig, RecipeConfig, SSAConfig, TrainConfig
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ssa_megatron.training.parallel import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:

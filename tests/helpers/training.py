@@ -40,7 +40,7 @@ def run_training(recipe: RecipeConfig, **kwargs):
 
 
 def resume_in_process_group(rank: int, world_size: int, run_dir: str, overrides: list[str], out: str) -> None:
-    """Spawned by ``ssa_megatron.megatron.testing.spawn_gloo``: resumes ``run_dir`` under this world size and
+    """Spawned by ``helpers.megatron.spawn_gloo``: resumes ``run_dir`` under this world size and
     writes rank 0's result (start step, losses) to ``out`` as JSON."""
     import json
 
