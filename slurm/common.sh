@@ -25,7 +25,10 @@ ssa_export_env() {
   export CUDA_DEVICE_MAX_CONNECTIONS=1          # ordered kernel launches: Megatron's TP/SP comm overlap relies on it
   export TORCH_NCCL_AVOID_RECORD_STREAMS=1      # free comm buffers eagerly (less fragmentation)
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=1      # a failed collective kills the job instead of hanging it
-  export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"  # NVLink SHARP off (needs multicast objects; see KINDS.md)
+  # NVLink SHARP (NVLS) off by default: it needs CUDA multicast objects (cuMulticastCreate), which some drivers,
+  # virtualised hosts and containers do not provide, and on hosts shared with other jobs a program using them
+  # can put the GPUs out of service. Set NCCL_NVLS_ENABLE=1 where your NVSwitch nodes support it.
+  export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
   export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-19}"
   export NCCL_IB_SL="${NCCL_IB_SL:-1}"
   export NCCL_P2P_NET_CHUNKSIZE="${NCCL_P2P_NET_CHUNKSIZE:-2097152}"

