@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssa_megatron.config import DataConfig
+from ssa_megatron.config import DataConfig, ModelConfig, RecipeConfig, TrainConfig
 from ssa_megatron.data.builtin import ensure_builtin_corpus, stdlib_files
 from ssa_megatron.data.from_config import build_loaders
 from ssa_megatron.data.documents import InputError, list_input_files, plan_units, read_unit
@@ -79,6 +79,12 @@ def _stored_rows(shard_dir: Path, split: str) -> list[tuple[np.ndarray, np.ndarr
             tokens, bounds = read_shard(shard, meta.row_tokens, np.dtype(meta.token_dtype))
             rows.extend(zip(tokens, bounds))
     return rows
+
+
+def _recipe(data: DataConfig, seq_length: int, micro_batch_size: int, vocab_size: int) -> RecipeConfig:
+    """A recipe with these data settings (what ``build_loaders`` reads of a recipe)."""
+    return RecipeConfig(data=data, model=ModelConfig(seq_length=seq_length, vocab_size=vocab_size),
+                        train=TrainConfig(micro_batch_size=micro_batch_size))
 
 
 def _rows_of_batch(batch) -> list[tuple[int, ...]]:
@@ -388,14 +394,16 @@ def test_builtin_stdlib_corpus_builds_quickly_and_is_cached(tmp_path):
         (shard_dir, tokenizer_path)
     assert time.perf_counter() - started < 2
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
-    # What the training loop calls: the same cached corpus, train and held-out loaders.
-    setup = build_loaders(DataConfig(cache_dir=str(tmp_path), num_workers=0), 256, 2, 2048, log=lambda s: None)
+    # What the training loop calls: the same cached corpus, train and held-out streams.
+    setup = build_loaders(_recipe(DataConfig(cache_dir=str(tmp_path), num_workers=0), 256, 2, 2048),
+                          log=lambda s: None)
     assert setup.train_source == str(shard_dir) and setup.tokenizer_path == tokenizer_path
+    start = setup.valid.state_dict()
     held_out = [_rows_of_batch(b) for _, b in zip(range(2), setup.valid)]
-    setup.valid.rewind()
+    setup.valid.load_state_dict(start)  # what the loop does before each evaluation
     assert [_rows_of_batch(b) for _, b in zip(range(2), setup.valid)] == held_out
     with pytest.raises(ValueError, match="raise model.vocab_size to at least 2048"):
-        build_loaders(DataConfig(cache_dir=str(tmp_path), train_shards=str(shard_dir)), 256, 2, 1000)
+        build_loaders(_recipe(DataConfig(cache_dir=str(tmp_path), train_shards=str(shard_dir)), 256, 2, 1000))
     batch = next(iter(TokenLoader(shard_dir, 256, micro_batch_size=2, num_workers=0)))
     _check_batch_structure(batch, meta.eos_id, seq=256)
     # The longest segment decodes to real standard-library source.

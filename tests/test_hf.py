@@ -209,7 +209,7 @@ def test_bad_inputs_are_named(megatron_ckpts, hf_dirs, tmp_path):
         hf_to_megatron_checkpoint(tmp_path / "no_such_hf", tmp_path / "out")
 
     # A recipe whose shape disagrees with the weights.
-    _, recipe, run = megatron_ckpts[True]
+    _, _, run = megatron_ckpts[True]
     wrong = tiny_recipe(seq_length=SEQ)
     wrong.model.ffn_hidden_size = 96
     with pytest.raises(ValueError, match=r"step_00000003.*linear_fc\d.weight.*do not match"):

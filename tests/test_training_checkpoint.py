@@ -73,7 +73,7 @@ def test_sigkill_during_save(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "saving"
     script = tmp_path / "killed_save.py"
     script.write_text(KILLED_SAVE)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))  # ssa_megatron, helpers
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(marker)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -1,9 +1,9 @@
-"""The optimizer helpers that work around Megatron 0.19.2 without Apex/TE (its torch AdamW fallback)."""
+"""Loading optimizer state into the torch AdamW that Megatron 0.19.2 falls back to without Apex/TE."""
 
 import pytest
 import torch
 
-from ssa_megatron.training.optimizer import torch_adam_step_kept_out_of_param_load
+from ssa_megatron.training.checkpoint import torch_adam_step_kept_out_of_param_load
 
 
 class _DistOptLike:
@@ -36,3 +36,15 @@ def test_param_state_load_skips_and_keeps_the_adam_step():
     assert torch.equal(opt.param.data, torch.ones(3)) and torch.equal(state["exp_avg_sq"], torch.full((3,), 3.0))
     assert float(state["step"]) == 7.0  # restored from the param groups by Megatron, untouched here
     assert "_set_main_param_and_optimizer_states" not in vars(opt)  # the class's method is back
+
+
+def test_the_megatron_method_the_workaround_replaces_is_still_there():
+    """``torch_adam_step_kept_out_of_param_load`` wraps DistributedOptimizer's private
+    ``_set_main_param_and_optimizer_states(model_param, tensors)`` (no public hook exists for the per-parameter
+    copy); this fails when megatron-core renames it or changes its arguments."""
+    import inspect
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    method = DistributedOptimizer._set_main_param_and_optimizer_states
+    assert list(inspect.signature(method).parameters) == ["self", "model_param", "tensors"]

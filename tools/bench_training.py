@@ -6,7 +6,7 @@ context, bf16, Megatron DDP + distributed optimizer (AdamW), the same code path 
 wrap, optimizer, Megatron's forward-backward schedule, ``forward_step`` of the training loop). Tokens are
 synthetic (deterministic random rows; the step cost does not depend on their values).
 
-Modes, in one process on one card (BENCHMARKS.md protocol: the baseline is timed in the same run):
+Modes, in one process on one card (docs/benchmarks.md protocol: the baseline is timed in the same run):
   full_attn   p_full = 1, alpha = 0 (FullAttn baseline: one attention branch)
   ssa         p_full = 0.5, alpha = 10 (both branches + selection + alignment loss every micro-batch)
   sparse      p_full = 0, alpha = 0 (MoBA-style sparse only)
@@ -81,11 +81,11 @@ def time_mode(mode: str, args) -> dict:
 
     from ssa_megatron.megatron.mode import MODE_SAMPLER
     from ssa_megatron.megatron.tracker import get_ssa_tracker
-    from ssa_megatron.training.data import StepBatches, SyntheticTokens
+    from ssa_megatron.data.synthetic import SyntheticTokens
     from ssa_megatron.training.metrics import model_flops_per_token, parameter_count, peak_flops
     from ssa_megatron.training.optimizer import build_optimizer
     from ssa_megatron.training.parallel import init_parallel
-    from ssa_megatron.training.train import forward_step
+    from ssa_megatron.training.step import StepBatches, forward_step
     from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
 
     recipe = bench_recipe(mode, args)
@@ -155,7 +155,7 @@ def _profile_step(mode: str, args, step) -> None:
 
 
 def time_hf(args) -> dict:
-    """Plain HF transformers Llama at the same shape (BENCHMARKS.md's anchor), SDPA, bf16, fused AdamW."""
+    """Plain HF transformers Llama at the same shape (the anchor of docs/benchmarks.md), SDPA, bf16, fused AdamW."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ssa_megatron.config import load_recipe

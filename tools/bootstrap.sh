@@ -5,7 +5,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-# Prefers 3.12, the GPU machines' Python (megatron-core's cp312 wheel is what they carry).
+# Prefers 3.12: megatron-core 0.19 needs >= 3.12, and 3.12 is the version the tests and kernels run under.
 find_python() {
   local cand v
   for cand in python3.12 python3.13 python3; do
@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
-# torch 2.11 matches the GPU machines (torch 2.11 + triton 3.6); installed first so the resolver keeps it.
+# torch 2.11 with triton 3.6 is what the kernels are tested with; installed first so the resolver keeps it.
 if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   echo "bootstrap: installing torch 2.11.0 (first run only, ~4.7 GB)"
   "${pip[@]}" install "torch==2.11.0"

@@ -171,7 +171,7 @@ def main() -> None:
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     rank = dist.get_rank()
-    tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    tp_rank = ps.get_tensor_model_parallel_rank()
     first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     layout = f"tp{args.tp}_cp{args.cp}_pp{args.pp}"
     if rank == 0:

@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ssa_megatron.hf.convert import megatron_checkpoint_to_hf, resolve_checkpoint
+    from ssa_megatron.hf.convert import megatron_checkpoint_to_hf
+    from ssa_megatron.training.checkpoint import resolve_checkpoint
 
     started = time.perf_counter()
     ckpt = resolve_checkpoint(args.checkpoint)

@@ -1,4 +1,5 @@
-"""Data pipeline: tokenizer, packing, WebDataset shards, the resumable loader and the embedded default corpus.
+"""Data pipeline: tokenizer, packing, WebDataset shards, the resumable loader, the embedded default corpus, and
+the streams the training loop reads.
 
 Modules (imported lazily, so tokenizer worker processes do not pay for torch):
   tokenizer   load_tokenizer(path) -> Tokenizer; train_bpe(files_or_texts, vocab_size, output_path) -> Path
@@ -8,7 +9,8 @@ Modules (imported lazily, so tokenizer worker processes do not pay for torch):
   prepare     prepare_shards(inputs, output_dir, tokenizer, seq_length, ...): multiprocess, resumable
   loader      TokenLoader: deterministic, resumable micro-batches per data-parallel rank
   builtin     ensure_builtin_corpus(cache_dir, seq_length, vocab_size) -> (shard_dir, tokenizer_path)
-  from_config build_loaders(DataConfig, seq_length, micro_batch_size, vocab_size, dp_rank, dp_world_size)
+  synthetic   SyntheticTokens: deterministic synthetic token rows (tests, benchmarks)
+  from_config build_loaders(recipe, dp_rank, dp_world_size) -> DataSetup (this rank's train and held-out streams)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _EXPORTS = {
     "CorruptShardError": "shards", "read_meta": "shards",
     "batch_from_rows": "packing",
     "ensure_builtin_corpus": "builtin", "BUILTIN_NAME": "builtin",
+    "SyntheticTokens": "synthetic",
     "build_loaders": "from_config", "DataSetup": "from_config",
 }
 

@@ -1,10 +1,10 @@
 """The embedded default corpus: the running interpreter's standard library, tokenized and sharded on first use.
 
 No standard LM corpus is reachable offline, but every Python has its standard library: ~11 MB of real text with
-long-range structure (DESIGN.md §5). Test suites and site-packages are left out. The first call trains a
-byte-level BPE on it (deterministic), packs it into shards in the cache directory and returns that directory;
-later calls return the cached result at once. The build is atomic (temp directory, then rename) and guarded by a
-file lock, so several ranks of one node can call it together and only one builds.
+long-range structure (docs/data.md, "Embedded default corpus"). Test suites and site-packages are left out. The
+first call trains a byte-level BPE on it (deterministic), packs it into shards in the cache directory and returns
+that directory; later calls return the cached result at once. The build is atomic (temp directory, then rename)
+and guarded by a file lock, so several ranks of one node can call it together and only one builds.
 """
 
 from __future__ import annotations

@@ -1,4 +1,16 @@
-"""Loaders from a recipe's ``data`` section: what the training loop calls once per rank."""
+"""``build_loaders``: this data-parallel rank's train and held-out streams for a recipe, what the training loop
+calls once.
+
+``data.train_shards`` is ``builtin:stdlib`` (the embedded default corpus and its BPE tokenizer, built once and
+cached), a shard directory or brace pattern made by ``tools/prepare_data.py``, or ``synthetic[:<seed>]``
+(deterministic synthetic tokens for tests and benchmarks). The held-out split is ``data.valid_shards`` or, when
+unset, the ``valid`` shards of the training set.
+
+A stream yields dicts of ``[micro_batch, seq]`` tensors -- ``tokens``, ``labels``, ``position_ids``, ``loss_mask``
+(and ``cu_seqlens`` for document masking) -- and has ``state_dict()`` / ``load_state_dict()``, so a resumed run
+continues at the exact next batch. Every rank of one data-parallel replica (its TP, CP and PP ranks) reads the
+same batches; data-parallel replicas read disjoint ones.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +18,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import DataConfig
+from ..config import RecipeConfig
 from .builtin import BUILTIN_NAME, ensure_builtin_corpus
 from .loader import TokenLoader
 from .shards import resolve_shards
+from .synthetic import SyntheticTokens
 from .tokenizer import tokenizer_hash
 
 
 @dataclass
 class DataSetup:
-    """The rank's loaders and the tokenizer that made their shards."""
+    """The rank's streams and where their tokens come from."""
 
-    train: TokenLoader
-    valid: Optional[TokenLoader]
-    """Held-out batches in a fixed order, cycling; call ``valid.rewind()`` before each evaluation. None when the
-    data has no held-out split."""
-    tokenizer_path: Path
+    train: "LoaderStream | SyntheticTokens"
+    valid: "LoaderStream | SyntheticTokens | None"
+    """Held-out batches in a fixed order, cycling (load a state saved before the first evaluation to replay the
+    same batches). None when the data has no held-out split."""
+    tokenizer_path: Optional[Path]
+    """The tokenizer that made the shards (None for synthetic tokens)."""
     train_source: str
 
 
-def build_loaders(data: DataConfig, seq_length: int, micro_batch_size: int, vocab_size: int, dp_rank: int = 0,
-                  dp_world_size: int = 1, log: Callable[[str], None] = print) -> DataSetup:
-    """Resolves ``data.train_shards`` (building the embedded corpus on first use) and makes this rank's loaders.
+def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1,
+                  log: Callable[[str], None] = print) -> DataSetup:
+    """This data-parallel rank's (train, held-out) streams for ``recipe.data``.
 
-    Args:
-        vocab_size: the model's (padded) vocabulary; every token id of the shards must be below it. With builtin
-            data and no ``data.tokenizer`` it is also the size of the BPE trained on the corpus.
+    Resolves ``data.train_shards`` (building the embedded corpus on first use). ``model.vocab_size`` is the
+    model's (padded) vocabulary: every token id of the shards must be below it; with builtin data and no
+    ``data.tokenizer`` it is also the size of the BPE trained on the corpus.
     """
+    m, data = recipe.model, recipe.data
+    if data.train_shards.startswith("synthetic"):
+        # "synthetic" (or "synthetic:<seed>"); the held-out stream uses another seed.
+        seed = int(data.train_shards.split(":", 1)[1]) if ":" in data.train_shards else data.seed
+
+        def stream(offset: int) -> SyntheticTokens:
+            return SyntheticTokens(vocab_size=m.vocab_size, seq_length=m.seq_length,
+                                   micro_batch_size=recipe.train.micro_batch_size, seed=seed + offset,
+                                   dp_rank=dp_rank)
+
+        return DataSetup(stream(0), stream(1_000_003), None, data.train_shards)
+
     if data.train_shards == BUILTIN_NAME:
         shard_dir, tokenizer_path = ensure_builtin_corpus(
-            data.cache_dir, seq_length, vocab_size, tokenizer_path=data.tokenizer, max_mb=data.builtin_max_mb,
+            data.cache_dir, m.seq_length, m.vocab_size, tokenizer_path=data.tokenizer, max_mb=data.builtin_max_mb,
             valid_fraction=data.valid_fraction, log=log)
         source = str(shard_dir)
     else:
@@ -47,14 +73,14 @@ def build_loaders(data: DataConfig, seq_length: int, micro_batch_size: int, voca
             first = resolve_shards(source)[0][0]
             tokenizer_path = Path(first.path).parent / "tokenizer.json"
     expected_hash = tokenizer_hash(tokenizer_path) if data.tokenizer else None
-    common = dict(seq_length=seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+    common = dict(seq_length=m.seq_length, micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank,
                   dp_world_size=dp_world_size, seed=data.seed, shuffle_shards=data.shuffle_shards,
                   skip_corrupt_shards=data.skip_corrupt_shards, verify_checksums=data.verify_checksums,
                   tokenizer_hash=expected_hash)
     train = TokenLoader(source, num_workers=data.num_workers, split="train", **common)
-    if train.vocab_size > vocab_size:
+    if train.vocab_size > m.vocab_size:
         raise ValueError(f"data.train_shards={data.train_shards!r}: the tokenizer has {train.vocab_size} ids but "
-                         f"model.vocab_size={vocab_size}; raise model.vocab_size to at least {train.vocab_size}")
+                         f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least {train.vocab_size}")
     valid_source = data.valid_shards or source
     try:
         valid = TokenLoader(valid_source, num_workers=0, split="valid", infinite=True, **common)
@@ -63,4 +89,39 @@ def build_loaders(data: DataConfig, seq_length: int, micro_batch_size: int, voca
             raise
         log(f"data: no held-out split in {source} ({err}); evaluation is off")
         valid = None
-    return DataSetup(train, valid, tokenizer_path, source)
+    return DataSetup(LoaderStream(train), LoaderStream(valid) if valid is not None else None, tokenizer_path,
+                     source)
+
+
+class LoaderStream:
+    """A ``TokenLoader`` as an endless iterator (a one-pass held-out split starts over when exhausted); its state
+    is the loader's, and loading a state restarts iteration at that position."""
+
+    def __init__(self, loader: TokenLoader):
+        self.loader = loader
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        self.loader.load_state_dict(state)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loader.vocab_size

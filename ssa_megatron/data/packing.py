@@ -12,7 +12,6 @@ Alongside each row we store its **bounds**: int32 offsets ``[0, start_1, ..., st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -46,10 +45,6 @@ class RowPacker:
     _chunks: list[np.ndarray] = field(default_factory=list)
     _doc_starts: list[int] = field(default_factory=list)  # offsets into the pending stream
     _length: int = 0
-
-    @property
-    def pending_tokens(self) -> int:
-        return self._length
 
     def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
         """Appends documents given as one flat array and their lengths (EOS included in each length)."""
@@ -178,8 +173,3 @@ def batch_from_rows(rows, bounds: list[np.ndarray], seq_length: int) -> dict[str
         "loss_mask": torch.from_numpy(loss_mask),
         "cu_seqlens": torch.from_numpy(np.concatenate(cu_parts).astype(np.int32)),
     }
-
-
-def iter_rows(rows: PackedRows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for i in range(len(rows)):
-        yield rows.tokens[i], rows.bounds[i]

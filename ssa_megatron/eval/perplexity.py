@@ -28,11 +28,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if (p / "config.json").is_file():
         model = SSALlamaForCausalLM.from_pretrained(str(p), dtype=dtype)
     else:
-        ckpt = convert.resolve_checkpoint(p)
-        recipe, data = convert.read_checkpoint_recipe(ckpt)
+        from ssa_megatron.training.checkpoint import read_checkpoint_recipe, read_model_tensors, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(p)
+        recipe, data = read_checkpoint_recipe(ckpt)
         config = hf_config_from_recipe(recipe)
         config.megatron_recipe = data
-        hf = convert.megatron_to_hf_state_dict(convert.read_model_tensors(ckpt), config, f"checkpoint {str(ckpt)!r}")
+        hf = convert.megatron_to_hf_state_dict(read_model_tensors(ckpt), config, f"checkpoint {str(ckpt)!r}")
         model = convert.hf_model_from_state_dict(hf, config)
         if dtype is not None:
             model = model.to(dtype)

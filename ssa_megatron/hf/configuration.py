@@ -1,4 +1,4 @@
-"""``SSALlamaConfig``: a Llama configuration plus the SSA semantics used at inference (DESIGN.md §1, §9).
+"""``SSALlamaConfig``: a Llama configuration plus the SSA semantics used at inference (docs/ssa.md, rule 9).
 
 The Llama fields mean what they mean in ``transformers.LlamaConfig``. The SSA fields mirror
 :class:`ssa_megatron.config.SSAConfig` with an ``ssa_`` prefix: a bare ``top_k`` in a model config is read by

@@ -1,8 +1,8 @@
 """Conversion between Megatron torch_dist checkpoints (``ssa_megatron.training.checkpoint``) and HF folders.
 
-Megatron → HF reads the checkpoint with ``torch.distributed.checkpoint`` directly (no process group, no model
-built): only the model tensors are read, never the optimizer state. In a torch_dist checkpoint every tensor is
-global (tensor-parallel shards merged) and the decoder layers are stacked on dim 0 by global layer index
+Megatron → HF reads the checkpoint without a process group or a model (``resolve_checkpoint``,
+``read_checkpoint_recipe`` and ``read_model_tensors`` of ``ssa_megatron.training.checkpoint``): only the model
+tensors are read, never the optimizer state. In a torch_dist checkpoint every tensor is global (tensor-parallel shards merged) and the decoder layers are stacked on dim 0 by global layer index
 (pipeline stages merged)::
 
     embedding.word_embeddings.weight                            [V, H]
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssa_megatron.config import ModelConfig, RecipeConfig, SSAConfig, from_dict
+from ssa_megatron.config import ModelConfig, RecipeConfig, SSAConfig
 from ssa_megatron.hf.configuration import SSALlamaConfig, hf_config_from_recipe
 
 log = logging.getLogger(__name__)
@@ -48,88 +48,7 @@ FC2 = "decoder.layers.mlp.linear_fc2.weight"
 EMBED = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
-MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Finding and reading a Megatron checkpoint
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory that ``path`` names: a run dir (``<run>/checkpoints/latest``), a checkpoint dir
-    (``latest`` marker) or one checkpoint (``step_XXXXXXXX`` with ``metadata.json``)."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f"checkpoint {str(p)!r} does not exist (expected a run directory, its checkpoints/ "
-                         "directory or one step_XXXXXXXX checkpoint)")
-    if (p / "checkpoints").is_dir() and not (p / "latest").is_file():
-        p = p / "checkpoints"
-    if (p / "latest").is_file():
-        name = (p / "latest").read_text().strip()
-        if not (p / name).is_dir():
-            raise ValueError(f"checkpoint {str(p)!r}: its latest marker names {name!r}, which does not exist")
-        p = p / name
-    if not (p / "metadata.json").is_file() or not (p / ".metadata").is_file():
-        raise ValueError(f"checkpoint {str(path)!r}: {str(p)!r} is not a torch_dist checkpoint (no metadata.json / "
-                         ".metadata); pass a run directory, its checkpoints/ directory or a step_XXXXXXXX directory")
-    return p
-
-
-def read_checkpoint_recipe(ckpt: Path) -> tuple[RecipeConfig, dict]:
-    """The recipe a checkpoint was written with (common state, else the run directory's recipe.yaml): a
-    RecipeConfig with its model and SSA sections (others at their defaults), and the stored dict as is."""
-    from megatron.core import dist_checkpointing
-
-    data = None
-    try:
-        data = dist_checkpointing.load_common_state_dict(str(ckpt)).get("recipe")
-    except Exception as err:  # a checkpoint without common state: fall back to recipe.yaml
-        log.warning("checkpoint %s: no readable common state (%s); looking for recipe.yaml", ckpt, err)
-    if data is None:
-        import yaml
-
-        for candidate in (ckpt.parent.parent / "recipe.yaml", ckpt.parent / "recipe.yaml"):
-            if candidate.is_file():
-                data = yaml.safe_load(candidate.read_text())
-                break
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"checkpoint {str(ckpt)!r} holds no recipe (common state 'recipe' or the run's "
-                         "recipe.yaml); pass the recipe explicitly")
-    return recipe_from_dict(data, f"checkpoint {str(ckpt)!r}"), data
-
-
-def recipe_from_dict(data: dict, source: str) -> RecipeConfig:
-    """A RecipeConfig with the ``model`` and ``ssa`` sections of ``data`` (a stored recipe); the training-only
-    sections are not needed here and may come from another version of the schema."""
-    try:
-        recipe = RecipeConfig(name=str(data.get("name", "converted")),
-                              model=from_dict(ModelConfig, data["model"], "model"),
-                              ssa=from_dict(SSAConfig, data.get("ssa") or {}, "ssa"))
-        recipe.model.validate()
-        recipe.ssa.validate()
-    except ValueError as err:
-        raise ValueError(f"{source}: its recipe is not usable: {err}") from err
-    return recipe
-
-
-def read_model_tensors(ckpt: Path) -> dict[str, Tensor]:
-    """The model tensors of a torch_dist checkpoint (global, layers stacked on dim 0); optimizer state and
-    non-tensor entries are not read."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(ckpt))
-    metadata = reader.read_metadata()
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata) and key.startswith(MODEL_PREFIXES) and "_extra_state" not in key
-    }
-    if not state:
-        raise ValueError(f"checkpoint {str(ckpt)!r} holds no model tensors (keys under embedding./decoder./"
-                         "output_layer.)")
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -281,6 +200,8 @@ def megatron_checkpoint_to_hf(path: str | Path, out_dir: str | Path, *, dtype: s
     """
     from safetensors.torch import save_file
 
+    from ssa_megatron.training.checkpoint import read_checkpoint_recipe, read_model_tensors, resolve_checkpoint
+
     ckpt = resolve_checkpoint(path)
     recipe_data = None
     if recipe is None:
@@ -371,6 +292,8 @@ def recipe_for_hf_config(config: SSALlamaConfig, base: RecipeConfig | None = Non
     """A recipe whose model matches ``config``: ``base`` (or the stored ``megatron_recipe``, or defaults) with its
     model section checked against the HF shape; a mismatch raises ValueError naming the field."""
     if base is None and config.megatron_recipe:
+        from ssa_megatron.training.checkpoint import recipe_from_dict
+
         base = recipe_from_dict(config.megatron_recipe, f"{source} megatron_recipe")
     shape = dict(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
                  ffn_hidden_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,

@@ -1,4 +1,4 @@
-"""``SSALlamaForCausalLM``: transformers' Llama with SSA attention (DESIGN.md §1.5, §1.9).
+"""``SSALlamaForCausalLM``: transformers' Llama with SSA attention (docs/ssa.md rules 5 and 9).
 
 Everything but the attention core is transformers' Llama (embeddings, RMSNorm, SwiGLU MLP, rotary embedding,
 decoder layer, LM head). :class:`SSALlamaAttention` keeps Llama's q/k/v/o projections and RoPE, adds the gate

@@ -1,7 +1,7 @@
 """Logging of training metrics: console (progress bar + a line every log_interval), TensorBoard, and wandb.
 
 Throughput is reported as tokens/s (whole job), model TFLOP/s per GPU and MFU. Model FLOPs per token follow
-BENCHMARKS.md: ``6·N + 6·L·HQ·D·T`` (N = parameters with tied embeddings counted once, T = sequence length),
+docs/benchmarks.md: ``6·N + 6·L·HQ·D·T`` (N = parameters with tied embeddings counted once, T = sequence length),
 i.e. a dense causal full-attention model. SSA runs are measured against the same work, so their MFU is directly
 comparable with the full-attention baseline (the extra branch and the selection are overhead, not credit).
 """
@@ -201,3 +201,27 @@ def format_line(step: int, total: int, v: dict[str, float]) -> str:
         parts.append(f"MFU {100 * v['throughput/mfu']:.1f}%")
     add("memory/peak_gib", ".2f", "mem GiB")
     return " | ".join(parts)
+
+
+def ssa_values(ssa: dict[str, float]) -> dict[str, float]:
+    """SSA tracker output → logged names: losses under loss/, attention statistics under attn/, per layer too."""
+    out = {}
+    for key, value in ssa.items():
+        base, _, layer = key.partition("/layer_")
+        if base in ("alignment_loss", "sparsity_loss", "commitment_loss"):
+            name = {"alignment_loss": "loss/align", "sparsity_loss": "loss/align_sparsity",
+                    "commitment_loss": "loss/align_commitment"}[base]
+        elif base.startswith("attn_"):
+            name = "attn/" + base[len("attn_"):]
+        elif base.startswith("microbatches_"):
+            name = "mode/" + base
+        else:
+            continue
+        out[f"{name}/layer_{int(layer) - 1:02d}" if layer else name] = value
+    return out
+
+
+def per_layer(ssa: dict[str, float], name: str, num_layers: int) -> list[float] | None:
+    """The tracker's per-layer values of ``name`` in layer order (None when it has none)."""
+    values = [ssa.get(f"{name}/layer_{i + 1}") for i in range(num_layers)]
+    return [v for v in values if v is not None] or None

@@ -8,12 +8,12 @@ Both expose what the loop and the checkpointer use::
 Megatron's optimizers allocate on ``device="cuda"`` (grad-norm buffers, overflow flags), so CPU runs use
 ``LocalAdamW``: ``torch.optim.AdamW`` with Megatron's parameter grouping (no weight decay on biases and norm
 weights) and Megatron's model-parallel-aware clipping; its checkpoint state uses the same sharded layout as
-Megatron's non-distributed optimizer (``optimizer.state.exp_avg.<param key>``).
+Megatron's non-distributed optimizer (``optimizer.state.exp_avg.<param key>``). Loading optimizer state from a
+checkpoint, with the workarounds Megatron's torch AdamW fallback needs, is in ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Iterable
 
@@ -146,7 +146,7 @@ class LocalAdamW:
         self.optimizer.load_state_dict(state_dict)
 
 
-def _torch_optimizers(optimizer):
+def torch_optimizers(optimizer):
     """The torch optimizers inside Megatron's (chained) optimizer."""
     from megatron.core.optimizer.optimizer import MegatronOptimizer
 
@@ -163,7 +163,7 @@ def use_fused_adamw(optimizer) -> None:
     one pass. Fused AdamW keeps ``step`` as a float32 tensor on the parameter's device, so existing state is moved
     there (after a checkpoint load, :func:`place_fused_adamw_steps` does that alone). Idempotent.
     """
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.AdamW):
             continue
         for group in inner.param_groups:
@@ -174,7 +174,7 @@ def use_fused_adamw(optimizer) -> None:
 
 def place_fused_adamw_steps(optimizer) -> None:
     """Moves Adam ``step`` scalars of fused param groups onto their parameters' device (after a checkpoint load)."""
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         for group in inner.param_groups:
             if not group.get("fused"):
                 continue
@@ -182,57 +182,3 @@ def place_fused_adamw_steps(optimizer) -> None:
                 state = inner.state.get(p)
                 if state and "step" in state:
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-
-
-@contextlib.contextmanager
-def torch_adam_step_kept_out_of_param_load(optimizer):
-    """Lets Megatron 0.19.2's DistributedOptimizer load its parameter state into torch's AdamW.
-
-    Without Apex/TE, Megatron falls back to ``torch.optim.AdamW``, whose per-parameter state holds a ``step``
-    tensor. ``load_state_dict`` first restores ``step`` from the param groups, then copies the saved parameter
-    state into every tensor of the optimizer state, ``step`` included, while the saved state has no ``step``
-    (it is "handled separately"): ``KeyError: 'step'``. Inside this context the copy skips ``step``.
-    """
-    patched = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
-        index = getattr(opt, "model_param_group_index_map", None)
-        if setter is None or index is None:
-            continue
-
-        def set_without_step(model_param, tensors, _opt=opt, _setter=setter):
-            group_index, group_order = _opt.model_param_group_index_map[model_param]
-            state = _opt.optimizer.state[_opt.optimizer.param_groups[group_index]["params"][group_order]]
-            step = state.pop("step", None) if "step" not in tensors else None
-            try:
-                _setter(model_param, tensors)
-            finally:
-                if step is not None:
-                    state["step"] = step
-
-        opt._set_main_param_and_optimizer_states = set_without_step
-        patched.append(opt)
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class's method
-
-
-def ensure_optimizer_state(optimizer) -> None:
-    """Gives every parameter of Megatron's optimizers zero Adam state (``step`` 0) when it has none yet.
-
-    Torch AdamW creates its state lazily at the first step, while Megatron's DistributedOptimizer without Apex or
-    Transformer Engine reads every parameter's ``step`` when it builds the sharded state dict a checkpoint is loaded
-    into (``assert len(steps) == 1`` fails on a fresh optimizer). The load then overwrites this state.
-    """
-    for inner in _torch_optimizers(optimizer):
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                # fused AdamW keeps step on the parameter's device (use_fused_adamw)
-                state.setdefault("step", torch.zeros((), dtype=torch.float32,
-                                                     device=p.device if group.get("fused") else "cpu"))

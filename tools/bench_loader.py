@@ -1,6 +1,7 @@
+#!/usr/bin/env python
 """Loader throughput: tokens per second one rank's TokenLoader delivers to the training process.
 
-    python -m ssa_megatron.data.bench SHARD_DIR --seq-length 8192 --micro-batch-size 1 --num-workers 2
+    python tools/bench_loader.py SHARD_DIR --seq-length 8192 --micro-batch-size 1 --num-workers 2
 
 Counts ``micro_batch_size × seq_length`` tokens per batch received in the main process (tensors built, workers'
 decode + checksum + shuffle included); the clock starts after the first batch so that worker start-up and the
@@ -14,7 +15,7 @@ import argparse
 import os
 import time
 
-from .loader import TokenLoader
+from ssa_megatron.data.loader import TokenLoader
 
 
 def main(argv=None) -> None:
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shuffle-shards", type=int, default=4)
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of shards")
     parser.add_argument("--consume-tokens-per-s", type=float, default=41_100.0,
-                        help="what one GPU trains on (default: HF Llama 1B shape, 8k, H100; BENCHMARKS.md)")
+                        help="what one GPU trains on (default: HF Llama 1B shape, 8k, H100; docs/benchmarks.md)")
     args = parser.parse_args(argv)
 
     loader = TokenLoader(args.shards, args.seq_length, args.micro_batch_size, dp_rank=args.dp_rank,
