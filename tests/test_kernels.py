@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from helpers.numerics import rel_err
+
 _PREVIOUS = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # Triton reads it when the kernels are decorated (import time)
 
@@ -30,6 +32,7 @@ def _load_kernels():
 
 K = _load_kernels()
 from ssa_kernels import full as kfull  # noqa: E402
+from ssa_kernels import select as ksel  # noqa: E402
 from ssa_megatron.ssa import reference as R  # noqa: E402
 
 # Leave the process environment as we found it for other test modules; our tests set it themselves.
@@ -77,10 +80,9 @@ def assert_selection_matches(idx, cnt, q, k, block_size, top_k, score="group_sof
     # ascending, -1 padded, valid prefix of length counts
     valid = idx >= 0
     assert torch.equal(valid.sum(-1).to(torch.int32), cnt)
-    assert torch.equal(valid, torch.arange(top_k)[None, None, None, :] < cnt[..., None])
-    big = torch.where(valid, idx, torch.full_like(idx, 2 ** 30))
-    assert bool((big[..., 1:] > big[..., :-1]).all() | True)
-    assert bool(((big[..., 1:] > big[..., :-1]) | ~valid[..., 1:]).all()), "not strictly ascending"
+    assert torch.equal(valid, torch.arange(top_k)[None, None, None, :] < cnt[..., None]), "valid entries not a prefix"
+    assert bool((idx[~valid] == -1).all()), "padding is not -1"
+    assert bool(((idx[..., 1:] > idx[..., :-1]) | ~valid[..., 1:]).all()), "not strictly ascending"
     if torch.equal(idx, ref_idx):
         return
     scores = reference_scores(q, k, block_size, score, sink, local, cu_seqlens, q_positions)
@@ -122,6 +124,13 @@ def _qpos(kind, sq, skv):
     return torch.cat([torch.arange(10, 10 + half), torch.arange(skv - (sq - half), skv)])
 
 
+def select_with(q, k, block_size, top_k, score="group_softmax", sink=0, local=0, cu_seqlens=None,
+                q_positions=None, **launch):
+    """select_blocks with launch parameters ``launch`` (select_config keys) in place of production's."""
+    sel = ksel.prepare_selection(q, k, block_size, top_k, score, sink, local, cu_seqlens, q_positions)
+    return ksel.launch_selection(sel, {**ksel.select_config(sel.g, top_k), **launch})
+
+
 @pytest.mark.parametrize("case", SELECT_CASES)
 def test_select_blocks_matches_reference(case):
     sq, skv, b, hq, hkv, d, bs, top_k, score, sink, local, docs, qpos = case
@@ -133,32 +142,45 @@ def test_select_blocks_matches_reference(case):
     assert_selection_matches(idx, cnt, q, k, bs, top_k, score, sink, local, cu, qp)
 
 
-@pytest.mark.parametrize("config", [None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0},
-                                    {"FILTER": True, "LIGHT": 64}, {"FILTER": True, "LIGHT": 2, "SORT_ONCE": True},
-                                    {"FILTER": False}, {"BUCKET_R": 0}, {"BUCKET_R": 2},
-                                    {"BUCKET_R": 8, "REVERSE": True}])
+TOPK_VARIANTS = [  # the top-k algorithms of the selection kernel, each forced at every budget
+    {},                                # what production launches for the budget
+    {"BUCKET_R": 0, "FILTER": True},   # streaming, threshold filter: one-by-one insertions and merges
+    {"BUCKET_R": 0, "FILTER": False},  # streaming, every chunk merged
+    {"BUCKET_R": 8},                   # bucketed, overflowing tiles recomputed
+    {"BUCKET_R": 2},                   # bucketed with buckets too small: most tiles recomputed
+]
+
+
+@pytest.mark.parametrize("launch", TOPK_VARIANTS)
 @pytest.mark.parametrize("score,top_k", [("group_softmax", 16), ("dot", 5), ("group_softmax", 33)])
-def test_select_topk_paths_over_many_chunks(config, score, top_k):
-    """Several 64-block chunks per query: threshold filter with one-by-one insertion (LIGHT 64), sort-merge
-    only (LIGHT 0), the mix of both (LIGHT 8) and the unfiltered merge all give the reference's selection."""
+def test_select_topk_paths_over_many_chunks(launch, score, top_k):
+    """Several chunks of pooled keys per query: every top-k algorithm gives the reference's selection."""
     bs, skv, sq = 4, 4 * 200, 24
     q = torch.randn(sq, 1, 4, 16)
     k = torch.randn(skv, 1, 2, 16)
     qp = torch.cat([torch.arange(300, 300 + sq // 2), torch.arange(skv - sq // 2, skv)])
-    idx, cnt = K.select_blocks(q, k, bs, top_k, score, 1, 1, q_positions=qp, _config=config)
+    idx, cnt = select_with(q, k, bs, top_k, score, 1, 1, q_positions=qp, **launch)
     assert_selection_matches(idx, cnt, q, k, bs, top_k, score, 1, 1, None, qp)
 
 
 def test_select_bucket_overflow_is_detected_and_recomputed():
     """The bucketed top-k keeps BUCKET_R keys per bucket; when a bucket would have to keep more (here: 2 per bucket
-    for a top-15), the bucketed pass alone is wrong, and the flagged tiles' exact recomputation repairs it."""
+    for a top-15), the bucketed launch alone is wrong, every tile it got wrong is flagged, and the flagged tiles'
+    exact recomputation repairs them."""
     bs, skv, sq = 4, 4 * 200, 24
     q = torch.randn(sq, 1, 4, 16)
     k = torch.randn(skv, 1, 2, 16)
-    alone, _ = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 2, "NO_FIXUP": True})
-    idx, cnt = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 2})
-    ref, _ = K.select_blocks(q, k, bs, 16, _config={"BUCKET_R": 0})
-    assert not torch.equal(alone, ref), "the test needs overflowing buckets"
+    sel = ksel.prepare_selection(q, k, bs, 16)
+    launch = {**ksel.select_config(sel.g, 16), "BUCKET_R": 2}
+    alone = torch.empty(1, 2, sq, 16, dtype=torch.int32)
+    overflow = torch.zeros(2, math.ceil(sq / launch["BQ"]), dtype=torch.int32)
+    ksel._launch_select_kernel(sel, launch, alone, torch.empty(1, 2, sq, dtype=torch.int32), overflow)
+    idx, cnt = ksel.launch_selection(sel, launch)
+    ref, _ = ksel.launch_selection(sel, {**launch, "BUCKET_R": 0})
+    wrong = (alone != ref).any(-1)  # [b, HKV, sq]
+    flagged = overflow.view(1, 2, -1).repeat_interleave(launch["BQ"], dim=2)[..., :sq].bool()
+    assert wrong.any(), "the test needs overflowing buckets"
+    assert not (wrong & ~flagged).any(), "a tile that dropped a winner was not flagged"
     assert torch.equal(idx, ref)
     assert_selection_matches(idx, cnt, q, k, bs, 16)
 
@@ -170,16 +192,15 @@ def test_select_ties_go_to_later_block():
     q = torch.randn(sq, 1, 2, 16)
     for score in ("group_softmax", "dot"):
         ref, rc = R.select_blocks(q.double(), k.double(), bs, 3, score)
-        for config in (None, {"FILTER": True, "LIGHT": 0}, {"FILTER": False}, {"BUCKET_R": 2}):
-            idx, cnt = K.select_blocks(q, k, bs, 3, score, _config=config)
+        for launch in TOPK_VARIANTS:
+            idx, cnt = select_with(q, k, bs, 3, score, **launch)
             assert torch.equal(idx, ref) and torch.equal(cnt, rc)
     # many tied blocks over several chunks (BS 4: 250 blocks)
     k = torch.randn(4, 1, 1, 16).repeat(250, 1, 1, 1)
     q = torch.randn(6, 1, 2, 16)
     ref, rc = R.select_blocks(q.double(), k.double(), 4, 20, "dot")
-    for config in (None, {"FILTER": True}, {"FILTER": True, "LIGHT": 0}, {"FILTER": True, "LIGHT": 64},
-                   {"BUCKET_R": 0}, {"BUCKET_R": 2}):
-        idx, cnt = K.select_blocks(q, k, 4, 20, "dot", _config=config)
+    for launch in TOPK_VARIANTS:
+        idx, cnt = select_with(q, k, 4, 20, "dot", **launch)
         assert torch.equal(idx, ref) and torch.equal(cnt, rc)
 
 
@@ -193,10 +214,6 @@ def test_select_strided_inputs_and_scale():
 
 # ----------------------------------------------------------------------------------------------------------
 # Sparse attention
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 SPARSE_CASES = [
@@ -231,7 +248,7 @@ def test_sparse_attention_forward_backward(case):
     rgrads = torch.autograd.grad((ro * do.double()).sum() + (rl * dl.double()).sum(), (qd, kd, vd))
     assert out.shape == ro.shape and lse.shape == rl.shape and lse.dtype == torch.float32
     for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
-        assert _rel(a, r) < 1e-5, f"{name}: rel err {_rel(a, r)}"
+        assert rel_err(a, r) < 1e-5, f"{name}: rel err {rel_err(a, r)}"
 
 
 def test_sparse_backward_grid_hint_gives_the_same_gradients():
@@ -253,7 +270,7 @@ def test_sparse_attention_strided_fp16_and_scale():
     out, lse = K.sparse_attention(q, k, v, idx, 16, softmax_scale=0.2)
     ro, rl = R.sparse_attention(q.double(), k.double(), v.double(), idx, 16, softmax_scale=0.2)
     assert out.dtype == torch.float16
-    assert _rel(out, ro) < 2e-3 and _rel(lse, rl) < 1e-3
+    assert rel_err(out, ro) < 2e-3 and rel_err(lse, rl) < 1e-3
     (out.float().square().sum()).backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
@@ -271,21 +288,38 @@ def test_reverse_index_is_complete_and_ordered():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Full attention (CPU path, and the varlen packing used on GPU, with a torch varlen oracle)
+# Full attention (CPU path, and the varlen packing used on GPU, with a varlen attention from the reference)
+
+
+def varlen_by_reference(qf, kf, vf, cu_q, cu_k, max_q, max_k, softmax_scale, causal, return_attn_probs):
+    """``flash_attn_varlen_func``'s contract (per sequence: causal, bottom-right aligned; ``lse [h, total_q]``),
+    computed with the reference in float64: stands in for the flash kernel the packing feeds on a GPU."""
+    assert causal and return_attn_probs
+    outs, lses = [], []
+    for s in range(len(cu_q) - 1):
+        q_rows, k_rows = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        qs, ks, vs = qf[q_rows], kf[k_rows], vf[k_rows]
+        nq, nk = qs.shape[0], ks.shape[0]
+        out, lse = R.full_attention(qs[:, None].double(), ks[:, None].double(), vs[:, None].double(),
+                                    q_positions=torch.arange(nk - nq, nk), softmax_scale=softmax_scale)
+        outs.append(out[:, 0].to(qf.dtype))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1), None
 
 
 @pytest.mark.parametrize("docs", [None, [0, 20, 50, 77, 100]])
 @pytest.mark.parametrize("qpos", [None, "zigzag", "random"])
-def test_full_attention_paths(docs, qpos):
+def test_full_attention_paths(docs, qpos, monkeypatch):
     q, k, v = torch.randn(30, 2, 4, 16), torch.randn(50, 2, 2, 16), torch.randn(50, 2, 2, 16)
     cu = torch.tensor(docs) if docs is not None else None
     qp = {"zigzag": _qpos("zigzag", 30, 50), "random": torch.randint(0, 50, (30,)), None: None}[qpos]
     ro, rl = R.full_attention(q.double(), k.double(), v.double(), cu, qp)
     o, lse = K.full_attention(q, k, v, cu, qp)
-    assert _rel(o, ro) < 1e-5 and _rel(lse, rl) < 1e-5
+    assert rel_err(o, ro) < 1e-5 and rel_err(lse, rl) < 1e-5
     pos = qp if qp is not None else torch.arange(20, 50)
-    o2, l2 = kfull._flash_varlen(q, k, v, cu, pos, 16 ** -0.5, attn=kfull.varlen_reference)
-    assert _rel(o2, ro) < 1e-5 and _rel(l2, rl) < 1e-5
+    monkeypatch.setattr(kfull, "_fa_varlen", varlen_by_reference)
+    o2, l2 = kfull._flash_varlen(q, k, v, cu, pos, 16 ** -0.5)
+    assert rel_err(o2, ro) < 1e-5 and rel_err(l2, rl) < 1e-5
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -321,19 +355,19 @@ def test_varlen_plan_is_made_once_per_layout(monkeypatch):
     runs = kfull._runs
     monkeypatch.setattr(kfull, "_runs", lambda *a: calls.append(1) or runs(*a))
     monkeypatch.setattr(kfull, "_PLANS", [])
+    monkeypatch.setattr(kfull, "_fa_varlen", varlen_by_reference)
     q, k, v = torch.randn(30, 2, 4, 16), torch.randn(50, 2, 2, 16), torch.randn(50, 2, 2, 16)
     cu, qp = torch.tensor([0, 20, 50, 77, 100]), _qpos("zigzag", 30, 50)
 
     def layer(positions):
-        return kfull._flash_varlen(q, k, v, cu, positions.int(), 0.25, attn=kfull.varlen_reference,
-                                   q_positions=positions, cached=True)
+        return kfull._flash_varlen(q, k, v, cu, positions.int(), 0.25, q_positions=positions, cached=True)
 
     first = layer(qp)
     for _ in range(3):
         again = layer(qp)
     assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
     ro, rl = R.full_attention(q.double(), k.double(), v.double(), cu, qp, 0.25)
-    assert _rel(first[0], ro) < 1e-5 and _rel(first[1], rl) < 1e-5
+    assert rel_err(first[0], ro) < 1e-5 and rel_err(first[1], rl) < 1e-5
     layer(qp.clone())  # another tensor with equal values: planned again (identity, not value)
     qp.add_(0)  # in place: a new version
     layer(qp)
@@ -372,7 +406,7 @@ def test_ssa_attention_triton_backend_matches_reference():
         g = torch.autograd.grad(out.square().sum() + loss, (q, k, v, gate))
         res[name] = (out, loss) + g
     for a, r in zip(res["t"], res["r"]):
-        assert _rel(a, r) < 1e-4
+        assert rel_err(a, r) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,11 +443,11 @@ def test_gate_and_align_matches_reference(mode, beta, shape, with_gate, strided)
     ry, rtotal, rsp, rcm = _gate_align_reference(dd[0], dd[1], dd[2] if with_gate else None, beta, mode)
     rgrads = torch.autograd.grad((ry * dy.double()).sum() + dl.double() * rtotal, dd)
     assert y.dtype == of.dtype and total.dtype == torch.float32 and total.dim() == 0
-    assert _rel(y, ry) < 1e-6
+    assert rel_err(y, ry) < 1e-6
     assert abs(total.item() - rtotal.item()) <= 1e-5 * abs(rtotal.item())
     assert abs(term.item() - rsp.item()) <= 1e-5 * abs(rsp.item()) and not term.requires_grad
     for name, a, r in zip(("d_full", "d_sparse", "d_gate"), grads, rgrads):
-        assert _rel(a, r) < 1e-5, f"{name}: rel err {_rel(a, r)}"
+        assert rel_err(a, r) < 1e-5, f"{name}: rel err {rel_err(a, r)}"
 
 
 def test_gate_and_align_stop_gradients():
@@ -426,9 +460,9 @@ def test_gate_and_align_stop_gradients():
     sig = torch.sigmoid(gate.detach())[..., None]
     r = (of - os_).detach() * sig
     dr = torch.where(r.abs() < 1, r, r.sign()) / r.numel()
-    assert _rel(gf, dr * sig) < 1e-5 and _rel(gs, -dr * sig) < 1e-5
+    assert rel_err(gf, dr * sig) < 1e-5 and rel_err(gs, -dr * sig) < 1e-5
     dsig = (dr * (of - os_).detach()).sum(-1)
-    assert _rel(gg, dsig * sig[..., 0] * (1 - sig[..., 0])) < 1e-5
+    assert rel_err(gg, dsig * sig[..., 0] * (1 - sig[..., 0])) < 1e-5
 
 
 def test_gate_and_align_half_precision_rounding():
@@ -453,5 +487,5 @@ def test_ssa_attention_fused_gate_path_matches_reference_stats():
         out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, "full", training=True)
         res[name] = (out, loss, stats.sparsity_loss, stats.commitment_loss)
     for a, r in zip(res["t"], res["r"]):
-        assert _rel(a, r) < 1e-5
+        assert rel_err(a, r) < 1e-5
     assert A._fused_gate_loss(K, q) and not A._fused_gate_loss(R, q)

@@ -10,8 +10,9 @@ gradient), B=1, bf16, random normal inputs:
              alignment loss (mode sparse, alpha 10)
   layer:serial  the same layer with both branches on one CUDA stream (ssa.overlap_branches off)
   select     ssa_kernels.select_blocks (group_softmax) alone
-  --compare: select:v3 / layer:v3 = the previous selection (streaming threshold-filtered top-k, session 2) alone
-             and in the layer; gate:torch / gate:fused = the gate of both branches + alignment loss alone
+  --compare: select:stream / layer:stream = the selection with the streaming top-k only (the v3 algorithm of
+             docs/kernels_notes.md, pass 1 in BN-block chunks; heavy tiles first, as in production) alone and in
+             the layer; gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
 pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
 """
@@ -40,6 +41,15 @@ DT = torch.bfloat16
 
 def bench(fn, rep=100):
     return do_bench(fn, warmup=20, rep=rep, return_mode="median")
+
+
+def select_variant(**launch):
+    """``select_blocks`` with launch parameters ``launch`` (``select_config`` keys) in place of production's."""
+    @torch.no_grad()
+    def select_blocks(q, k, block_size, top_k, *args, **kwargs):
+        sel = KSEL.prepare_selection(q, k, block_size, top_k, *args, **kwargs)
+        return KSEL.launch_selection(sel, {**KSEL.select_config(sel.g, top_k), **launch})
+    return select_blocks
 
 
 def make(t, hq, hkv, d, grad=True):
@@ -152,21 +162,23 @@ def profile_breakdown(add):
     q, k, v = make(t, hq, hkv, d)
     do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
     for backend in ("cudnn", "flash"):
-        KF.DENSE_BACKEND = backend
+        # "flash": the FA2 op full_attention falls back to when cuDNN declines the inputs (forced by the probe flag)
+        KF._CUDNN_OK = None if backend == "cudnn" else False
         fb = bench(fwd_bwd(lambda: K.full_attention(q, k, v)[0], (q, k, v), do))
         add(shape="32/2/64", T=t, what=f"full:{backend}", fb=fb)
-    KF.DENSE_BACKEND = "cudnn"
+    KF._CUDNN_OK = None
+    g = hq // hkv
     for bs, kk in ((16, 16), (64, 32)):
         cfg = f"{bs}x{kk}"
         qd, kd = q.detach(), k.detach()
-        for label, extra, score in (("sel", None, "group_softmax"), ("sel:dot", None, "dot"),
-                                    ("sel:notopk", {"NO_TOPK": True}, "group_softmax"),
-                                    ("sel:BQ8", {"BQ": 8}, "group_softmax"),
-                                    ("sel:BQ2", {"BQ": 2}, "group_softmax"),
-                                    ("sel:BN128", {"BN": 128}, "group_softmax"),
-                                    ("sel:8warp", {"num_warps": 8}, "group_softmax")):
+        for label, launch, score in (("sel", {}, "group_softmax"), ("sel:dot", {}, "dot"),
+                                     ("sel:BQ8", {"BQ": 8}, "group_softmax"),
+                                     ("sel:BQ2", {"BQ": 2}, "group_softmax"),
+                                     ("sel:BN128", {"BN": 128}, "group_softmax"),
+                                     ("sel:8warp", {"num_warps": 8}, "group_softmax")):
+            select = select_variant(**launch)
             try:
-                ms = bench(lambda: K.select_blocks(qd, kd, bs, kk, score, _config=extra))
+                ms = bench(lambda: select(qd, kd, bs, kk, score))
                 add(shape="32/2/64", T=t, what=label, cfg=cfg, fwd=ms)
             except Exception as e:  # noqa: BLE001
                 print(f"{label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -175,21 +187,25 @@ def profile_breakdown(add):
         nslot = KS._slot_bound(idx)
         qpos = torch.arange(t, device=DEV, dtype=torch.int32)
         scale = d ** -0.5
-        o, lse = KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)
+        fwd_cfg, dq_cfg = KS.fwd_config(g, bs, d), KS.dq_config(g, bs, d)
+        o, lse = KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, fwd_cfg)
         add(shape="32/2/64", T=t, what="sp:fwd", cfg=cfg,
-            fwd=bench(lambda: KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)))
+            fwd=bench(lambda: KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, fwd_cfg)))
         add(shape="32/2/64", T=t, what="sp:slots", cfg=cfg, fwd=bench(lambda: KS._slot_bound(idx)))
         add(shape="32/2/64", T=t, what="sp:dq", cfg=cfg,
-            fwd=bench(lambda: KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)))
-        _, delta = KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)
+            fwd=bench(lambda: KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, dq_cfg)))
+        _, delta = KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, dq_cfg)
         add(shape="32/2/64", T=t, what="sp:grid", cfg=cfg, fwd=bench(lambda: KS._grid_for_table(idx, t, bs, DEV)))
         add(shape="32/2/64", T=t, what="sp:csr", cfg=cfg, fwd=bench(lambda: KS.build_reverse_index(idx, t)))
         kst, ken = KS._grid_for_table(idx, t, bs, DEV)
         rptr, ridx = KS.build_reverse_index(idx, t)
-        for rows in (64, 128, 256):
+        for rows in (64, 128, 256):  # query rows (tokens x heads) per dK/dV step
+            dkdv_cfg = KS.dkdv_config(g, bs, d)
+            dkdv_cfg["TQ"] = max(1, rows // dkdv_cfg["GP"])
+            dkdv_cfg["num_warps"] = 4 if dkdv_cfg["TQ"] * dkdv_cfg["GP"] * d <= 64 * 64 else 8
             try:
                 ms = bench(lambda: KS.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale,
-                                                  rows=rows))
+                                                  dkdv_cfg))
                 add(shape="32/2/64", T=t, what=f"sp:dkdv{rows}", cfg=cfg, fwd=ms)
             except Exception as e:  # noqa: BLE001
                 print(f"dkdv rows={rows} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -308,16 +324,16 @@ def main():
                     for label, variant in (("serial", serial), ("overlap", scfg)):
                         profile_layer(lambda: layer_fb(variant), f"{args.layer_profile}/layer_{t}_{label}")
                 if args.compare:
-                    # the previous selection (session 2: streaming filtered top-k, pass 1 in 32-block chunks, tiles
-                    # in launch order) and the layer with it, in the same run
-                    prev = {"BUCKET_R": 0, "REVERSE": False, "P1_STAGES": 1,
-                            "BN1": KSEL.select_tiles(hq // hkv, kk)[2]}
-                    sel0 = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk, _config=prev))
-                    add(shape=sname, T=t, what="select:v3", cfg=cfg, fwd=sel0, ratios={"new/old": sel / sel0})
-                    KSEL.DEFAULT_CONFIG.update(prev)
-                    o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
-                    KSEL.DEFAULT_CONFIG.clear()
-                    add(shape=sname, T=t, what="layer:v3", cfg=cfg, fwd=o_f, fb=o_fb,
+                    # the streaming top-k (pass 1 in BN-block chunks, one stage) alone and in the layer, same run
+                    stream = select_variant(BUCKET_R=0, P1_STAGES=1, BN1=KSEL.select_tiles(hq // hkv, kk)[2])
+                    sel0 = bench(lambda: stream(q.detach(), k.detach(), bs, kk))
+                    add(shape=sname, T=t, what="select:stream", cfg=cfg, fwd=sel0, ratios={"new/old": sel / sel0})
+                    K.select_blocks = stream  # what ssa_attention calls on this backend
+                    try:
+                        o_f, o_fb = bench(lambda: layer()), bench(layer_fb)
+                    finally:
+                        K.select_blocks = KSEL.select_blocks
+                    add(shape=sname, T=t, what="layer:stream", cfg=cfg, fwd=o_f, fb=o_fb,
                         ratios={"xSDPA_fb": o_fb / s_fb, "new/old_fb": l_fb / o_fb})
             if args.compare:
                 gate_micro(add, sname, t, hq, d)

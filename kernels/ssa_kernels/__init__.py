@@ -13,10 +13,13 @@ Inputs are float16, bfloat16 or float32 (``SUPPORTED_DTYPES``); float64 is the r
 """
 
 from ._common import SUPPORTED_DTYPES
+from ._interpreter import patch_interpreter
 from .full import full_attention
 from .gate import gate_and_align
 from .select import select_blocks
 from .sparse import build_reverse_index, sparse_attention
+
+patch_interpreter()  # CPU runs under TRITON_INTERPRET=1 only; see _interpreter.py
 
 __all__ = ["SUPPORTED_DTYPES", "select_blocks", "sparse_attention", "full_attention", "build_reverse_index",
            "gate_and_align"]

@@ -5,14 +5,8 @@ Framework-free (torch only). Semantics follow docs/architecture.md and ssa_megat
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def next_pow2(n: int) -> int:
@@ -100,65 +94,3 @@ def block_grid(doc_start: Tensor | None, b: int, s: int, block_size: int, device
     st = torch.where(valid, order, torch.full_like(order, s))
     en = torch.where(valid, torch.minimum(st + block_size, torch.gather(doc_end, 1, order)), torch.full_like(st, s))
     return st.to(torch.int32), en.to(torch.int32), valid & (en - st == block_size)
-
-
-def patch_interpreter() -> None:
-    """Speeds up ``tl.sort``/``tl.topk`` under TRITON_INTERPRET=1 (CPU tests only).
-
-    Triton's bitonic sort does its compare-and-swap with an ``xor_sum`` reduction, which the interpreter runs
-    as a Python loop over every element (seconds per sort). XOR is associative, so reducing with
-    ``numpy.bitwise_xor.reduce`` gives the identical result. No effect on GPU compilation.
-    """
-    if not interpreting():
-        return
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter as interp
-    except ImportError:  # pragma: no cover
-        return
-    ops = getattr(interp, "ReduceOps", None)
-    if ops is None or getattr(ops, "_ssa_patched", False):
-        return
-    original = ops.apply_impl
-    xor_combine = getattr(tl.standard, "_xor_combine", None)
-
-    def apply_impl(self, input):
-        if xor_combine is not None and self.combine_fn == xor_combine and len(input) == 1:
-            data = input[0].handle.data
-            if self.axis is None:
-                return self.to_tensor(np.bitwise_xor.reduce(data.reshape(-1)), input[0].dtype)
-            return self.to_tensor(np.bitwise_xor.reduce(data, axis=self.axis, keepdims=self.keep_dims),
-                                  input[0].dtype)
-        return original(self, input)
-
-    ops.apply_impl = apply_impl
-    ops._ssa_patched = True
-
-    # Every nested @jit call (tl.sort -> sort_impl -> _compare_and_swap -> ...) re-patches the whole language
-    # through inspect.getmembers; within one kernel launch the patches are identical, so do each once.
-    import inspect
-    orig_patch_lang = interp._patch_lang
-    state = {"active": False, "seen": set()}
-
-    def patch_lang(fn):
-        if state["active"]:
-            key = tuple(sorted(id(v) for v in fn.__globals__.values()
-                               if inspect.ismodule(v) and v in (tl, tl.core)))
-            if key in state["seen"]:
-                return interp._LangPatchScope()
-            state["seen"].add(key)
-        return orig_patch_lang(fn)
-
-    orig_call = interp.GridExecutor.__call__
-
-    def call(self, *args, **kwargs):
-        outer = state["active"]
-        state["active"], state["seen"] = True, set()
-        try:
-            return orig_call(self, *args, **kwargs)
-        finally:
-            state["active"], state["seen"] = outer, set()
-
-    interp._patch_lang = patch_lang
-    interp.GridExecutor.__call__ = call

@@ -3,9 +3,9 @@
 Dispatch (CUDA):
 - flash-attn installed: ``flash_attn_varlen_func`` (documents and query subsets as varlen sequences).
 - no documents, queries = all keys (the training case): torch's cuDNN attention op
-  ``aten._scaled_dot_product_cudnn_attention`` (the kernel ``F.scaled_dot_product_attention`` picks on
-  H100/H200: measured 1.5x faster than FA2 there) on the Megatron tensors viewed as ``[b, h, s, d]`` (no copy,
-  native GQA, returns the log-sum-exp); FA2 (``aten._scaled_dot_product_flash_attention``) when cuDNN
+  ``aten._scaled_dot_product_cudnn_attention`` (the kernel ``F.scaled_dot_product_attention`` picks on an
+  H100/H200, faster than FA2 there: docs/kernels_notes.md) on the Megatron tensors viewed as ``[b, h, s, d]``
+  (no copy, native GQA, returns the log-sum-exp); FA2 (``aten._scaled_dot_product_flash_attention``) when cuDNN
   declines the inputs.
 - documents and/or query subsets (context parallelism): the query rows are cut into runs of consecutive
   positions inside one document; every run becomes one varlen sequence whose keys are its document's keys up
@@ -13,7 +13,7 @@ Dispatch (CUDA):
   ``aten._flash_attention_forward`` (varlen FlashAttention-2). Packing is one gather of q/k/v rows: cheaper
   than a block-diagonal dense mask (O(T²) memory, no flash backend) or a Python loop over documents (one
   launch per document), and exact.
-Elsewhere (CPU, TRITON_INTERPRET tests) a plain masked-softmax in torch.
+Elsewhere (CPU, float32, head dim above 256) a plain masked softmax in torch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import check_qkv, document_starts, q_positions_or_default
@@ -36,6 +35,8 @@ _SDPA_GQA_NATIVE: bool | None = None  # whether the aten flash op accepts fewer 
 
 
 def _torch_masked(q, k, v, cu_seqlens, q_pos, scale):
+    """Causal (and document-masked) attention in float32 torch: the path where no flash kernel applies. Kernels
+    sit below ``ssa_megatron.ssa`` in the layering, so this cannot call ``reference.full_attention``."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
     g = hq // hkv
@@ -54,13 +55,12 @@ def _torch_masked(q, k, v, cu_seqlens, q_pos, scale):
 
 
 _CUDNN_OK: bool | None = None  # whether the cuDNN op accepted our inputs (probed once)
-DENSE_BACKEND = "cudnn"  # "cudnn" (what F.scaled_dot_product_attention picks on H100/H200) or "flash"
 
 
 def _cudnn_dense(q, k, v, scale):
     """cuDNN SDPA op with the log-sum-exp; native GQA when cuDNN takes it, else None (caller falls back)."""
     global _CUDNN_OK
-    if _CUDNN_OK is False or DENSE_BACKEND != "cudnn":
+    if _CUDNN_OK is False:
         return None
     qh, kh, vh = q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
     try:
@@ -161,7 +161,7 @@ def _varlen_plan(cu_seqlens, q_positions, q_pos, b, skv, device) -> _VarlenPlan:
     return plan
 
 
-def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, attn=None, q_positions=None, cached=False):
+def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, q_positions=None, cached=False):
     """Causal attention over runs of consecutive positions (documents, CP query subsets) as varlen sequences.
 
     ``cached``: reuse the plan of the caller's ``cu_seqlens`` / ``q_positions`` objects (None = the default
@@ -177,9 +177,7 @@ def _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, attn=None, q_positions=None
     qf = q.reshape(sq * b, hq, d).index_select(0, q_rows)
     kf = k.reshape(skv * b, hkv, d).index_select(0, k_rows)
     vf = v.reshape(skv * b, hkv, d).index_select(0, k_rows)
-    if attn is not None:  # test hook: a varlen attention with the same contract
-        out, lse = attn(qf, kf, vf, cu_q, cu_k, scale)
-    elif _fa_varlen is not None:
+    if _fa_varlen is not None:
         out, lse, _ = _fa_varlen(qf, kf, vf, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True,
                                  return_attn_probs=True)
     else:
@@ -214,20 +212,3 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = 
         return _flash_dense(q, k, v, scale)
     q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
     return _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, q_positions=q_positions, cached=True)
-
-
-def varlen_reference(qf, kf, vf, cu_q, cu_k, scale):
-    """Torch version of varlen causal attention (bottom-right aligned), ``lse [h, total_q]``: test oracle."""
-    outs, lses = [], []
-    g = qf.shape[1] // kf.shape[1]
-    for s in range(len(cu_q) - 1):
-        qs = qf[int(cu_q[s]):int(cu_q[s + 1])].float().transpose(0, 1)
-        ks = kf[int(cu_k[s]):int(cu_k[s + 1])].float().repeat_interleave(g, 1).transpose(0, 1)
-        vs = vf[int(cu_k[s]):int(cu_k[s + 1])].float().repeat_interleave(g, 1).transpose(0, 1)
-        nq, nk = qs.shape[1], ks.shape[1]
-        mask = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
-        logits = (scale * qs @ ks.transpose(-1, -2)).masked_fill(~mask, -math.inf)
-        lse = torch.logsumexp(logits, -1)
-        outs.append((torch.exp(logits - lse[..., None]) @ vs).transpose(0, 1).to(qf.dtype))
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses, dim=1)

@@ -22,9 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import next_pow2, patch_interpreter
-
-patch_interpreter()
+from ._common import next_pow2
 
 
 @triton.jit

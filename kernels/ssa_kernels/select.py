@@ -7,31 +7,202 @@ ties toward the later block, as the reference does; nothing of size ``T × T/BS`
 ``group_softmax`` first runs a pass computing each head's log-sum-exp over the scored blocks (the softmax
 normaliser), then the scoring pass, which keeps the top KP keys in registers in one of two ways:
 
-- bucketed (the default for KP 16 and 32): the chunk's columns feed 16 buckets that each keep their best
-  ``BUCKET_R`` keys (one small bitonic merge per chunk, no branches). A tile where a full bucket's smallest kept
-  key ranks inside the top KP may have dropped a winner; it is flagged, and a second launch recomputes the flagged
-  tiles with the streaming top-k below (exact; rare on any input where a bucket rarely holds 8 of the winners).
-- streaming: a running top-KP list; per chunk only keys above its KP-th best can enter (threshold filter), a
-  few of them inserted one by one, many of them via ``tl.topk`` of the chunk and a bitonic max-merge.
+- bucketed (KP 16 and 32, tiles of at most 16 tokens): the chunk's columns feed 16 buckets that each keep their
+  best ``BUCKET_R`` keys (one small bitonic merge per chunk, no branches). A tile where a full bucket's smallest
+  kept key ranks inside the top KP may have dropped a winner; it is flagged, and a second launch recomputes the
+  flagged tiles with the streaming top-k below (exact; rare on any input where a bucket rarely holds 8 of the
+  winners).
+- streaming: a running top-KP list. With the threshold filter (``FILTER``, KP 16) only keys above its KP-th best
+  can enter, a few of them inserted one by one, many of them via ``tl.topk`` of the chunk and a bitonic
+  max-merge; without it every chunk that beats the list is merged.
+
+``select_config`` is the launch table production uses; ``prepare_selection`` + ``launch_selection`` let
+kernels/tools time other launch parameters on the same inputs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (block_grid, check_qkv, document_starts, interpreting, last_dim_contiguous, next_pow2,
-                      patch_interpreter, q_positions_or_default)
+from ._common import (block_grid, check_qkv, document_starts, last_dim_contiguous, next_pow2,
+                      q_positions_or_default)
 
 _MIN_KEY = tl.constexpr(-(2 ** 63))
-DEFAULT_CONFIG: dict = {}
-"""Kernel options merged under every call's ``_config`` (benchmarks use it to time variants end to end)."""
-patch_interpreter()
+# Filtered top-k: a chunk with at most this many keys above the threshold inserts them one by one (cheaper than
+# the chunk's tl.topk + merge); with more, it takes the merge.
+_INSERT_LIMIT = tl.constexpr(8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@triton.jit
+def _load_pooled(kb_base, jj, s_kbn, d, nbc, D: tl.constexpr):
+    """Pooled keys of blocks ``jj`` as the ``[BD, len(jj)]`` right operand of the scoring matmul."""
+    return tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
+                   mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
+
+
+@triton.jit
+def _group_lse2(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_r, hi_r, scale_log2,
+                M: tl.constexpr, D: tl.constexpr, BN1: tl.constexpr, P1_STAGES: tl.constexpr):
+    """group_softmax pass 1: every query row's log2-sum-exp2 over its candidate blocks ``[lo_r, hi_r)``
+    (0 for a row without candidates)."""
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    n1 = tl.arange(0, BN1)
+    for j0 in tl.range(j_begin, j_end, BN1, num_stages=P1_STAGES):
+        jj = j0 + n1
+        kb = _load_pooled(kb_base, jj, s_kbn, d, nbc, D)
+        s = tl.dot(q, kb) * scale_log2
+        cand = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
+        s = tl.where(cand, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    return tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
+
+
+@triton.jit
+def _chunk_keys(q, kb_base, s_kbn, d, nbc, jj, lo_q, hi_q, lo_r, hi_r, r_ok, lse2, scale_log2, inv_g,
+                BQ: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr):
+    """Ranking keys ``[BQ, BN]`` of the tile's tokens for blocks ``jj``: the score summed over the group's heads
+    (group_softmax: softmax probabilities; dot: logits / G), forced blocks at +inf, non-candidates at _MIN_KEY."""
+    kb = _load_pooled(kb_base, jj, s_kbn, d, nbc, D)
+    logits = tl.dot(q, kb)
+    if SCORE == 0:
+        cand_r = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
+        p = tl.where(cand_r, tl.exp2(logits * scale_log2 - lse2[:, None]), 0.0)
+    else:
+        p = tl.where(r_ok[:, None], logits * inv_g, 0.0)
+    score = tl.sum(tl.reshape(p, [BQ, GP, BN]), axis=1)  # [BQ, BN]
+    cand = (jj[None, :] >= lo_q[:, None]) & (jj[None, :] < hi_q[:, None])
+    forced = cand & ((jj[None, :] < lo_q[:, None] + SINK) | (jj[None, :] >= hi_q[:, None] - LOCAL))
+    bits = score.to(tl.int32, bitcast=True)
+    mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    mono = tl.where(forced, 0x7F800000, mono)
+    key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
+    return tl.where(cand, key, _MIN_KEY)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bucketed top-k
+
+
+@triton.jit
+def _bucketed_update(lists, key, BQ: tl.constexpr, NBK: tl.constexpr, BUCKET_R: tl.constexpr):
+    """Chunk column pairs (2i, 2i+1) feed bucket i of ``lists [BQ, NBK, BUCKET_R]`` (ascending along the last
+    axis). Branch-free: the chunk's two keys per bucket, descending, padded with _MIN_KEY, against the ascending
+    list: the element-wise max holds the list's new top BUCKET_R as a bitonic sequence; one merge sorts it."""
+    r_ax = tl.arange(0, BUCKET_R)
+    ka, kb = tl.split(tl.reshape(key, [BQ, NBK, 2]))
+    k_hi = tl.maximum(ka, kb)
+    k_lo = tl.minimum(ka, kb)
+    new_desc = tl.where(r_ax[None, None, :] == 0, k_hi[:, :, None],
+                        tl.where(r_ax[None, None, :] == 1, k_lo[:, :, None], _MIN_KEY))
+    return tl.bitonic_merge(tl.maximum(lists, new_desc), dim=2)
+
+
+@triton.jit
+def _bucketed_result(lists, t_ok, ovf_ptr, BQ: tl.constexpr, NBK: tl.constexpr, BUCKET_R: tl.constexpr,
+                     KP: tl.constexpr):
+    """The best KP keys of the union of the buckets, ascending; stores whether the tile may be inexact.
+
+    Dropped keys lie below their bucket's kept minimum, so a winner can only be missing when a full bucket's minimum
+    is above the KP-th best kept key. Such tiles are flagged for the exact recomputation (FIXUP launch)."""
+    buf = tl.sort(tl.topk(tl.reshape(lists, [BQ, NBK * BUCKET_R]), KP, dim=1), dim=1)
+    b_min = tl.min(lists, axis=2)
+    over = (b_min > _MIN_KEY) & (b_min > tl.min(buf, axis=1)[:, None]) & t_ok[:, None]
+    tl.store(ovf_ptr, tl.max(tl.max(over.to(tl.int32), axis=1), axis=0))
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming top-k: buf [BQ, KP] holds the running best keys, thr their minimum per row
+
+
+@triton.jit
+def _chunk_top(key, KP: tl.constexpr, BN: tl.constexpr):
+    """The chunk's best KP keys per row, descending."""
+    if BN == KP:
+        top = tl.sort(key, dim=1, descending=True)
+    else:
+        top = tl.topk(key, KP, dim=1)
+    return top
+
+
+@triton.jit
+def _merged_update(buf, thr, key, KP: tl.constexpr, BN: tl.constexpr):
+    """Unfiltered: a chunk with any key above the threshold is merged. Ascending buf vs descending top: the
+    element-wise max holds the top KP of both as a bitonic sequence; one bitonic merge sorts it again."""
+    hit = tl.max(tl.where(key > thr[:, None], 1, 0))
+    if hit > 0:
+        top = _chunk_top(key, KP, BN)
+        buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
+        thr = tl.min(buf, axis=1)
+    return buf, thr
+
+
+@triton.jit
+def _filtered_update(buf, thr, unsorted, key, KP: tl.constexpr, BN: tl.constexpr):
+    """Threshold filter: only keys above the running KP-th best can enter. Few of them (after the first chunks,
+    ~KP·BN/j of the j-th candidate on random data): inserted one by one, best first, each replacing the buffer's
+    minimum (keys are distinct, so ``buf == thr`` marks exactly one slot); that leaves buf unordered, which
+    ``unsorted`` records. Many of them (early chunks): the merge, after re-sorting buf if needed."""
+    above = key > thr[:, None]
+    n_new = tl.max(tl.sum(above.to(tl.int32), axis=1))
+    if n_new > _INSERT_LIMIT:
+        top = _chunk_top(key, KP, BN)
+        if unsorted != 0:
+            buf = tl.sort(buf, dim=1)
+        buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
+        unsorted = tl.full([], 0, dtype=tl.int32)
+        thr = tl.min(buf, axis=1)
+    elif n_new > 0:
+        unsorted = tl.full([], 1, dtype=tl.int32)
+        pend = tl.where(above, key, _MIN_KEY)
+        for _ in range(n_new):
+            best = tl.max(pend, axis=1)
+            ins = best > thr
+            buf = tl.where(ins[:, None] & (buf == thr[:, None]), best[:, None], buf)
+            pend = tl.where(pend == best[:, None], _MIN_KEY, pend)
+            thr = tl.min(buf, axis=1)
+    return buf, thr, unsorted
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The kernel
+
+
+@triton.jit
+def _store_selection(buf, CST, IDX, CNT, b, h, toks, t_ok, own_q, s_cb, s_ib, s_ih, s_is, s_cnb, s_cnh,
+                     BQ: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr):
+    """The best TOPK-1 keys (the last columns of the ascending buf) as sorted block starts, then the own block,
+    then -1 padding; the count includes the own block."""
+    c = tl.arange(0, KP)
+    valid = (buf >= _MIN_KEY + KP) & (c[None, :] >= KP - (TOPK - 1))
+    blk = (buf & 0xFFFFFFFF).to(tl.int32)
+    start = tl.load(CST + b * s_cb + blk, mask=valid, other=0)
+    start = tl.where(valid, start, 2147483647)
+    start = tl.sort(start, dim=1)
+    nsel = tl.sum(valid.to(tl.int32), axis=1)  # [BQ]
+
+    out_base = IDX + b.to(tl.int64) * s_ib + h.to(tl.int64) * s_ih + toks.to(tl.int64) * s_is
+    tl.store(out_base[:, None] + c[None, :], start, mask=t_ok[:, None] & (c[None, :] < nsel[:, None]))
+    tl.store(out_base + nsel, own_q, mask=t_ok)
+    co = tl.arange(0, KO)
+    tl.store(out_base[:, None] + co[None, :], tl.full([BQ, KO], -1, dtype=tl.int32),
+             mask=t_ok[:, None] & (co[None, :] > nsel[:, None]) & (co[None, :] < TOPK))
+    tl.store(CNT + b * s_cnb + h * s_cnh + toks, nsel + 1, mask=t_ok)
 
 
 @triton.jit
@@ -46,14 +217,12 @@ def _select_kernel(
     HKV, scale_log2, inv_g, OVF,
     G: tl.constexpr, GP: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, NO_TOPK: tl.constexpr = False,
-    FILTER: tl.constexpr = True, LIGHT: tl.constexpr = 8, SORT_ONCE: tl.constexpr = False,
-    REVERSE: tl.constexpr = False, BN1: tl.constexpr = 32, P1_STAGES: tl.constexpr = 1,
-    BUCKET_R: tl.constexpr = 0, FIXUP: tl.constexpr = False,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr,
+    FILTER: tl.constexpr, BN1: tl.constexpr, P1_STAGES: tl.constexpr, BUCKET_R: tl.constexpr,
+    FIXUP: tl.constexpr = False,
 ):
-    pid_q = tl.program_id(0)
-    if REVERSE:  # the last tiles have the most candidates (causal): start them first, keep the tail short
-        pid_q = tl.num_programs(0) - 1 - pid_q
+    # The last tiles have the most candidates (causal): started first, they keep the tail of the launch short.
+    pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
@@ -81,138 +250,42 @@ def _select_kernel(
     hi_r = tl.load(HI + b * s_lb + r_tok, mask=r_ok, other=0)
     j_begin = tl.min(tl.where(t_ok & (hi_q > lo_q), lo_q, nbc), axis=0)
     j_end = tl.max(tl.where(t_ok, hi_q, 0), axis=0)
-
     kb_base = KB + b.to(tl.int64) * s_kbb + h.to(tl.int64) * s_kbh
-    n = tl.arange(0, BN)
 
-    # Pass 1 (group_softmax): per-row log2-sum-exp2 over the candidate blocks.
     lse2 = tl.zeros([M], dtype=tl.float32)
     if SCORE == 0:
-        m_i = tl.full([M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([M], dtype=tl.float32)
-        n1 = tl.arange(0, BN1)
-        for j0 in tl.range(j_begin, j_end, BN1, num_stages=P1_STAGES):
-            jj = j0 + n1
-            kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
-                         mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
-            s = tl.dot(q, kb) * scale_log2
-            cand = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
-            s = tl.where(cand, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
-            m_i = m_new
-        lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), 0.0)
+        lse2 = _group_lse2(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_r, hi_r, scale_log2, M, D, BN1, P1_STAGES)
 
-    # Pass 2: scores, running exact top-KP as int64 keys (ascending; unordered with FILTER). Empty slots hold
-    # distinct sentinels _MIN_KEY + column, below every real key (non-candidates are exactly _MIN_KEY).
-    c = tl.arange(0, KP)
-    sentinel = c.to(tl.int64) + _MIN_KEY
+    # Running top-KP as int64 keys. Empty slots hold distinct sentinels _MIN_KEY + column, below every real key
+    # (non-candidates are exactly _MIN_KEY).
+    sentinel = tl.arange(0, KP).to(tl.int64) + _MIN_KEY
     buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
     thr = tl.min(buf, axis=1)
     unsorted = tl.full([], 0, dtype=tl.int32)
     NBK: tl.constexpr = BN // 2
     if BUCKET_R > 0:
-        # Bucketed top-k: chunk column pairs (2i, 2i+1) feed bucket i; every bucket keeps its best BUCKET_R keys,
-        # ascending along the last axis. With BUCKET_R >= KP the union of the buckets holds the exact top KP; with
-        # fewer, the overflow check after the loop flags the tiles where it may not.
-        r_ax = tl.arange(0, BUCKET_R)
         lists = tl.full([BQ, NBK, BUCKET_R], _MIN_KEY, dtype=tl.int64)
+    n = tl.arange(0, BN)
     for j0 in range(j_begin, j_end, BN):
-        jj = j0 + n
-        kb = tl.load(kb_base + jj.to(tl.int64)[None, :] * s_kbn + d[:, None],
-                     mask=(jj[None, :] < nbc) & (d[:, None] < D), other=0.0)
-        logits = tl.dot(q, kb)
-        if SCORE == 0:
-            cand_r = (jj[None, :] >= lo_r[:, None]) & (jj[None, :] < hi_r[:, None])
-            p = tl.where(cand_r, tl.exp2(logits * scale_log2 - lse2[:, None]), 0.0)
-        else:
-            p = tl.where(r_ok[:, None], logits * inv_g, 0.0)
-        score = tl.sum(tl.reshape(p, [BQ, GP, BN]), axis=1)  # [BQ, BN]
-        cand = (jj[None, :] >= lo_q[:, None]) & (jj[None, :] < hi_q[:, None])
-        forced = cand & ((jj[None, :] < lo_q[:, None] + SINK) | (jj[None, :] >= hi_q[:, None] - LOCAL))
-        bits = score.to(tl.int32, bitcast=True)
-        mono = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        mono = tl.where(forced, 0x7F800000, mono)
-        key = (mono.to(tl.int64) << 32) | jj.to(tl.int64)[None, :]
-        key = tl.where(cand, key, _MIN_KEY)
-        if NO_TOPK:  # profiling only: scoring cost without the top-k (result is wrong)
-            buf = tl.maximum(buf, tl.reshape(tl.max(tl.reshape(key, [BQ, BN // KP, KP]), axis=1), [BQ, KP]))
-        elif BUCKET_R > 0:
-            # Branch-free: the chunk's two keys per bucket, descending, padded with _MIN_KEY, against the ascending
-            # list: the element-wise max holds the list's new top BUCKET_R as a bitonic sequence; one merge.
-            ka, kb2 = tl.split(tl.reshape(key, [BQ, NBK, 2]))
-            k_hi = tl.maximum(ka, kb2)
-            k_lo = tl.minimum(ka, kb2)
-            new_desc = tl.where(r_ax[None, None, :] == 0, k_hi[:, :, None],
-                                tl.where(r_ax[None, None, :] == 1, k_lo[:, :, None], _MIN_KEY))
-            lists = tl.bitonic_merge(tl.maximum(lists, new_desc), dim=2)
+        key = _chunk_keys(q, kb_base, s_kbn, d, nbc, j0 + n, lo_q, hi_q, lo_r, hi_r, r_ok, lse2, scale_log2, inv_g,
+                          BQ, GP, BN, D, SINK, LOCAL, SCORE)
+        if BUCKET_R > 0:
+            lists = _bucketed_update(lists, key, BQ, NBK, BUCKET_R)
         elif FILTER:
-            # Threshold filter: only keys above the running KP-th best can enter. Few of them (after the first
-            # chunks, ~KP·BN/j of the j-th candidate on random data): insert them one by one, best first, each
-            # replacing the buffer's minimum (keys are distinct, so `buf == thr` marks exactly one slot). Many
-            # of them (early chunks): the sort-based merge below.
-            above = key > thr[:, None]
-            n_new = tl.max(tl.sum(above.to(tl.int32), axis=1))
-            if n_new > LIGHT:
-                if BN == KP:
-                    top = tl.sort(key, dim=1, descending=True)
-                else:
-                    top = tl.topk(key, KP, dim=1)
-                if SORT_ONCE:  # the buffer is unordered only after one-by-one insertions
-                    if unsorted != 0:
-                        buf = tl.sort(buf, dim=1)
-                    buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
-                    unsorted = tl.full([], 0, dtype=tl.int32)
-                else:
-                    buf = tl.bitonic_merge(tl.maximum(tl.sort(buf, dim=1), top), dim=1)
-                thr = tl.min(buf, axis=1)
-            elif n_new > 0:
-                unsorted = tl.full([], 1, dtype=tl.int32)
-                pend = tl.where(above, key, _MIN_KEY)
-                for _ in range(n_new):
-                    best = tl.max(pend, axis=1)
-                    ins = best > thr
-                    buf = tl.where(ins[:, None] & (buf == thr[:, None]), best[:, None], buf)
-                    pend = tl.where(pend == best[:, None], _MIN_KEY, pend)
-                    thr = tl.min(buf, axis=1)
+            buf, thr, unsorted = _filtered_update(buf, thr, unsorted, key, KP, BN)
         else:
-            hit = tl.max(tl.where(key > thr[:, None], 1, 0))
-            if hit > 0:
-                if BN == KP:
-                    top = tl.sort(key, dim=1, descending=True)
-                else:
-                    top = tl.topk(key, KP, dim=1)
-                # ascending buf vs descending top: the element-wise max holds the top KP of both, as a
-                # bitonic sequence; one bitonic merge sorts it again.
-                buf = tl.bitonic_merge(tl.maximum(buf, top), dim=1)
-                thr = tl.min(buf, axis=1)
+            buf, thr = _merged_update(buf, thr, key, KP, BN)
 
-    # The best TOPK-1 keys sit in the last columns of buf; map block numbers to start positions, sort.
-    if BUCKET_R > 0 and not NO_TOPK:
-        buf = tl.sort(tl.topk(tl.reshape(lists, [BQ, NBK * BUCKET_R]), KP, dim=1), dim=1)
-        # Exact unless a bucket dropped a key that belongs to the top KP: dropped keys lie below their bucket's
-        # kept minimum, so that can only happen when a full bucket's minimum is above the KP-th best kept key.
-        # Such tiles are flagged; the FIXUP launch recomputes them with the exact streaming top-k.
-        b_min = tl.min(lists, axis=2)
-        over = (b_min > _MIN_KEY) & (b_min > tl.min(buf, axis=1)[:, None]) & t_ok[:, None]
-        tl.store(ovf_ptr, tl.max(tl.max(over.to(tl.int32), axis=1), axis=0))
+    if BUCKET_R > 0:
+        buf = _bucketed_result(lists, t_ok, ovf_ptr, BQ, NBK, BUCKET_R, KP)
     elif FILTER:
         buf = tl.sort(buf, dim=1)
-    valid = (buf >= _MIN_KEY + KP) & (c[None, :] >= KP - (TOPK - 1))
-    blk = (buf & 0xFFFFFFFF).to(tl.int32)
-    start = tl.load(CST + b * s_cb + blk, mask=valid, other=0)
-    start = tl.where(valid, start, 2147483647)
-    start = tl.sort(start, dim=1)
-    nsel = tl.sum(valid.to(tl.int32), axis=1)  # [BQ]
+    _store_selection(buf, CST, IDX, CNT, b, h, toks, t_ok, own_q, s_cb, s_ib, s_ih, s_is, s_cnb, s_cnh,
+                     BQ, KP, TOPK, KO)
 
-    out_base = IDX + b.to(tl.int64) * s_ib + h.to(tl.int64) * s_ih + toks.to(tl.int64) * s_is
-    tl.store(out_base[:, None] + c[None, :], start, mask=t_ok[:, None] & (c[None, :] < nsel[:, None]))
-    tl.store(out_base + nsel, own_q, mask=t_ok)
-    co = tl.arange(0, KO)
-    tl.store(out_base[:, None] + co[None, :], tl.full([BQ, KO], -1, dtype=tl.int32),
-             mask=t_ok[:, None] & (co[None, :] > nsel[:, None]) & (co[None, :] < TOPK))
-    tl.store(CNT + b * s_cnb + h * s_cnh + toks, nsel + 1, mask=t_ok)
+
+# ----------------------------------------------------------------------------------------------------------
+# Host side
 
 
 def pooled_keys(k: Tensor, block_size: int, doc_start: Tensor | None, dtype: torch.dtype
@@ -246,12 +319,11 @@ def pooled_keys(k: Tensor, block_size: int, doc_start: Tensor | None, dtype: tor
 
 
 def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
-    """Launch geometry of the selection kernel: (GP padded group, KP top-k buffer, BN key-block chunk, BQ queries
-    per program). Shared with kernels/tools/aot_check.py so the AOT check compiles what runs."""
+    """Tile geometry of the selection kernel: (GP padded group, KP top-k buffer, BN key-block chunk, BQ queries
+    per program)."""
     gp = next_pow2(g)
     kp = max(16, next_pow2(max(top_k - 1, 1)))
-    # 32-block chunks (was 64): 0.91x at 16x16 and 0.97x at 64x32 on an H200 at 32k (kernels/tools/tune_launch.py)
-    bn = max(kp, 32)
+    bn = max(kp, 32)  # 32-block chunks: faster than 64 (docs/kernels_notes.md, "Launch tuning history")
     bq = max(1, 64 // gp)
     while bq > 1 and bq * gp * bn > 16384:  # keeps the [BQ·GP, BN] score tile in registers
         bq //= 2
@@ -260,43 +332,50 @@ def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
     return gp, kp, bn, bq
 
 
-def select_options(kp: int, bn: int, bq: int) -> dict:
-    """Kernel flags and launch options of the selection (shared with kernels/tools/aot_check.py).
+def select_config(g: int, top_k: int) -> dict:
+    """The launch parameters ``select_blocks`` uses for a group of ``g`` query heads and budget ``top_k``.
 
-    BUCKET_R 8 for KP 16 and 32 (top-k up to 33) and tiles of at most 16 tokens (G >= 4): the bucketed top-k
-    (branch-free, one small bitonic merge per chunk) plus the exact recomputation of the rare overflowing tiles;
-    its pass 1 (no top-k) reads 64-block chunks (BN1) through a 2-stage pipeline. Without it: FILTER
-    (threshold-filtered top-k) only for KP = 16, where it beat the unfiltered merge (-17 % at 32k 16x16, +43 % at
-    64x32); SORT_ONCE re-sorts the filtered buffer only after one-by-one insertions. REVERSE starts the tiles with
-    the most candidates first. One pipeline stage: the chunk loop is bound by the top-k, not by loads. (H200;
-    docs/kernels_notes.md, v2-v4.)
+    Keys: ``BQ``, ``BN`` (tiles), ``BUCKET_R`` (bucket size of the bucketed top-k; 0 = streaming only),
+    ``FILTER`` (threshold-filtered streaming top-k), ``BN1`` and ``P1_STAGES`` (group_softmax pass-1 chunk and
+    pipeline depth), ``num_warps``, ``num_stages``. Why these values (measurements: docs/kernels_notes.md,
+    "Launch tuning history"):
+
+    - the bucketed top-k only for KP 16 and 32 and tiles of at most 16 tokens (G >= 4): larger tiles hold too many
+      bucket entries per program; its pass 1 then reads 64-block chunks through a 2-stage pipeline;
+    - the threshold filter only at KP 16: at KP 32 almost every chunk takes the merge anyway and the filter costs;
+    - one pipeline stage for the chunk loop: it is bound by the top-k, not by loads.
     """
-    # G = 1 (64-token tiles) holds 8192 int64 list entries per tile and ran 4.3x slower than the streaming top-k.
+    _, kp, bn, bq = select_tiles(g, top_k)
     bucketed = kp in (16, 32) and bq <= 16
-    return {"BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16, "SORT_ONCE": True, "REVERSE": True,
+    return {"BQ": bq, "BN": bn, "BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16,
             "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1,
             "num_warps": 4, "num_stages": 1}
 
 
-@torch.no_grad()
-def select_blocks(
-    q: Tensor,
-    k: Tensor,
-    block_size: int,
-    top_k: int,
-    score: str = "group_softmax",
-    sink_blocks: int = 0,
-    local_blocks: int = 0,
-    cu_seqlens: Tensor | None = None,
-    q_positions: Tensor | None = None,
-    softmax_scale: float | None = None,
-    _config: dict | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-k block selection per query token and KV head; same contract as the reference.
+@dataclass
+class SelectionInputs:
+    """What the selection kernel reads, prepared on the device: queries, pooled keys and their block starts,
+    and per query token the candidate range ``[lo, hi)`` into the pooled blocks and its own block's start."""
 
-    Returns ``block_idx [b, HKV, sq, top_k]`` int32 (row-relative block starts, ascending, -1 padded) and
-    ``counts [b, HKV, sq]`` int32.
-    """
+    q: Tensor  # [sq, b, HQ, D], last dim contiguous
+    kbar: Tensor  # [b, HKV, NB, D]
+    cstarts: Tensor  # [b, NB] int32
+    lo: Tensor  # [b, sq] int32
+    hi: Tensor  # [b, sq] int32
+    own: Tensor  # [b, sq] int32
+    hkv: int
+    g: int
+    top_k: int
+    sink_blocks: int
+    local_blocks: int
+    score: str
+    scale: float
+
+
+def prepare_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, score: str = "group_softmax",
+                      sink_blocks: int = 0, local_blocks: int = 0, cu_seqlens: Tensor | None = None,
+                      q_positions: Tensor | None = None, softmax_scale: float | None = None) -> SelectionInputs:
+    """Checks the arguments of ``select_blocks`` and prepares the kernel's inputs."""
     hkv, g = check_qkv(q, k)
     sq, b, hq, d = q.shape
     skv = k.shape[0]
@@ -311,8 +390,7 @@ def select_blocks(
     q = last_dim_contiguous(q)
     q_pos = q_positions_or_default(q_positions, sq, skv, device).long()
     doc_start = document_starts(cu_seqlens, b, skv, device)
-    dtype = q.dtype
-    kbar, cstarts = pooled_keys(k, block_size, doc_start, dtype)
+    kbar, cstarts = pooled_keys(k, block_size, doc_start, q.dtype)
     nbc = kbar.shape[2]
 
     if doc_start is None:
@@ -325,44 +403,76 @@ def select_blocks(
         cs = cstarts.long().contiguous()
         lo = torch.searchsorted(cs, q_doc.contiguous()).to(torch.int32)
         hi = torch.searchsorted(cs, own.contiguous()).to(torch.int32)
-    own = own.to(torch.int32).contiguous()
-    lo = lo.contiguous()
-    hi = hi.contiguous()
+    return SelectionInputs(q, kbar, cstarts, lo.contiguous(), hi.contiguous(), own.to(torch.int32).contiguous(),
+                           hkv, g, top_k, sink_blocks, local_blocks, score, scale)
 
-    block_idx = torch.empty(b, hkv, sq, top_k, dtype=torch.int32, device=device)
-    counts = torch.empty(b, hkv, sq, dtype=torch.int32, device=device)
-    if sq == 0:
-        return block_idx, counts
-    gp, kp, bn, bq = select_tiles(g, top_k)
-    bd = max(16, next_pow2(d))
-    extra = {**select_options(kp, bn, bq), **DEFAULT_CONFIG, **(_config or {})}
-    bq = extra.pop("BQ", bq)
-    bn = extra.pop("BN", bn)
-    bn1 = extra.pop("BN1")
-    num_warps = extra.pop("num_warps")
-    grid = (triton.cdiv(sq, bq), b * hkv)
-    launch = functools.partial(
-        _select_kernel[grid],
-        q, kbar, cstarts, lo, hi, own, block_idx, counts,
-        sq, nbc,
+
+def _launch_select_kernel(sel: SelectionInputs, config: dict, block_idx: Tensor, counts: Tensor, overflow: Tensor,
+                          fixup: bool = False) -> None:
+    """One launch of ``_select_kernel``. ``overflow [b·HKV, tiles]`` int32: the bucketed launch writes the tiles'
+    flags, the ``fixup`` launch reads them (unused by a streaming launch)."""
+    q, kbar, cstarts, lo = sel.q, sel.kbar, sel.cstarts, sel.lo
+    sq, b, _, d = q.shape
+    gp, kp, _, _ = select_tiles(sel.g, sel.top_k)
+    cfg = dict(config)
+    bq, num_warps = cfg.pop("BQ"), cfg.pop("num_warps")
+    if fixup:
+        cfg["BUCKET_R"] = 0
+    _select_kernel[(triton.cdiv(sq, bq), b * sel.hkv)](
+        q, kbar, cstarts, lo, sel.hi, sel.own, block_idx, counts,
+        sq, kbar.shape[2],
         q.stride(0), q.stride(1), q.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
         cstarts.stride(0), lo.stride(0),
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         counts.stride(0), counts.stride(1),
-        hkv, scale * math.log2(math.e), 1.0 / g,
-        G=g, GP=gp, BQ=bq, D=d, BD=bd, KP=kp, BN=bn, BN1=bn1, TOPK=top_k, KO=next_pow2(top_k),
-        SINK=sink_blocks, LOCAL=local_blocks, SCORE=0 if score == "group_softmax" else 1,
-        num_warps=num_warps,
+        sel.hkv, sel.scale * math.log2(math.e), 1.0 / sel.g, overflow,
+        G=sel.g, GP=gp, BQ=bq, D=d, BD=max(16, next_pow2(d)), KP=kp, TOPK=sel.top_k, KO=next_pow2(sel.top_k),
+        SINK=sel.sink_blocks, LOCAL=sel.local_blocks, SCORE=0 if sel.score == "group_softmax" else 1,
+        FIXUP=fixup, num_warps=num_warps, **cfg,
     )
-    skip_fixup = extra.pop("NO_FIXUP", False)  # tests and benchmarks: the bucketed pass alone
-    if extra.get("BUCKET_R", 0) > 0 and not extra.get("NO_TOPK"):
+
+
+def launch_selection(sel: SelectionInputs, config: dict) -> tuple[Tensor, Tensor]:
+    """The selection on prepared inputs with launch parameters ``config`` (the keys of ``select_config``).
+
+    Returns ``(block_idx [b, HKV, sq, top_k] int32, counts [b, HKV, sq] int32)``.
+    """
+    sq, b = sel.q.shape[:2]
+    device = sel.q.device
+    block_idx = torch.empty(b, sel.hkv, sq, sel.top_k, dtype=torch.int32, device=device)
+    counts = torch.empty(b, sel.hkv, sq, dtype=torch.int32, device=device)
+    if sq == 0:
+        return block_idx, counts
+    if config["BUCKET_R"] > 0:
         # Bucketed top-k, then the exact streaming top-k for the (rare) tiles whose buckets overflowed. The flags
         # stay on the GPU: the second launch reads them, so nothing waits for the host.
-        overflow = torch.empty(grid[1], grid[0], dtype=torch.int32, device=device)
-        launch(OVF=overflow, **extra)
-        if not skip_fixup:
-            launch(OVF=overflow, **{**extra, "BUCKET_R": 0, "FIXUP": True})
+        overflow = torch.empty(b * sel.hkv, triton.cdiv(sq, config["BQ"]), dtype=torch.int32, device=device)
+        _launch_select_kernel(sel, config, block_idx, counts, overflow)
+        _launch_select_kernel(sel, config, block_idx, counts, overflow, fixup=True)
     else:
-        launch(OVF=counts, **extra)  # OVF is unused without BUCKET_R
+        _launch_select_kernel(sel, config, block_idx, counts, counts)  # no flags without buckets
     return block_idx, counts
+
+
+@torch.no_grad()
+def select_blocks(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    top_k: int,
+    score: str = "group_softmax",
+    sink_blocks: int = 0,
+    local_blocks: int = 0,
+    cu_seqlens: Tensor | None = None,
+    q_positions: Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-k block selection per query token and KV head; same contract as the reference.
+
+    Returns ``block_idx [b, HKV, sq, top_k]`` int32 (row-relative block starts, ascending, -1 padded) and
+    ``counts [b, HKV, sq]`` int32.
+    """
+    sel = prepare_selection(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
+                            softmax_scale)
+    return launch_selection(sel, select_config(sel.g, top_k))

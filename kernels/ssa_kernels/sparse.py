@@ -12,19 +12,56 @@ sort so the order is fixed) lists the query tokens that selected the block; the 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (block_grid, check_qkv, last_dim_contiguous, next_pow2, patch_interpreter,
-                      q_positions_or_default)
+from ._common import block_grid, check_qkv, last_dim_contiguous, next_pow2, q_positions_or_default
 
-patch_interpreter()
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _batch_kv_head(HKV):
+    """Grid axis 1 of every sparse kernel is (batch row · KV head): returns it, the KV head, and both as int64."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % HKV
+    return pid_bh, h, (pid_bh // HKV).to(tl.int64), h.to(tl.int64)
+
+
+@triton.jit
+def _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   BD: tl.constexpr):
+    """Forward and dQ prologue: the program's query token ``t``, batch row and KV head (all int64), the token's
+    position and used slot count, and its ``GP`` query-head rows: head indices, which of them are real (``g_ok``),
+    feature offsets ``d`` and which of them are real (``d_ok``)."""
+    t = tl.program_id(0)
+    _, h, b64, h64 = _batch_kv_head(HKV)
+    t64 = t.to(tl.int64)
+    pos = tl.load(QPOS + t)
+    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, BD)
+    head = (h * G + g).to(tl.int64)
+    return t64, b64, h64, pos, nslot, head, g < G, d, d < D
+
+
+@triton.jit
+def _selected_keys(idx_row, i, nslot, pos, skv, n_slot, n_off):
+    """Gather step ``i``: the key positions (int64) of selection slots ``i + n_slot`` (``BS`` keys each, at
+    offsets ``n_off``) and which of them the query attends (a used slot, causal, inside the sequence)."""
+    slot = i + n_slot
+    start = tl.load(idx_row + slot, mask=slot < nslot, other=-1)
+    kpos = start + n_off
+    k_ok = (start >= 0) & (kpos <= pos) & (kpos < skv)
+    return kpos.to(tl.int64), k_ok
+
+
+@triton.jit
+def _load_rows(base, rows64, stride, d, mask):
+    """The ``[len(rows64), BD]`` tile of rows ``rows64`` (row stride ``stride``, contiguous features ``d``)."""
+    return tl.load(base + rows64[:, None] * stride + d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -37,42 +74,23 @@ def _sparse_fwd_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     NBLK: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    t64 = t.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    pos = tl.load(QPOS + t)
-    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
+    t64, b64, h64, pos, nslot, head, g_ok, d, d_ok = _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G, GP, D, BD)
+    rmask = g_ok[:, None] & d_ok[None, :]
+    q = _load_rows(Q + t64 * s_qs + b64 * s_qb, head, s_qh, d, rmask)
 
-    g = tl.arange(0, GP)
-    g_ok = g < G
-    d = tl.arange(0, BD)
-    d_ok = d < D
-    head = (h * G + g).to(tl.int64)
-    q = tl.load(Q + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-
-    BN: tl.constexpr = NBLK * BS
-    n = tl.arange(0, BN)
+    n = tl.arange(0, NBLK * BS)  # NBLK selected blocks per step, gathered into one key tile
     n_slot = n // BS
     n_off = n % BS
-    idx_base = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
+    idx_row = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
     k_base = K + b64 * s_kb + h64 * s_kh
     v_base = V + b64 * s_vb + h64 * s_vh
-
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, BD], dtype=tl.float32)
     for i in range(0, nslot, NBLK):
-        slot = i + n_slot
-        start = tl.load(idx_base + slot, mask=slot < nslot, other=-1)
-        kpos = start + n_off
-        k_ok = (start >= 0) & (kpos <= pos) & (kpos < skv)
-        kpos64 = kpos.to(tl.int64)
-        kt = tl.load(k_base + kpos64[:, None] * s_ks + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        kpos64, k_ok = _selected_keys(idx_row, i, nslot, pos, skv, n_slot, n_off)
+        kmask = k_ok[:, None] & d_ok[None, :]
+        kt = _load_rows(k_base, kpos64, s_ks, d, kmask)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -80,16 +98,16 @@ def _sparse_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + kpos64[:, None] * s_vs + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = _load_rows(v_base, kpos64, s_vs, d, kmask)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(O + t64 * s_os + b64 * s_ob + head[:, None] * s_oh + d[None, :], out.to(O.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
+             mask=rmask)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + b64 * s_lb + head * s_lh + t, lse, mask=g_ok)
+    tl.store(LSE + b64 * s_lb + head * s_lh + t64, lse, mask=g_ok)
 
 
 @triton.jit
@@ -102,48 +120,30 @@ def _sparse_dq_kernel(
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
     NBLK: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    t64 = t.to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    pos = tl.load(QPOS + t)
-    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
-
-    g = tl.arange(0, GP)
-    g_ok = g < G
-    d = tl.arange(0, BD)
-    d_ok = d < D
-    head = (h * G + g).to(tl.int64)
+    t64, b64, h64, pos, nslot, head, g_ok, d, d_ok = _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G, GP, D, BD)
     rmask = g_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :], mask=rmask, other=0.0)
-    do = tl.load(DO + t64 * s_dos + b64 * s_dob + head[:, None] * s_doh + d[None, :], mask=rmask, other=0.0)
-    o = tl.load(O + t64 * s_os + b64 * s_ob + head[:, None] * s_oh + d[None, :], mask=rmask, other=0.0)
+    q = _load_rows(Q + t64 * s_qs + b64 * s_qb, head, s_qh, d, rmask)
+    do = _load_rows(DO + t64 * s_dos + b64 * s_dob, head, s_doh, d, rmask)
+    o = _load_rows(O + t64 * s_os + b64 * s_ob, head, s_oh, d, rmask)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     if HAS_DLSE:
-        delta = delta - tl.load(DLSE + b64 * s_lb + head * s_lh + t, mask=g_ok, other=0.0)
-    tl.store(DELTA + b64 * s_lb + head * s_lh + t, delta, mask=g_ok)
-    lse = tl.load(LSE + b64 * s_lb + head * s_lh + t, mask=g_ok, other=0.0)
+        delta = delta - tl.load(DLSE + b64 * s_lb + head * s_lh + t64, mask=g_ok, other=0.0)
+    tl.store(DELTA + b64 * s_lb + head * s_lh + t64, delta, mask=g_ok)
+    lse = tl.load(LSE + b64 * s_lb + head * s_lh + t64, mask=g_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
-    BN: tl.constexpr = NBLK * BS
-    n = tl.arange(0, BN)
+    n = tl.arange(0, NBLK * BS)
     n_slot = n // BS
     n_off = n % BS
-    idx_base = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
+    idx_row = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
     k_base = K + b64 * s_kb + h64 * s_kh
     v_base = V + b64 * s_vb + h64 * s_vh
     dq = tl.zeros([GP, BD], dtype=tl.float32)
     for i in range(0, nslot, NBLK):
-        slot = i + n_slot
-        start = tl.load(idx_base + slot, mask=slot < nslot, other=-1)
-        kpos = start + n_off
-        k_ok = (start >= 0) & (kpos <= pos) & (kpos < skv)
-        kpos64 = kpos.to(tl.int64)
-        kt = tl.load(k_base + kpos64[:, None] * s_ks + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + kpos64[:, None] * s_vs + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        kpos64, k_ok = _selected_keys(idx_row, i, nslot, pos, skv, n_slot, n_off)
+        kmask = k_ok[:, None] & d_ok[None, :]
+        kt = _load_rows(k_base, kpos64, s_ks, d, kmask)
+        vt = _load_rows(v_base, kpos64, s_vs, d, kmask)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt))
@@ -157,7 +157,7 @@ def _sparse_dq_kernel(
 @triton.jit
 def _sparse_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, QPOS, KST, KEN, RPTR, RIDX, DK, DV,
-    sq, skv, nbg,
+    skv,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_dos, s_dob, s_doh,
     s_lb, s_lh, s_kst,
     s_dks, s_dkb, s_dkh,
@@ -166,11 +166,7 @@ def _sparse_dkdv_kernel(
     TQ: tl.constexpr,
 ):
     blk = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    h = pid_bh % HKV
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_bh, h, b64, h64 = _batch_kv_head(HKV)
     kstart = tl.load(KST + b64 * s_kst + blk)
     kend = tl.load(KEN + b64 * s_kst + blk)
     if kstart < skv:
@@ -253,56 +249,57 @@ def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
     return rptr, ridx
 
 
-TUNING: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
-"""Launch-parameter overrides per kernel (NBLK / TQ, num_warps, num_stages) on top of the defaults below; set only
-by kernels/tools/tune_launch.py, which times candidate settings against the defaults."""
-
-
-# Launch settings from kernels/tools/tune_launch.py on an H200 (32/2/64, T 8k and 32k, 16x16 and 64x32; see
-# docs/kernels_notes.md "v3"): two pipeline stages beat Triton's default three everywhere (the gathered K/V tiles
-# are consumed once, so a third buffer only costs shared memory and occupancy). The forward reads 128 keys per
-# step at D <= 64 (more loads in flight: 0.80x at 16x16, 0.71-0.73x at 64x32); dQ keeps 64 keys for small blocks
-# (0.81x) and 128 for BS >= 64 (0.72x). D 128 keeps 64-key tiles (not tuned).
-def _fwd_config(g: int, bs: int, d: int, keys: int = 64) -> dict:
-    gp = max(16, next_pow2(g))
-    nblk = max(1, keys // bs)
-    return dict(GP=gp, NBLK=nblk, BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8,
+def _gather_config(g: int, bs: int, d: int, keys: int) -> dict:
+    gp = max(16, next_pow2(g))  # tl.dot needs at least 16 rows
+    # Two pipeline stages, not Triton's default three: each gathered K/V tile is consumed once, so a third buffer
+    # only costs shared memory and occupancy.
+    return dict(GP=gp, NBLK=max(1, keys // bs), BD=max(16, next_pow2(d)), num_warps=4 if gp * d <= 64 * 64 else 8,
                 num_stages=2)
 
 
-def _fwd_keys(d: int) -> int:
-    return 128 if d <= 64 else 64
+def fwd_config(g: int, bs: int, d: int) -> dict:
+    """Launch parameters of the forward kernel: 128 keys per gathered tile at D <= 64 (more loads in flight per
+    step; measurements in docs/kernels_notes.md, "Launch tuning history"), 64 at larger D (not tuned)."""
+    return _gather_config(g, bs, d, 128 if d <= 64 else 64)
 
 
-def _dq_keys(bs: int, d: int) -> int:
-    return 128 if d <= 64 and bs >= 64 else 64
+def dq_config(g: int, bs: int, d: int) -> dict:
+    """Launch parameters of the dQ kernel: 128 keys per gathered tile for blocks of 64+ keys at D <= 64, else 64
+    (the fastest settings kernels/tools/tune_launch.py measured; docs/kernels_notes.md, "Launch tuning history")."""
+    return _gather_config(g, bs, d, 128 if d <= 64 and bs >= 64 else 64)
 
 
-# Query rows (tokens x heads) per dK/dV step, by head dim. H200 profile, 64x32 at 32k, D 64:
-# 6.6 ms at 64 rows, 6.2 at 128, 4.9 at 256 (16x16: 1.74 / 1.66 / 1.66).
 DKDV_ROWS = {16: 256, 32: 256, 64: 256, 128: 64}
+"""Query rows (tokens × heads) per dK/dV step, by head dim: more rows, fewer trips over long reverse-index
+lists."""
 
 
-def _dkdv_config(g: int, bs: int, d: int) -> dict:
+def dkdv_config(g: int, bs: int, d: int) -> dict:
+    """Launch parameters of the dK/dV kernel."""
     gp = next_pow2(g)
     # rows x BS score tiles above 256 x 64 run out of shared memory (BS 128 with 256 rows failed on an H200)
     rows = min(DKDV_ROWS.get(next_pow2(d), 64), max(64, 16384 // bs))
     tq = max(1, rows // gp)
-    # tune_launch (H200, D 64): 4 warps and 2 stages for blocks <= 32 keys (16x16 at 32k: 0.74x); BS 64 keeps 8.
+    # Blocks of at most 32 keys at D <= 64: 4 warps and 2 stages measured faster; larger blocks keep 8 warps.
     small = bs <= 32 and d <= 64
     return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)),
                 num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=2 if small else 3)
 
 
-def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
+def _query_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Uninitialised ``[sq, b, HQ, D]`` (q's dtype) and ``[b, HQ, sq]`` float32 outputs of the per-token kernels."""
+    sq, b, hq, d = q.shape
+    return (torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype),
+            torch.empty(b, hq, sq, device=q.device, dtype=torch.float32))
+
+
+def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale, config: dict) -> tuple[Tensor, Tensor]:
+    """Forward kernel with launch parameters ``config`` (``fwd_config``'s keys). Returns (out, lse)."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    g = hq // hkv
-    o = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
-    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    o, lse = _query_outputs(q)
     if sq == 0:
         return o, lse
-    cfg = {**_fwd_config(g, block_size, d, _fwd_keys(d)), **TUNING["fwd"]}
     _sparse_fwd_kernel[(sq, b * hkv)](
         q, k, v, block_idx, nslot, q_pos, o, lse,
         skv,
@@ -311,21 +308,20 @@ def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale):
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
         lse.stride(0), lse.stride(1),
         hkv, scale * _LOG2E,
-        G=g, D=d, BS=block_size, **cfg,
+        G=hq // hkv, D=d, BS=block_size, **config,
     )
     return o, lse
 
 
-def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale):
-    """dQ kernel (also writes delta = rowsum(O·dO) − dLSE for the dK/dV kernel). Returns (dq, delta)."""
+def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, config: dict
+              ) -> tuple[Tensor, Tensor]:
+    """dQ kernel (also writes delta = rowsum(O·dO) − dLSE for the dK/dV kernel) with launch parameters ``config``
+    (``dq_config``'s keys). Returns (dq, delta)."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    g = hq // hkv
-    dq = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
-    delta = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
+    dq, delta = _query_outputs(q)
     if sq == 0:
         return dq, delta
-    cfg = {**_fwd_config(g, block_size, d, _dq_keys(block_size, d)), **TUNING["dq"]}
     has_dlse = dlse is not None
     dl = dlse.contiguous() if has_dlse else lse
     _sparse_dq_kernel[(sq, b * hkv)](
@@ -337,43 +333,43 @@ def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, sc
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
         lse.stride(0), lse.stride(1),
         hkv, scale * _LOG2E, scale,
-        G=g, D=d, BS=block_size, HAS_DLSE=has_dlse, **cfg,
+        G=hq // hkv, D=d, BS=block_size, HAS_DLSE=has_dlse, **config,
     )
     return dq, delta
 
 
-def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale, rows=None):
-    sq, b, hq, d = q.shape
+def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale, config: dict
+                ) -> tuple[Tensor, Tensor]:
+    """dK/dV kernel over the key ranges ``kst``/``ken`` with launch parameters ``config`` (``dkdv_config``'s
+    keys). Returns (dk, dv)."""
+    _, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    g = hq // hkv
     dk = torch.empty(skv, b, hkv, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(skv, b, hkv, d, device=q.device, dtype=v.dtype)
-    cfg = _dkdv_config(g, block_size, d)
-    if rows is not None:
-        cfg["TQ"] = max(1, rows // cfg["GP"])
-        cfg["num_warps"] = 4 if cfg["TQ"] * cfg["GP"] * d <= 64 * 64 else 8
-    cfg.update(TUNING["dkdv"])
     _sparse_dkdv_kernel[(kst.shape[1], b * hkv)](
         q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, dk, dv,
-        sq, skv, kst.shape[1],
+        skv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1), kst.stride(0),
         dk.stride(0), dk.stride(1), dk.stride(2),
         hkv, scale * _LOG2E, scale,
-        G=g, D=d, BS=block_size, **cfg,
+        G=hq // hkv, D=d, BS=block_size, **config,
     )
     return dk, dv
 
 
 def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, starts_on_grid=None):
+    g, d = q.shape[2] // k.shape[2], q.shape[3]
     do = last_dim_contiguous(do)
-    dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale)
+    dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale,
+                          dq_config(g, block_size, d))
     # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
     # block), so the grid of the whole row covers every key exactly once.
     kst, ken = _grid_for_table(block_idx, k.shape[0], block_size, q.device, starts_on_grid)
     rptr, ridx = build_reverse_index(block_idx, k.shape[0])
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale)
+    dk, dv = launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale,
+                         dkdv_config(g, block_size, d))
     return dq, dk, dv
 
 
@@ -424,7 +420,8 @@ def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts
 class SparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, nslot, q_pos, block_size, scale, starts_on_grid):
-        o, lse = sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale)
+        o, lse = sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale,
+                                fwd_config(q.shape[2] // k.shape[2], block_size, q.shape[3]))
         ctx.save_for_backward(q, k, v, o, lse, block_idx, nslot, q_pos)
         ctx.block_size = block_size
         ctx.scale = scale

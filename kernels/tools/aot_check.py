@@ -49,26 +49,21 @@ def main():
     rows = []
     for g, d, kk, bs, score in [(16, 64, 16, 16, 0), (4, 128, 32, 64, 0), (1, 64, 16, 16, 1), (16, 128, 256, 16, 0),
                                 (8, 128, 32, 64, 1)]:
-        gp, kp, bn, bq = S.select_tiles(g, kk)
+        gp, kp, _, _ = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
                "CNT": "*i32", "OVF": "*i32"}
-        opts = S.select_options(kp, bn, bq)  # the flags and launch options select_blocks uses
+        opts = S.select_config(g, kk)  # the launch parameters select_blocks uses
         nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
         launches = [("", opts)]
         if opts["BUCKET_R"]:  # the bucketed launch and the exact recomputation of its overflowing tiles
             launches.append((" fixup", {**opts, "BUCKET_R": 0, "FIXUP": True}))
+        if g == 16 and kk == 16:  # both streaming top-k variants at this shape too
+            launches += [(f" FILTER={f}", {**opts, "BUCKET_R": 0, "FILTER": f}) for f in (False, True)]
         for label, flags in launches:
-            info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
-                                  TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **flags),
+            info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, D=d, BD=d, KP=kp, TOPK=kk,
+                                  KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **flags),
                                   nw, ns, floats=("scale_log2", "inv_g"))
             rows.append((f"select G={g} D={d} K={kk} score={score}{label}", info))
-        if g == 16 and kk == 16:
-            for extra in ({"BUCKET_R": 0, "FILTER": False}, {"BUCKET_R": 0, "LIGHT": 0},
-                          {"BUCKET_R": 0, "SORT_ONCE": False}):
-                info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, BQ=bq, D=d, BD=d, KP=kp, BN=bn,
-                                      TOPK=kk, KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score,
-                                      **{**opts, **extra}), nw, ns, floats=("scale_log2", "inv_g"))
-                rows.append((f"select G={g} D={d} K={kk} {extra}", info))
     for d, gdt in ((64, "*bf16"), (128, "*fp32"), (80, "*bf16")):
         cfg = GT._config(d)
         nw = cfg.pop("num_warps")
@@ -86,16 +81,16 @@ def main():
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
         ptr.update({"IDX": "*i32", "NSLOT": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32",
                     "DELTA": "*fp32"})
-        cfg = P._fwd_config(g, bs, d, P._fwd_keys(d))  # the launch settings sparse_forward uses
+        cfg = P.fwd_config(g, bs, d)  # the launch settings sparse_attention uses
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns, floats=("scale_log2",))
         rows.append((f"fwd G={g} D={d} BS={bs}", info))
-        cfg = P._fwd_config(g, bs, d, P._dq_keys(bs, d))
+        cfg = P.dq_config(g, bs, d)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dq  G={g} D={d} BS={bs}", info))
-        cfg = P._dkdv_config(g, bs, d)
+        cfg = P.dkdv_config(g, bs, d)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         ptr.update({"KST": "*i32", "KEN": "*i32", "RPTR": "*i64", "RIDX": "*i32", "DK": dt, "DV": dt})
         info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns,

@@ -3,6 +3,7 @@
 import torch
 
 import ssa_kernels as K
+from ssa_kernels import select as SEL
 
 dev, dt = "cuda", torch.bfloat16
 for (t, hq, hkv, d, bs, kk, score, docs) in [(300, 16, 1, 64, 16, 4, "group_softmax", None),
@@ -20,8 +21,9 @@ for (t, hq, hkv, d, bs, kk, score, docs) in [(300, 16, 1, 64, 16, 4, "group_soft
 # the bucketed selection with buckets too small for its top-k: most tiles overflow and are recomputed exactly
 q = torch.randn(1000, 1, 16, 64, device=dev, dtype=dt)
 k = torch.randn(1000, 1, 1, 64, device=dev, dtype=dt)
-idx_small, _ = K.select_blocks(q, k, 16, 16, _config={"BUCKET_R": 2})
-idx_exact, _ = K.select_blocks(q, k, 16, 16, _config={"BUCKET_R": 0})
+sel = SEL.prepare_selection(q, k, 16, 16)
+idx_small, _ = SEL.launch_selection(sel, {**SEL.select_config(16, 16), "BUCKET_R": 2})
+idx_exact, _ = SEL.launch_selection(sel, {**SEL.select_config(16, 16), "BUCKET_R": 0})
 assert torch.equal(idx_small, idx_exact), "overflow recomputation"
 torch.cuda.synchronize()
 print("sanitize_run: done")

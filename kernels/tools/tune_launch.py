@@ -29,12 +29,11 @@ def _rel(a, b):
 
 def select_candidates(g: int, top_k: int) -> list[dict]:
     """Top-k variants (bucket size, or the streaming top-k with and without the threshold filter), pass-1 chunking
-    and pipelining, warps and launch order."""
+    and pipelining, and warps, as changes to ``select_config``."""
     _, kp, bn, _ = SEL.select_tiles(g, top_k)
     topk = [dict(BUCKET_R=r) for r in (8, 16) if kp <= 32] + [dict(BUCKET_R=0, FILTER=f) for f in (False, True)]
-    out = [dict(**v, BN1=bn1, P1_STAGES=st, num_warps=w)
-           for v, bn1, st, w in itertools.product(topk, sorted({bn, max(bn, 64)}), (1, 2), (2, 4))]
-    return out + [dict(REVERSE=False)]
+    return [dict(**v, BN1=bn1, P1_STAGES=st, num_warps=w)
+            for v, bn1, st, w in itertools.product(topk, sorted({bn, max(bn, 64)}), (1, 2), (2, 4))]
 
 
 def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: set[str]) -> list[dict]:
@@ -51,50 +50,49 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: 
     kst, ken = S._grid_for_table(idx, t, bs, q.device, True)
     rptr, ridx = S.build_reverse_index(idx, t)
 
-    def select(config=None):
-        return K.select_blocks(q, k, bs, top_k, _config=config)
+    g = hq // hkv
 
-    def fwd():
-        return S.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale)
+    # Each kernel runs with its production launch parameters updated by a candidate's (None: production's).
+    def select(cand):  # end to end, as select_blocks: input preparation + launch
+        sel = SEL.prepare_selection(q, k, bs, top_k)
+        return SEL.launch_selection(sel, {**SEL.select_config(g, top_k), **cand})
 
-    o, lse = fwd()
+    def fwd(cand):
+        return S.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, {**S.fwd_config(g, bs, d), **cand})
 
-    def dq():
-        return S.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale)
+    o, lse = fwd({})
 
-    _, delta = dq()
+    def dq(cand):
+        return S.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, {**S.dq_config(g, bs, d), **cand})
 
-    def dkdv():
-        return S.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale)
+    _, delta = dq({})
+
+    def dkdv(cand):
+        return S.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale,
+                             {**S.dkdv_config(g, bs, d), **cand})
 
     spaces = {
-        "select": (None, select_candidates(hq // hkv, top_k)),
+        "select": (select, select_candidates(g, top_k)),
         "fwd": (fwd, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
                       for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
         "dq": (dq, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
                     for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
-        "dkdv": (dkdv, [dict(TQ=max(1, rows // triton.next_power_of_2(hq // hkv)), num_warps=w, num_stages=st)
+        "dkdv": (dkdv, [dict(TQ=max(1, rows // triton.next_power_of_2(g)), num_warps=w, num_stages=st)
                         for rows, w, st in itertools.product((128, 256), (4, 8), (1, 2, 3))]),
     }
     shape = f"T={t} {hq}/{hkv}/{d} {bs}x{top_k}"
     table = []
-    for kernel, (fn, candidates) in spaces.items():
+    for kernel, (run, candidates) in spaces.items():
         if kernel not in kernels:
             continue
-        if kernel == "select":  # the selection takes its variant as ``_config``
-            run = select
-
+        if kernel == "select":
             def err_of(out, ref):  # fraction of index-table entries that differ (near-ties may flip)
                 return (out[0] != ref[0]).float().mean().item()
         else:
-            def run(cand, _kernel=kernel, _fn=fn):
-                S.TUNING[_kernel] = dict(cand or {})
-                return _fn()
-
             def err_of(out, ref):  # relative error of every output
                 return max(_rel(a, b) for a, b in zip(out, ref))
-        ref = run(None)
-        base = triton.testing.do_bench(lambda: run(None), return_mode="median")
+        ref = run({})
+        base = triton.testing.do_bench(lambda: run({}), return_mode="median")
         results = [{"kernel": kernel, "shape": shape, "config": "default", "ms": base, "err": 0.0}]
         for cand in candidates:
             try:
@@ -105,8 +103,6 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: 
                                 "error": str(exc).splitlines()[0][:100]})
                 continue
             results.append({"kernel": kernel, "shape": shape, "config": cand, "ms": ms, "err": err})
-        if kernel in S.TUNING:
-            S.TUNING[kernel] = {}  # back to the defaults
         print(f"\n{kernel} at {shape} (default {base:.3f} ms; err = "
               f"{'fraction of differing entries' if kernel == 'select' else 'relative error'} vs default)")
         for r in sorted(results, key=lambda r: r.get("ms", 1e9))[:8]:

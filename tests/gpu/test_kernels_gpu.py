@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from helpers.numerics import rel_err
+
 pytestmark = pytest.mark.gpu
 
 if torch.cuda.is_available():
@@ -17,16 +19,25 @@ if torch.cuda.is_available():
 DEV = "cuda"
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _inputs(t, b, hq, hkv, d, dtype=torch.bfloat16, grad=True, sq=None):
     sq = t if sq is None else sq
     q = torch.randn(sq, b, hq, d, device=DEV, dtype=dtype)
     k = torch.randn(t, b, hkv, d, device=DEV, dtype=dtype)
     v = torch.randn(t, b, hkv, d, device=DEV, dtype=dtype)
     return [x.requires_grad_(grad) for x in (q, k, v)]
+
+
+def _assert_close_to_float64(kernel, reference, q, k, v):
+    """``(out, lse) = kernel(q, k, v)`` and its q/k/v gradients vs ``reference`` on float64 copies of the inputs."""
+    out, lse = kernel(q, k, v)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ro, rl = reference(qd, kd, vd)
+    rgrads = torch.autograd.grad((ro * do.double()).sum(), (qd, kd, vd))
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, r) < 1e-2, f"{name}: {rel_err(a, r)}"
 
 
 def test_auto_backend_is_triton():
@@ -48,15 +59,8 @@ def test_sparse_bf16_vs_float64(case):
     q, k, v = _inputs(t, b, hq, hkv, d)
     cu = torch.tensor(docs, device=DEV) if docs else None
     idx, _ = K.select_blocks(q.detach(), k.detach(), bs, top_k, cu_seqlens=cu)
-    out, lse = K.sparse_attention(q, k, v, idx, bs)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ro, rl = R.sparse_attention(qd, kd, vd, idx, bs)
-    rgrads = torch.autograd.grad((ro * do.double()).sum(), (qd, kd, vd))
-    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
-        assert torch.isfinite(a).all(), name
-        assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
+    _assert_close_to_float64(lambda *qkv: K.sparse_attention(*qkv, idx, bs),
+                             lambda *qkv: R.sparse_attention(*qkv, idx, bs), q, k, v)
 
 
 def test_sparse_cp_query_subset():
@@ -66,7 +70,7 @@ def test_sparse_cp_query_subset():
     idx, _ = K.select_blocks(q.detach(), k.detach(), 16, 16, q_positions=qp)
     out, _ = K.sparse_attention(q, k, v, idx, 16, qp)
     ro, _ = R.sparse_attention(q.double(), k.double(), v.double(), idx, 16, qp)
-    assert _rel(out, ro) < 1e-2
+    assert rel_err(out, ro) < 1e-2
 
 
 @pytest.mark.parametrize("score", ["group_softmax", "dot"])
@@ -123,14 +127,8 @@ def test_full_attention_bf16(docs, qpos):
     q, k, v = _inputs(t, 1, 16, 2, 64, sq=sq)
     cu = torch.tensor(docs, device=DEV) if docs else None
     qp = None if qpos is None else torch.cat([torch.arange(512, 1024), torch.arange(t - 512, t)]).to(DEV)
-    out, lse = K.full_attention(q, k, v, cu, qp)
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ro, rl = R.full_attention(qd, kd, vd, cu, qp)
-    rgrads = torch.autograd.grad((ro * do.double()).sum(), (qd, kd, vd))
-    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
-        assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
+    _assert_close_to_float64(lambda *qkv: K.full_attention(*qkv, cu, qp),
+                             lambda *qkv: R.full_attention(*qkv, cu, qp), q, k, v)
 
 
 @pytest.mark.parametrize("mode", ["sparse", "full"])
@@ -153,14 +151,14 @@ def test_gate_and_align_bf16(mode):
     assert abs(total.item() - rtot.item()) <= 1e-4 * rtot.item() and abs(term.item() - rsp.item()) <= 1e-4 * rsp.item()
     ref_y = gf if mode == "full" else gs
     # same rounding as the reference's bf16 product; sigmoid may differ by an fp32 ulp (rare bf16 flips)
-    assert (runs[0][0] == ref_y).float().mean().item() > 0.999 and _rel(runs[0][0], ref_y) < 1e-3
+    assert (runs[0][0] == ref_y).float().mean().item() > 0.999 and rel_err(runs[0][0], ref_y) < 1e-3
     dd = [x.detach().double().requires_grad_() for x in (o_f, o_s, gate)]
     gf, gs = R.apply_gate(dd[0], dd[2]), R.apply_gate(dd[1], dd[2])
     rtot, _, _ = R.alignment_loss(gf, gs, 0.5)
     ry = gf if mode == "full" else gs
     rg = torch.autograd.grad((ry * dy.double()).sum() + 3.0 * rtot, dd)
     for name, a, r in zip(("d_full", "d_sparse", "d_gate"), runs[0][2:], rg):
-        assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
+        assert rel_err(a, r) < 1e-2, f"{name}: {rel_err(a, r)}"
 
 
 def test_ssa_attention_fused_gate_vs_torch_gate():
@@ -180,7 +178,7 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
     finally:
         A.FUSED_GATE_LOSS = True
     for name, a, r in zip(("out", "loss", "sparsity", "commitment", "dq", "dk", "dv", "dgate"), *res):
-        assert _rel(a, r) < 1e-2, f"{name}: {_rel(a, r)}"
+        assert rel_err(a, r) < 1e-2, f"{name}: {rel_err(a, r)}"
 
 
 def _layer_case(t, layout):
