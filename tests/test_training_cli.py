@@ -31,9 +31,13 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
     assert f"TensorBoard logs: {run_dir / 'tensorboard'}" in out
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "recipe.yaml").is_file()
-    # A second launch of the same command resumes and has nothing left to do.
-    assert cli.main(args) == 0
-    assert "steps 4->4" in capsys.readouterr().out
+    # A second launch of the same command, or one with fewer steps, resumes, says in one line that there is
+    # nothing left to do, and exits 0 without a loss line.
+    for again in (args, [*args, "train.steps=2"]):
+        assert cli.main(again) == 0
+        out = capsys.readouterr().out
+        assert "is at step 4 and train.steps is" in out and "nothing to train" in out
+        assert "nan" not in out and "done:" not in out
 
 
 def test_tensorboard_has_the_logged_scalars(tmp_path):

@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(recipe)
     finally:
         destroy_parallel()
+    if result.already_finished:
+        return 0  # train() said so in one line
     if rank == 0:
-        first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"), float("nan"))
         print(f"ssa-train: done: steps {result.start_step}->{result.end_step} in {result.seconds:.0f} s; "
-              f"loss {first:.3f} -> {last:.3f}")
+              f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else
+              f"ssa-train: done: no step ran ({result.start_step}->{result.end_step})")
         if result.eval:
             print("ssa-train: held-out " + ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in result.eval.items()))
         print(f"ssa-train: checkpoint: {result.checkpoint}")

@@ -1,13 +1,19 @@
 """Logging of training metrics: console (progress bar + a line every log_interval), TensorBoard, and wandb.
 
-Throughput is reported as tokens/s (whole job), model TFLOP/s per GPU and MFU. Model FLOPs per token follow
-docs/benchmarks.md: ``6·N + 6·L·HQ·D·T`` (N = parameters with tied embeddings counted once, T = sequence length),
-i.e. a dense causal full-attention model. SSA runs are measured against the same work, so their MFU is directly
-comparable with the full-attention baseline (the extra branch and the selection are overhead, not credit).
+Throughput is reported as tokens/s (whole job), model TFLOP/s per GPU and MFU, over the window since the last
+log line with evaluation and checkpoint time left out, and as a steady-state summary at the end of a run.
+
+Model FLOPs per token, as Megatron-LM and PaLM count them: ``6·N + 6·L·HQ·D·T``, where N is the parameters that
+do matrix work for each token (every decoder layer, and the output layer ``V·h``; the input-embedding lookup is
+left out, tied or not) and the attention term is causal full attention over a context of T tokens (half of
+PaLM's ``12·L·H·Q·T``, which counts the masked half). SSA runs are measured against the same work, so their MFU
+is directly comparable with the full-attention baseline (the extra branch and the selection are overhead, not
+credit). docs/benchmarks.md ("MFU") gives the formula with worked numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -24,7 +30,20 @@ _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12, "
 
 
 def parameter_count(recipe: RecipeConfig) -> int:
-    """Parameters of the decoder (tied embeddings counted once), from the recipe's shape."""
+    """Parameters of the model (tied embeddings counted once), from the recipe's shape."""
+    m = recipe.model
+    embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return _decoder_parameters(recipe) + embeddings
+
+
+def matmul_parameters(recipe: RecipeConfig) -> int:
+    """Parameters that multiply every token: the decoder layers and the output layer, not the input embedding
+    (a lookup, no matmul). The N of the MFU formula."""
+    m = recipe.model
+    return _decoder_parameters(recipe) + m.vocab_size * m.hidden_size
+
+
+def _decoder_parameters(recipe: RecipeConfig) -> int:
     m = recipe.model
     d = m.head_dim
     hq, hkv = m.num_attention_heads, m.num_query_groups
@@ -35,13 +54,13 @@ def parameter_count(recipe: RecipeConfig) -> int:
         + 2 * m.hidden_size  # two RMSNorm weights
         + (m.hidden_size * hq if recipe.ssa.gate == "per_head" else 0)  # SSA gate
     )
-    embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
-    return m.num_layers * per_layer + embeddings + m.hidden_size
+    return m.num_layers * per_layer + m.hidden_size  # + the final norm
 
 
 def model_flops_per_token(recipe: RecipeConfig) -> float:
+    """Training FLOPs per token (forward + backward): ``6·N + 6·L·HQ·D·T`` with N = ``matmul_parameters``."""
     m = recipe.model
-    return 6.0 * parameter_count(recipe) + 6.0 * m.num_layers * m.num_attention_heads * m.head_dim * m.seq_length
+    return 6.0 * matmul_parameters(recipe) + 6.0 * m.num_layers * m.num_attention_heads * m.head_dim * m.seq_length
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -65,31 +84,85 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s per GPU and MFU over the steps since the last ``read``."""
+    """Tokens/s, TFLOP/s per GPU and MFU: over the window since the last ``read``, and in steady state.
+
+    Evaluation and checkpoint time is left out (``excluded``). A step's time runs from the end of the previous
+    step to the end of this one, so the host work between steps (logging, the stop check) counts; every step
+    ends on the host after the GPU has finished it (the loss reduction reads device values). The steady state
+    is the median step after the first ``warmup_steps`` of this process, which pay for kernel compilation,
+    autotuning and the allocator's growth.
+    """
+
+    warmup_steps = 3
 
     def __init__(self, recipe: RecipeConfig, world_size: int, device: torch.device):
         self.flops_per_token = model_flops_per_token(recipe)
         self.world_size = world_size
         self.peak = peak_flops(device)
         self.device = device
-        self._t0 = time.perf_counter()
-        self._tokens = 0
+        self.step_seconds: list[float] = []
+        self.tokens_per_step = 0
+        self._window_start = self._last_end = time.perf_counter()
+        self._window_tokens = 0
+        self._window_excluded = 0.0
+        self._step_excluded = 0.0
 
-    def add(self, tokens: int) -> None:
-        self._tokens += tokens
+    def step_done(self, tokens: int) -> float:
+        """Records a finished step of ``tokens`` tokens (all ranks); returns its seconds."""
+        now = time.perf_counter()
+        seconds = now - self._last_end - self._step_excluded
+        self.step_seconds.append(seconds)
+        self._last_end, self._step_excluded = now, 0.0
+        self._window_tokens += tokens
+        self.tokens_per_step = tokens
+        return seconds
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time inside this block (evaluation, checkpointing) counts toward no step and no window."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self._window_excluded += dt
+            self._step_excluded += dt
+
+    def _rates(self, tokens_per_s: float) -> dict[str, float]:
+        flops = tokens_per_s * self.flops_per_token / self.world_size
+        out = {"throughput/tokens_per_s": tokens_per_s, "throughput/tflops_per_gpu": flops / 1e12}
+        if self.peak:
+            out["throughput/mfu"] = flops / self.peak
+        return out
 
     def read(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        dt = max(now - self._t0, 1e-9)
-        tps = self._tokens / dt
-        out = {"throughput/tokens_per_s": tps,
-               "throughput/tflops_per_gpu": tps * self.flops_per_token / self.world_size / 1e12}
-        if self.peak:
-            out["throughput/mfu"] = tps * self.flops_per_token / self.world_size / self.peak
-        self._t0, self._tokens = now, 0
+        """The window since the last read (ends at the last finished step)."""
+        dt = max(self._last_end - self._window_start - self._window_excluded, 1e-9)
+        out = self._rates(self._window_tokens / dt)
+        self._window_start, self._window_tokens, self._window_excluded = self._last_end, 0, 0.0
         return out
+
+    def steady(self) -> dict[str, float] | None:
+        """Median step after the warm-up steps; None when the run had no step beyond them."""
+        steps = sorted(self.step_seconds[self.warmup_steps:])
+        if not steps:
+            return None
+        median = steps[len(steps) // 2]
+        out = {"steps": float(len(steps)), "step_seconds": median,
+               "first_step_seconds": self.step_seconds[0], **self._rates(self.tokens_per_step / median)}
+        return out
+
+
+def format_steady(steady: dict[str, float], peak_gib: float) -> str:
+    """The end-of-run line: steady-state rates over the steps after the warm-up."""
+    parts = [f"steady state over {int(steady['steps'])} steps: {1e3 * steady['step_seconds']:,.0f} ms/step",
+             f"{steady['throughput/tokens_per_s']:,.0f} tok/s",
+             f"{steady['throughput/tflops_per_gpu']:.3g} TFLOP/s/GPU"]
+    if steady.get("throughput/mfu") is not None:
+        parts.append(f"MFU {100 * steady['throughput/mfu']:.1f}%")
+    parts.append(f"first step {steady['first_step_seconds']:.1f} s")
+    parts.append(f"peak mem {peak_gib:.2f} GiB")
+    return " | ".join(parts)
 
 
 class MetricsLogger:

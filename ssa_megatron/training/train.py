@@ -29,8 +29,9 @@ from ssa_megatron.training import health
 from ssa_megatron.training.checkpoint import RunCheckpoints
 from ssa_megatron.training.evaluate import HeldOutEval
 from ssa_megatron.training.lr_schedule import WarmupDecayLR
-from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_line, memory_gib, per_layer,
-                                           ssa_values)
+from ssa_megatron.training import compile_caches
+from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_line, format_steady, memory_gib,
+                                           per_layer, ssa_values)
 from ssa_megatron.training.optimizer import build_optimizer
 from ssa_megatron.training.parallel import init_parallel
 from ssa_megatron.training.step import StepBatches, forward_step, reduce_lm_losses, rerun_last_microbatch
@@ -51,13 +52,19 @@ class TrainResult:
     run_dir: Path | None = None
     tensorboard_dir: Path | None = None
     stopped_by_signal: bool = False
+    already_finished: bool = False
+    """The checkpoint resumed from was already at or past ``train.steps``: no step ran."""
     seconds: float = 0.0
+    steady: dict[str, float] | None = None
+    """Steady-state rates (``Throughput.steady``): step seconds, tokens/s, TFLOP/s per GPU, MFU."""
+    peak_memory_gib: float = 0.0
 
 
 def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None) -> TrainResult:
     """Runs (or resumes) the recipe's training. ``step_hook(step, model_chunks)`` runs before each step (tests use it
     to inject faults); ``max_steps`` stops this process early (the schedule still spans ``train.steps``)."""
     t_start = time.perf_counter()
+    compile_caches.configure()
 
     # 1. Parallel layout and batch geometry.
     dims = init_parallel(recipe)
@@ -95,6 +102,12 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     checkpoints = RunCheckpoints(recipe, dims, run_dir, model_chunks=model, optimizer=optimizer,
                                  scheduler=scheduler, train_loader=data.train)
     step, consumed_tokens = checkpoints.restore()
+    if step >= tr.steps:
+        if dims.is_main:
+            print(f"ssa-train: {recipe.name}: {checkpoints.resumed_from} is at step {step} and train.steps is "
+                  f"{tr.steps}: nothing to train (raise train.steps to continue)", flush=True)
+        return TrainResult(start_step=step, end_step=step, checkpoint=checkpoints.resumed_from, run_dir=run_dir,
+                           already_finished=True, seconds=time.perf_counter() - t_start)
 
     # 5. The loop.
     logger = MetricsLogger(recipe, enabled=dims.is_main, run_dir=run_dir, start_step=step)
@@ -115,6 +128,9 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     last_saved = None
 
     try:
+        if dims.device.type == "cuda":
+            logger.write("first step: compiling the Triton kernels and torch.compile fusions for this shape "
+                         f"(reused from {compile_caches.describe()} when an earlier launch compiled them)")
         while step < end_step:
             if step_hook is not None:
                 step_hook(step, model)
@@ -136,9 +152,11 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
             step += 1
             tokens = feed.tokens_per_step * dims.dp  # every DP replica consumed the same count
             consumed_tokens += tokens
-            throughput.add(tokens)
 
-            lm = reduce_lm_losses(reports, dims)
+            lm = reduce_lm_losses(reports, dims)  # reads device values: the step has finished on the GPU
+            seconds = throughput.step_done(tokens)
+            if len(throughput.step_seconds) == 1 and dims.device.type == "cuda":
+                logger.write(f"first step: {seconds:.1f} s")
             ssa = tracker.reduce(num_layers=recipe.model.num_layers)
             align_layers = per_layer(ssa, "alignment_loss", recipe.model.num_layers)
             health.check_step(step, lm_loss=lm.get("loss/lm"), align_per_layer=align_layers,
@@ -164,20 +182,26 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                 window.clear()
 
             if evaluator is not None and (step % tr.eval_interval == 0 or step == tr.steps):
-                result.eval = evaluator.run(model)
+                with throughput.excluded():
+                    result.eval = evaluator.run(model)
                 logger.scalars(step, result.eval)
                 logger.write(f"eval @ step {step}: " + ", ".join(
                     f"{k.split('/')[-1]} {v:.3f}" for k, v in result.eval.items() if "ppl" in k))
 
             stopping = stop.agreed(dims.device)
             if checkpoints.due(step, stopping):
-                result.checkpoint = checkpoints.save(step, consumed_tokens)
+                with throughput.excluded():
+                    result.checkpoint = checkpoints.save(step, consumed_tokens)
                 last_saved = step
                 logger.write(f"checkpoint: {result.checkpoint}")
             if stopping:
                 result.stopped_by_signal = True
                 logger.write(f"stopping at step {step} on {stop.name}; resume by launching the same command")
                 break
+        result.steady = throughput.steady()
+        result.peak_memory_gib = memory_gib(dims.device)[1]
+        if result.steady is not None:
+            logger.write(format_steady(result.steady, result.peak_memory_gib))
     finally:
         logger.close()
         stop.restore()

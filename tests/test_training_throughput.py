@@ -1,0 +1,69 @@
+"""Throughput as the job reports it: the window since the last log line leaves evaluation and checkpoint time
+out, the steady state is the median step after the warm-up, and MFU counts FLOPs as Megatron and PaLM do."""
+
+import time
+
+import pytest
+import torch
+
+from helpers.training import run_training, tiny_test_recipe
+from ssa_megatron.config import load_recipe
+from ssa_megatron.training import metrics
+from ssa_megatron.training.metrics import Throughput
+
+
+def _throughput(monkeypatch, clock):
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    return Throughput(load_recipe("tiny"), world_size=1, device=torch.device("cpu"))
+
+
+def test_window_and_steps_leave_out_excluded_time(monkeypatch):
+    clock = [100.0]
+    tp = _throughput(monkeypatch, clock)
+    clock[0] += 2.0
+    assert tp.step_done(1000) == pytest.approx(2.0)
+    with tp.excluded():  # an evaluation of 5 s between two steps
+        clock[0] += 5.0
+    clock[0] += 1.0
+    assert tp.step_done(1000) == pytest.approx(1.0)
+    window = tp.read()
+    assert window["throughput/tokens_per_s"] == pytest.approx(2000 / 3.0)
+    clock[0] += 4.0
+    tp.step_done(1000)
+    assert tp.read()["throughput/tokens_per_s"] == pytest.approx(1000 / 4.0)  # the window restarted
+
+
+def test_steady_state_is_the_median_after_the_warmup(monkeypatch):
+    clock = [0.0]
+    tp = _throughput(monkeypatch, clock)
+    for seconds in (30.0, 3.0, 2.0, 1.0, 1.2, 0.9, 5.0):  # three warm-up steps, then four
+        clock[0] += seconds
+        tp.step_done(4096)
+    steady = tp.steady()
+    assert steady["steps"] == 4 and steady["first_step_seconds"] == pytest.approx(30.0)
+    assert steady["step_seconds"] == pytest.approx(1.2)  # median of 1.0, 1.2, 0.9, 5.0 (upper middle)
+    assert steady["throughput/tokens_per_s"] == pytest.approx(4096 / 1.2)
+    assert "mfu" not in " ".join(steady)  # no peak FLOP/s known on the CPU
+    short = _throughput(monkeypatch, clock)
+    clock[0] += 1.0
+    short.step_done(10)
+    assert short.steady() is None
+
+
+def test_mfu_leaves_out_the_input_embedding():
+    tied = load_recipe("ssa_1b")
+    untied = load_recipe("ssa_1b", ["model.tie_embeddings=false"])
+    m = tied.model
+    # The output layer multiplies every token whether or not it shares its weight with the input embedding.
+    assert metrics.matmul_parameters(tied) == metrics.matmul_parameters(untied)
+    assert metrics.parameter_count(untied) - metrics.parameter_count(tied) == m.vocab_size * m.hidden_size
+    assert metrics.parameter_count(tied) == metrics.matmul_parameters(tied)
+    attention = 6 * m.num_layers * m.num_attention_heads * m.head_dim * m.seq_length
+    assert metrics.model_flops_per_token(untied) == 6 * metrics.matmul_parameters(untied) + attention
+
+
+def test_the_run_reports_a_steady_state(tmp_path, capsys):
+    result = run_training(tiny_test_recipe(tmp_path / "run", "train.steps=6", "checkpoint.interval=0"))
+    assert result.steady is not None and result.steady["steps"] == 3
+    assert result.steady["throughput/tokens_per_s"] > 0 and result.peak_memory_gib > 0
+    assert "steady state over 3 steps:" in capsys.readouterr().out
