@@ -30,7 +30,7 @@ def _is_power_of_two(n: int) -> bool:
 
 @dataclass
 class SSAConfig:
-    """SSA attention semantics (DESIGN.md §1). Budgets are in blocks; receptive field = top_k * block_size."""
+    """SSA attention semantics (docs/ssa.md rules 1-11). Budgets are in blocks; receptive field = top_k * block_size."""
 
     block_size: int = 16
     """Tokens per key block (selection and scoring granularity); a power of two >= 16."""

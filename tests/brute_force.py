@@ -1,4 +1,4 @@
-"""A brute-force float64 oracle of DESIGN.md §1, token by token with Python loops.
+"""A brute-force float64 oracle of docs/ssa.md rules 1-4 and 10, token by token with Python loops.
 
 It shares no code with ``ssa_megatron.ssa.reference``: documents, block grids, pooled keys, scores, the top-k
 rule and the attention masks are re-derived here from the definitions, one query at a time.

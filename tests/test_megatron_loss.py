@@ -24,6 +24,21 @@ def test_scaler_is_identity_forward_and_injects_scale():
     torch.testing.assert_close(w.grad, 2 * w.detach() * 3.0 * 0.25)
 
 
+def test_attach_alignment_loss_only_when_it_has_a_gradient():
+    from ssa_megatron.megatron.loss import attach_alignment_loss
+
+    x = torch.randn(3, requires_grad=True)
+    w = torch.tensor(2.0, requires_grad=True)
+    set_alignment_loss_scale(0.5)
+    assert attach_alignment_loss(x, torch.zeros(()), 3.0) is x  # not computed
+    with torch.no_grad():
+        assert attach_alignment_loss(x, w * w, 3.0) is x  # first pass of a checkpointed region
+    out = attach_alignment_loss(x, w * w, 3.0)
+    assert out is not x
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor(2 * 2.0 * 3.0 * 0.5))
+
+
 def test_loss_weight():
     assert alignment_loss_weight(10.0, 4, 1, 1, False, 128) == pytest.approx(2.5)
     assert alignment_loss_weight(10.0, 4, 2, 2, False, 128) == pytest.approx(2.5 / 4)
@@ -34,6 +49,7 @@ def test_model_injected_gradient_is_alpha_over_L_times_scale(megatron_world, mon
     """With the LM loss zeroed, the gradient equals scale · α/L · ∂(Σ_layers L_layer): run once with the scaler
     and once with the scaler disabled and the raw per-layer losses back-propagated explicitly."""
     import ssa_megatron.megatron.attention as attn_mod
+    import ssa_megatron.megatron.loss as loss_mod
     from ssa_megatron.megatron.mode import MODE_SAMPLER
     from ssa_megatron.megatron.model import build_gpt_model
 
@@ -60,7 +76,7 @@ def test_model_injected_gradient_is_alpha_over_L_times_scale(megatron_world, mon
             return output
 
     with monkeypatch.context() as m:
-        m.setattr(attn_mod, "AlignmentLossScaler", NoScaler)
+        m.setattr(loss_mod, "AlignmentLossScaler", NoScaler)
         out = model(tokens, pos, None, labels=tokens)
         (out.sum() * 0.0 + scale * 10.0 / 2 * sum(raw_losses)).backward()
     expected = [p.grad.clone() for p in model.parameters()]
@@ -182,3 +198,22 @@ def test_tracker_sums_tensors_where_they_live():
     assert out["alignment_loss/layer_1"] == pytest.approx(4.0)
     assert out["alignment_loss/layer_2"] == pytest.approx(0.25)
     assert out["alignment_loss"] == pytest.approx((4.0 + 0.25) / 2)
+
+
+def test_tracker_records_a_layer_forward():
+    """One layer forward: the loss and its two terms when computed, each statistic's mean over heads when
+    collected, nothing else."""
+    from ssa_megatron.megatron.tracker import SSAMetricsTracker
+    from ssa_megatron.ssa import SSAStats
+
+    tracker = SSAMetricsTracker()
+    tracker.record_layer(2, 2, torch.tensor(0.75), SSAStats(mode="full"))
+    assert tracker.sums == {}
+    stats = SSAStats(mode="sparse", sparsity_loss=torch.tensor(0.5), commitment_loss=torch.tensor(0.25),
+                     metrics={"sparsity": torch.tensor([0.2, 0.4]), "sink_mass": torch.tensor([0.1, 0.3])})
+    tracker.record_layer(2, 2, torch.tensor(0.75, requires_grad=True), stats)
+    out = tracker.reduce()
+    assert out["alignment_loss/layer_2"] == pytest.approx(0.75)
+    assert out["sparsity_loss"] == pytest.approx(0.5) and out["commitment_loss"] == pytest.approx(0.25)
+    assert out["attn_sparsity/layer_2"] == pytest.approx(0.3) and out["attn_sink_mass"] == pytest.approx(0.2)
+    assert "alignment_loss/layer_1" not in out

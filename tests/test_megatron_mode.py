@@ -22,9 +22,10 @@ def test_sample_mode_deterministic_and_calibrated():
     assert sample_mode(5, 6, 7, 0.3) == a
 
 
-def _two_modes_iteration(p_full=0.5):
+def _two_modes_iteration(p_full=0.5, seed=None):
+    seed = MODE_SAMPLER.seed if seed is None else seed
     for it in range(100):
-        if sample_mode(MODE_SAMPLER.seed, it, 0, p_full) != sample_mode(MODE_SAMPLER.seed, it, 1, p_full):
+        if sample_mode(seed, it, 0, p_full) != sample_mode(seed, it, 1, p_full):
             return it
     raise AssertionError("no iteration with different modes")
 
@@ -91,3 +92,46 @@ def test_force_mode_and_inference_mode(megatron_world):
     with pytest.raises(ValueError):
         with force_mode("dense"):
             pass
+
+
+def test_recompute_modes_replay_in_forward_order():
+    from ssa_megatron.megatron.mode import RecomputeModes
+
+    modes = RecomputeModes()
+    modes.push("full", iteration=1)
+    modes.push("sparse", iteration=1)
+    assert [modes.pop(), modes.pop()] == ["full", "sparse"]
+    modes.push("full", iteration=1)
+    modes.push("sparse", iteration=2)  # a new iteration drops what its predecessor left
+    assert modes.pop() == "sparse"
+    with pytest.raises(RuntimeError, match="no recorded mode"):
+        modes.pop()
+
+
+def test_layer_mode_precedence_and_recompute(monkeypatch):
+    """Forced beats everything, then the inference mode when not training; a checkpointed forward's sampled mode
+    is replayed by its recompute whatever the micro-batch index says by then."""
+    from ssa_megatron.megatron import mode as mode_lib
+
+    sampler = mode_lib.ModeSampler(seed=1234)
+    sampler.set_iteration(_two_modes_iteration(seed=1234))
+    layer = mode_lib.LayerMode(p_full=0.5, inference_mode="sparse", sampler=sampler)
+    sampled = [sampler.mode_for(mb, 0.5) for mb in (0, 1)]
+    assert sampled[0] != sampled[1]
+
+    assert layer.choose(training=False, microbatch=0) == "sparse"
+    assert [layer.choose(training=True, microbatch=mb) for mb in (0, 1)] == sampled
+    sampler.forced = "full"
+    assert layer.choose(training=True, microbatch=1) == layer.choose(training=False, microbatch=0) == "full"
+    sampler.forced = None
+
+    monkeypatch.setattr(mode_lib, "in_checkpointed_forward", lambda: True)
+    assert [layer.choose(training=True, microbatch=mb) for mb in (0, 1)] == sampled
+    monkeypatch.setattr(mode_lib, "in_checkpointed_forward", lambda: False)
+    monkeypatch.setattr(mode_lib, "is_recomputing", lambda: True)
+    assert [layer.choose(training=True, microbatch=1) for _ in range(2)] == sampled
+
+    layer.record("sparse", 3, training_forward=False)
+    assert sampler.last_mode == "sparse" and 3 not in sampler.modes_this_iteration
+    layer.record("full", 3, training_forward=True)
+    assert sampler.last_mode == "full" and sampler.modes_this_iteration[3] == "full"

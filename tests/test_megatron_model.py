@@ -26,11 +26,26 @@ def test_spec_wiring(megatron_world):
     assert attn.module is SSASelfAttention
     assert attn.submodules.core_attention.module is SSACoreAttention
     assert attn.submodules.core_attention.params["ssa"].top_k == 4
+    assert attn.params["compiled_rope"] is False
+    assert get_ssa_layer_spec("local", compiled_rope=True).submodules.self_attention.params["compiled_rope"] is True
     assert attn.submodules.linear_gate is ColumnParallelLinear
     assert "RMSNorm" in repr(spec.submodules.input_layernorm) or spec.submodules.input_layernorm is not None
     assert get_ssa_layer_spec("local", SSAConfig(gate="none")).submodules.self_attention.submodules.linear_gate is None
     with pytest.raises(ValueError, match="backend"):
         get_ssa_layer_spec("flash")
+
+
+def test_document_boundaries_round_trip():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from ssa_megatron.megatron.attention import document_boundaries, document_packed_seq_params
+
+    cu = torch.tensor([0, 5, 16])
+    assert document_boundaries(None) is None
+    assert document_boundaries(document_packed_seq_params(cu, 8)) is cu
+    assert document_boundaries(PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu)) is cu
+    with pytest.raises(NotImplementedError, match="thd"):
+        document_boundaries(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
 
 
 def test_te_spec_clear_error_without_te(megatron_world):
@@ -72,7 +87,7 @@ def _capture_core_attention(model):
     calls = []
 
     def hook(module, args, kwargs, output):
-        calls.append((module, [a.detach() for a in args[:3]], kwargs, output.detach()))
+        calls.append((module, [a.detach() for a in args[:4]], kwargs, output.detach()))
 
     handles = [layer.self_attention.core_attention.register_forward_hook(hook, with_kwargs=True)
                for layer in model.decoder.layers]
@@ -109,11 +124,10 @@ def test_tiny_gpt_forward_backward_matches_ssa_attention(megatron_world, alpha, 
 
     assert len(calls) == 2
     expected_mode = MODE_SAMPLER.mode_for(0, p_full)
-    for module, (q, k, v), kwargs, out in calls:
+    for module, (q, k, v, gate), kwargs, out in calls:
         assert q.shape == (64, 2, 4, 16) and k.shape == (64, 2, 2, 16)
-        gate = kwargs["attention_bias"]
-        assert gate.shape == (64, 2, 4)
-        ref, ref_loss, stats = ssa_attention(q, k, v, gate.detach(), recipe.ssa, expected_mode, True)
+        assert gate.shape == (64, 2, 4)  # in Megatron's attention_mask slot
+        ref, ref_loss, stats = ssa_attention(q, k, v, gate, recipe.ssa, expected_mode, True)
         assert stats.mode == expected_mode
         torch.testing.assert_close(out, ref.reshape(64, 2, -1), rtol=1e-5, atol=1e-6)
     tracker.collect_metrics = False
@@ -164,7 +178,7 @@ def test_tiny_gpt_recompute_matches(megatron_world):
 
 
 def test_rope_follows_position_ids_per_document(megatron_world):
-    """Positions reset per document (DESIGN.md §1.10): with document masking, the second document of a packed
+    """Positions reset per document (docs/ssa.md rule 10): with document masking, the second document of a packed
     row gives the same logits as that document alone at the start of a row; with positions 0..S-1 the model is
     Megatron's own GPTModel (position_ids=None)."""
     from ssa_megatron.megatron.attention import document_packed_seq_params
@@ -197,3 +211,76 @@ def test_rope_follows_position_ids_per_document(megatron_world):
             restarted = model(tokens, reset, None)
             torch.testing.assert_close(running[:, :cut], restarted[:, :cut], rtol=0, atol=0)
             assert not torch.allclose(running[:, cut:], restarted[:, cut:], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where we lean on Megatron beyond the spec: each test fails when megatron-core changes what we rely on.
+
+
+def test_megatron_methods_we_override_are_unchanged():
+    """``SSAGPTModel`` overrides the private ``GPTModel._preprocess`` (it rewrites element 1 of the returned tuple,
+    the RoPE angles). When this fails after a megatron-core upgrade, re-read the method, check the override still
+    fits, and update the hash."""
+    import hashlib
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    source = inspect.getsource(GPTModel._preprocess)
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == "1bc57437dfdab74a"
+
+
+def test_compiled_rope_is_used_inside_ssa_attention_only(megatron_world, monkeypatch):
+    """``compiled_rope`` (``train.fused_ops`` on CUDA) puts the compiled RoPE where Megatron's ``Attention.forward``
+    looks it up, for the duration of each SSA attention forward, and puts Megatron's back after. A counting
+    stand-in replaces the compiled function (torch.compile needs a C++ toolchain on CPUs)."""
+    import megatron.core.transformer.attention as megatron_attention
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from ssa_megatron.megatron import rope
+    from ssa_megatron.megatron.model import build_gpt_model, transformer_config_from_recipe
+
+    # What the swap relies on: Attention.forward calls rope_utils.apply_rotary_pos_emb, which reads
+    # _apply_rotary_pos_emb_bshd from its module's globals at every call.
+    assert megatron_attention.apply_rotary_pos_emb is rope_utils.apply_rotary_pos_emb
+    assert "_apply_rotary_pos_emb_bshd" in rope_utils.apply_rotary_pos_emb.__code__.co_names
+
+    eager = rope_utils._apply_rotary_pos_emb_bshd
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(rope, "compiled_rope_function", lambda: counting)
+    tokens = torch.randint(0, 128, (1, 64))
+    torch.manual_seed(0)
+    plain = build_gpt_model(tiny_recipe()).eval()
+    recipe = tiny_recipe()
+    recipe.train.device = "cuda"  # fused_ops on CUDA: build_gpt_model asks for the compiled RoPE
+    torch.manual_seed(0)
+    model = build_gpt_model(recipe, config=transformer_config_from_recipe(tiny_recipe())).eval()
+    assert model.decoder.layers[0].self_attention.compiled_rope
+    assert not plain.decoder.layers[0].self_attention.compiled_rope
+    with torch.no_grad():
+        expected = plain(tokens, None, None)
+        assert calls == []
+        got = model(tokens, None, None)
+    assert len(calls) == 2 * 2  # q and k in each of the 2 layers
+    assert rope_utils._apply_rotary_pos_emb_bshd is eager
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_schedules_microbatch_reaches_the_core_attention(megatron_world):
+    """Megatron's schedules call ``set_current_microbatch`` (which sets ``current_microbatch`` on every decoder
+    layer) before each micro-batch forward; ``SSATransformerLayer`` hands the index to its core attention."""
+    from megatron.core.transformer.cuda_graphs import set_current_microbatch
+
+    from ssa_megatron.megatron.model import build_gpt_model
+
+    model = build_gpt_model(tiny_recipe()).train()
+    tokens = torch.randint(0, 128, (1, 64))
+    for microbatch in (3, 1):
+        set_current_microbatch(model, microbatch)
+        model(tokens, None, None)
+        assert [layer.self_attention.core_attention.microbatch for layer in model.decoder.layers] == [microbatch] * 2

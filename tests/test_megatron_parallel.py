@@ -19,6 +19,42 @@ def _core_attention(cp_size: int, ssa, cp_comm_type: str = "all_gather"):
                             cp_comm_type=cp_comm_type, ssa=ssa)
 
 
+def test_cp_comm_type_must_be_all_gather():
+    from ssa_megatron.megatron.context_parallel import check_cp_comm_type
+
+    check_cp_comm_type("all_gather", 1)
+    check_cp_comm_type(["p2p", "allgather"], 2)  # one per layer: layer 2's
+    with pytest.raises(NotImplementedError, match="a2a"):
+        check_cp_comm_type("a2a", 1)
+    with pytest.raises(ValueError, match="'p2p' is not supported"):
+        check_cp_comm_type(["p2p", "allgather"], 1)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_zigzag_layout_round_trip(cp):
+    """Each rank's chunks (``split_zigzag``), concatenated in rank order as an all-gather returns them and
+    reordered by ``zigzag_gather_order``, are the natural sequence; ``zigzag_positions`` names them."""
+    from ssa_megatron.megatron.context_parallel import split_zigzag, zigzag_gather_order, zigzag_positions
+
+    S = 8 * cp
+    x = torch.arange(S)
+    ranks = [split_zigzag(x, cp, r) for r in range(cp)]
+    for r, local in enumerate(ranks):
+        assert torch.equal(local, zigzag_positions(len(local), cp, r))
+    chunks = torch.cat(ranks).view(2 * cp, -1)
+    assert torch.equal(chunks.index_select(0, zigzag_gather_order(cp)).flatten(), x)
+
+
+def test_one_cp_rank_exchanges_nothing():
+    from types import SimpleNamespace
+
+    from ssa_megatron.megatron.context_parallel import gather_kv_for_local_queries
+
+    q, k, v = torch.randn(8, 1, 2, 4), torch.randn(8, 1, 1, 4), torch.randn(8, 1, 1, 4)
+    key, value, positions = gather_kv_for_local_queries(q, k, v, SimpleNamespace(size=lambda: 1))
+    assert key is k and value is v and positions is None
+
+
 def _cp_ranks(rank, world_size, backend="reference"):
     """``backend='triton'``: the kernels under TRITON_INTERPRET=1 (set by the caller), in float32."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -64,7 +100,7 @@ def _cp_ranks(rank, world_size, backend="reference"):
         local = [split_zigzag(t, 2, rank).clone().requires_grad_() for t in (q, k, v, gate)]
         psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if document_mask else None
         with force_mode(mode):
-            out_local = core(local[0], local[1], local[2], None, attention_bias=local[3], packed_seq_params=psp)
+            out_local = core(local[0], local[1], local[2], local[3], packed_seq_params=psp)
         (out_local * split_zigzag(w, 2, rank)).sum().backward()
 
         tag = f"mode={mode} document_mask={document_mask}"
@@ -102,8 +138,8 @@ def _tp_ranks(rank, world_size):
         shapes = []
         core = model.decoder.layers[0].self_attention.core_attention
         handle = core.register_forward_hook(
-            lambda m, args, kwargs, out: shapes.append((args[0].shape, args[1].shape, kwargs["attention_bias"].shape,
-                                                        out.shape)), with_kwargs=True)
+            lambda m, args, kwargs, out: shapes.append((args[0].shape, args[1].shape, args[3].shape, out.shape)),
+            with_kwargs=True)
         loss = model(tokens, pos, None, labels=tokens).mean()
         loss.backward()
         handle.remove()

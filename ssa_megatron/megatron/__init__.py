@@ -1,5 +1,5 @@
 """Megatron-core glue for SSA: layer spec, gate + core attention, mode sampler, alignment-loss auto-scaler,
-per-layer metrics tracker, context-parallel exchange, model builder and the CPU compatibility shims.
+per-layer metrics tracker, context-parallel exchange, compiled RoPE, model builder and the CPU compatibility shims.
 
 Import order matters only for CPU runs: call ``enable_cpu_compat()`` (no-op with CUDA) before building a model.
 See docs/megatron.md.

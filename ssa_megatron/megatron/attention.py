@@ -3,22 +3,22 @@
 - :class:`SSASelfAttention` is Megatron's ``SelfAttention`` (QKV GEMM, GQA split, RoPE, TP/SP, ``linear_proj``)
   plus one TP-split linear, ``linear_gate`` (hidden → one logit per query head, column-parallel so each TP rank gets
   the logits of its own heads). It computes the gate from the layer's normalized input and hands the logits to the
-  core attention through the ``attention_bias`` argument that Megatron threads from ``SelfAttention.forward`` to the
-  core attention (SSA has no other attention bias), and as a checkpoint input under selective recompute.
+  core attention through the ``attention_mask`` argument, which Megatron threads from ``SelfAttention.forward`` to
+  the core attention (SSA needs no mask), and as a checkpoint input under selective recompute.
 - :class:`SSACoreAttention` follows Megatron's core-attention contract (q ``[sq, b, heads/rank, d]``, k/v
   ``[skv, b, groups/rank, d]``, output ``[sq, b, heads/rank·d]``) and calls ``ssa_attention`` — the one
   definition of the SSA math. It adds what is Megatron-specific: the mode of the micro-batch, context parallelism,
   document masks from ``packed_seq_params``, the alignment loss's auto-scaler and the metrics tracker.
-- :class:`SSATransformerLayer` is Megatron's ``TransformerLayer`` whose ``current_microbatch`` (set by the
-  schedules) is forwarded to its core attention.
+- :class:`SSATransformerLayer` is Megatron's ``TransformerLayer`` that hands its ``current_microbatch`` (set by the
+  schedules) to its core attention before each forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -30,13 +30,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 from ssa_megatron.config import SSAConfig
-from ssa_megatron.megatron import mode as mode_lib
-from ssa_megatron.megatron.context_parallel import gather_kv_zigzag, zigzag_positions
-from ssa_megatron.megatron.loss import AlignmentLossScaler, alignment_loss_weight
+from ssa_megatron.megatron.context_parallel import check_cp_comm_type, gather_kv_for_local_queries
+from ssa_megatron.megatron.loss import alignment_loss_weight, attach_alignment_loss
+from ssa_megatron.megatron.mode import LayerMode, is_recomputing
+from ssa_megatron.megatron.rope import compiled_rope
 from ssa_megatron.megatron.tracker import get_ssa_tracker
 from ssa_megatron.ssa import ssa_attention
-
-CP_COMM_TYPES = ("all_gather", "allgather")
 
 
 def document_packed_seq_params(cu_seqlens: Tensor, seq_length: int) -> PackedSeqParams:
@@ -47,6 +46,20 @@ def document_packed_seq_params(cu_seqlens: Tensor, seq_length: int) -> PackedSeq
     """
     return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
+
+
+def document_boundaries(packed_seq_params: PackedSeqParams | None) -> Tensor | None:
+    """The ``cu_seqlens`` that ``document_packed_seq_params`` packed (None: no documents)."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format == "thd":
+        raise NotImplementedError(
+            "SSA: packed_seq_params.qkv_format='thd' is not supported; pass qkv_format='sbhd' with "
+            "cu_seqlens_kv marking document starts over the flattened b·S token stream"
+        )
+    if packed_seq_params.cu_seqlens_kv is not None:
+        return packed_seq_params.cu_seqlens_kv
+    return packed_seq_params.cu_seqlens_q
 
 
 def check_tp_heads(num_query_groups: int, num_attention_heads: int, tp_size: int) -> None:
@@ -62,7 +75,10 @@ def check_tp_heads(num_query_groups: int, num_attention_heads: int, tp_size: int
 class SSACoreAttention(MegatronModule):
     """Megatron core attention running SSA (``ssa_attention``) for this rank's heads.
 
-    Constructor kwargs are Megatron's core-attention builder contract plus ``ssa`` (the SSA semantics).
+    Constructor kwargs are Megatron's core-attention builder contract plus ``ssa`` (the SSA semantics). The forward
+    is the SSA call with the Megatron-specific steps around it, each in its own file: the mode
+    (:class:`~ssa_megatron.megatron.mode.LayerMode`), the CP exchange (``context_parallel``), the alignment loss's
+    weight and attachment (``loss``) and the metrics (``tracker``).
     """
 
     def __init__(
@@ -94,104 +110,58 @@ class SSACoreAttention(MegatronModule):
         self.cp_group = pg_collection.cp
         self.cp_size = pg_collection.cp.size()
         if self.cp_size > 1:
-            comm = cp_comm_type if cp_comm_type is not None else config.cp_comm_type
-            if isinstance(comm, (list, tuple)):
-                comm = comm[layer_number - 1]
-            if comm == "a2a":
-                raise NotImplementedError(
-                    "SSA context parallelism: cp_comm_type='a2a' is not implemented; use 'all_gather'"
-                )
-            if comm not in CP_COMM_TYPES:
-                raise ValueError(
-                    f"SSA context parallelism: cp_comm_type={comm!r} is not supported; use 'all_gather' "
-                    f"(K/V are all-gathered over the CP group; 'p2p' and 'a2a+p2p' need Transformer Engine)"
-                )
+            check_cp_comm_type(cp_comm_type if cp_comm_type is not None else config.cp_comm_type, layer_number)
         self.ssa = ssa
         self.layer_number = layer_number
         self.num_layers = config.num_layers
         self.softmax_scale = softmax_scale
         self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
+        self.mode = LayerMode(ssa.p_full, ssa.inference_mode)
         self.microbatch = 0
-        """Index of the micro-batch in the current iteration; set through ``SSATransformerLayer``."""
+        """Index of the micro-batch in the current iteration; set by ``SSATransformerLayer`` before each forward."""
         self.model_chunk = 0
-        self._recompute_modes = mode_lib.RecomputeModes()
-
-    # ------------------------------------------------------------------------------------------------------------
-    def _resolve_mode(self) -> str:
-        sampler = mode_lib.MODE_SAMPLER
-        if sampler.forced is not None:
-            return sampler.forced
-        if not self.training:
-            return self.ssa.inference_mode
-        if mode_lib.is_recomputing():
-            return self._recompute_modes.pop()
-        mode = sampler.mode_for(self.microbatch, self.ssa.p_full)
-        if mode_lib.in_checkpointed_forward():
-            self._recompute_modes.push(mode, sampler.iteration)
-        return mode
 
     def forward(
         self,
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Tensor | None,
+        gate_logits: Tensor | None,
         attn_mask_type: AttnMaskType | None = None,
         attention_bias: Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
-        gate_logits: Tensor | None = None,
     ) -> Tensor:
         """q ``[sq, b, np, hn]``, k/v ``[skv, b, ng, hn]`` → ``[sq, b, np·hn]``.
 
-        ``attention_bias`` / ``gate_logits``: the gate logits ``[sq, b, np]`` from ``SSASelfAttention`` (or None).
-        ``attention_mask`` is not used: SSA is causal by definition, documents come from ``packed_seq_params``
-        (``qkv_format='sbhd'``, ``cu_seqlens_kv`` over the flattened ``b·S`` stream of the *whole* sequence).
+        ``gate_logits``: ``[sq, b, np]`` from ``SSASelfAttention``, in the slot where Megatron passes the attention
+        mask (SSA needs none: it is causal by definition, and documents come from ``packed_seq_params``).
+        ``packed_seq_params``: ``qkv_format='sbhd'``, ``cu_seqlens_kv`` over the flattened ``b·S`` stream of the
+        *whole* sequence (``document_packed_seq_params``).
         """
-        gate = gate_logits if gate_logits is not None else attention_bias
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            if packed_seq_params.qkv_format == "thd":
-                raise NotImplementedError(
-                    "SSA: packed_seq_params.qkv_format='thd' is not supported; pass qkv_format='sbhd' with "
-                    "cu_seqlens_kv marking document starts over the flattened b·S token stream"
-                )
-            cu_seqlens = packed_seq_params.cu_seqlens_kv
-            if cu_seqlens is None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-
-        mode = self._resolve_mode()
-        recomputing = mode_lib.is_recomputing()
+        if attention_bias is not None:
+            raise ValueError("SSACoreAttention: attention_bias is not supported (SSA has no attention bias)")
+        cu_seqlens = document_boundaries(packed_seq_params)
+        mode = self.mode.choose(self.training, self.microbatch)
         tracker = get_ssa_tracker()
-        with_metrics = bool(self.training and tracker.collect_metrics and not recomputing)
+        training_forward = self.training and not is_recomputing()  # recompute forwards record nothing
 
-        q_positions = None
-        if self.cp_size > 1:
-            q_positions = zigzag_positions(query.shape[0], self.cp_size, self.cp_group.rank(), query.device)
-            key, value = gather_kv_zigzag(key, value, self.cp_group)
-
+        key, value, q_positions = gather_kv_for_local_queries(query, key, value, self.cp_group)
         out, loss, stats = ssa_attention(
-            query, key, value, gate, self.ssa, mode, self.training,
+            query, key, value, gate_logits, self.ssa, mode, self.training,
             cu_seqlens=cu_seqlens, q_positions=q_positions, softmax_scale=self.softmax_scale,
-            with_metrics=with_metrics,
+            with_metrics=training_forward and tracker.collect_metrics,
         )
         sq, b = out.shape[0], out.shape[1]
-        if self.training and self.ssa.alpha > 0 and torch.is_grad_enabled() and loss.requires_grad:
+        if self.training and self.ssa.alpha > 0:
             weight = alignment_loss_weight(
                 self.ssa.alpha, self.num_layers, self.tp_size, self.cp_size, self.per_token_loss, sq * b
             )
-            out = AlignmentLossScaler.apply(out, loss * weight)
+            out = attach_alignment_loss(out, loss, weight)
 
-        mode_lib.MODE_SAMPLER.last_mode = mode
-        if self.training and not recomputing:
+        self.mode.record(mode, self.microbatch, training_forward)
+        if training_forward:
             tracker.record_mode(self.microbatch, mode, self.model_chunk)
-            mode_lib.MODE_SAMPLER.modes_this_iteration[self.microbatch] = mode
-            if stats.sparsity_loss is not None:
-                tracker.record("alignment_loss", self.layer_number, self.num_layers, loss.detach())
-                tracker.record("sparsity_loss", self.layer_number, self.num_layers, stats.sparsity_loss)
-                tracker.record("commitment_loss", self.layer_number, self.num_layers, stats.commitment_loss)
-            if stats.metrics is not None:
-                for name, per_head in stats.metrics.items():
-                    tracker.record(f"attn_{name}", self.layer_number, self.num_layers, per_head.float().mean())
+            tracker.record_layer(self.layer_number, self.num_layers, loss, stats)
         return out.reshape(sq, b, -1)
 
 
@@ -203,16 +173,24 @@ class SSASelfAttentionSubmodules(SelfAttentionSubmodules):
 
 
 class SSASelfAttention(SelfAttention):
-    """``SelfAttention`` with SSA's per-head sigmoid gate computed from the layer's normalized input."""
+    """``SelfAttention`` with SSA's per-head sigmoid gate computed from the layer's normalized input.
+
+    The gate logits travel to the core attention in the ``attention_mask`` argument, which ``Attention.forward``
+    passes on unchanged and, under selective recompute, as a checkpoint input (so the recompute reads a detached
+    copy rather than reaching back into this forward's graph). ``compiled_rope`` (a spec param): run Megatron's
+    unfused RoPE compiled (``ssa_megatron.megatron.rope``).
+    """
 
     def __init__(self, config: TransformerConfig, submodules: SSASelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: str | None = None,
-                 pg_collection: ProcessGroupCollection | None = None, **kwargs) -> None:
+                 pg_collection: ProcessGroupCollection | None = None, *, compiled_rope: bool = False,
+                 **kwargs) -> None:
         tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
         check_tp_heads(config.num_query_groups or config.num_attention_heads, config.num_attention_heads, tp_size)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          attn_mask_type=attn_mask_type, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
                          **kwargs)
+        self.compiled_rope = compiled_rope
         self.linear_gate = None
         if getattr(submodules, "linear_gate", None) is not None:
             self.linear_gate = build_module(
@@ -229,26 +207,13 @@ class SSASelfAttention(SelfAttention):
                 tp_group=self.pg_collection.tp,
             )
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor, *args, attention_bias: Tensor | None = None,
-                **kwargs):
-        if attention_bias is not None:
-            raise ValueError("SSASelfAttention: attention_bias is not supported (its slot carries the SSA gate)")
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
+        """``attention_mask`` is not used (see ``SSACoreAttention.forward``); its slot carries the gate logits."""
         gate = None
         if self.linear_gate is not None:
             gate, _ = self.linear_gate(hidden_states)  # [sq, b, np]
-        return super().forward(hidden_states, attention_mask, *args, attention_bias=gate, **kwargs)
-
-    def _checkpointed_attention_forward(self, query, key, value, attention_mask, rotary_pos_emb=None,
-                                        attn_mask_type=None, attention_bias=None, packed_seq_params=None,
-                                        core_attention_extra_kwargs=None):
-        # Pass the gate as a checkpoint input (a detached tensor on recompute), not through the closure.
-        extra = dict(core_attention_extra_kwargs or {})
-        if attention_bias is not None:
-            extra["gate_logits"] = attention_bias
-        return super()._checkpointed_attention_forward(
-            query, key, value, attention_mask, rotary_pos_emb=rotary_pos_emb, attn_mask_type=attn_mask_type,
-            attention_bias=None, packed_seq_params=packed_seq_params, core_attention_extra_kwargs=extra,
-        )
+        with compiled_rope() if self.compiled_rope else contextlib.nullcontext():
+            return super().forward(hidden_states, gate, *args, **kwargs)
 
 
 def _mpu_tp_size() -> int:
@@ -258,8 +223,8 @@ def _mpu_tp_size() -> int:
 
 
 class SSATransformerLayer(TransformerLayer):
-    """``TransformerLayer`` that forwards ``current_microbatch`` (set by Megatron's schedules before every
-    micro-batch forward) to its SSA core attention, which derives the micro-batch's mode from it."""
+    """``TransformerLayer`` that hands ``current_microbatch`` (set by Megatron's schedules on every layer before each
+    micro-batch forward, ``set_current_microbatch``) to its SSA core attention, which derives the mode from it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -268,17 +233,11 @@ class SSATransformerLayer(TransformerLayer):
             core.model_chunk = 0 if getattr(self, "vp_stage", None) is None else int(self.vp_stage)
 
     def _ssa_core(self) -> SSACoreAttention | None:
-        attn = self._modules.get("self_attention")
-        core = getattr(attn, "core_attention", None) if attn is not None else None
+        core = getattr(self.self_attention, "core_attention", None)
         return core if isinstance(core, SSACoreAttention) else None
 
-    @property
-    def current_microbatch(self) -> int:
-        return self.__dict__.get("_ssa_current_microbatch", 0)
-
-    @current_microbatch.setter
-    def current_microbatch(self, value: int) -> None:
-        self.__dict__["_ssa_current_microbatch"] = value
+    def forward(self, *args, **kwargs):
         core = self._ssa_core()
         if core is not None:
-            core.microbatch = int(value)
+            core.microbatch = int(getattr(self, "current_microbatch", 0))
+        return super().forward(*args, **kwargs)

@@ -10,6 +10,9 @@ table is sliced the same way), so gathered keys are usable as they are.
 all ranks' queries to each rank's own keys/values). :func:`zigzag_positions` gives the global positions of the
 local queries, which ``ssa_attention`` uses as ``q_positions`` in both branches (causality, own block, selection).
 Block keys for selection are pooled from the gathered keys, so selection sees every earlier block.
+:func:`gather_kv_for_local_queries` is the whole exchange as the core attention uses it.
+
+Only this all-gather exchange exists (Megatron's ``cp_comm_type='all_gather'``; :func:`check_cp_comm_type`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,22 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+CP_COMM_TYPES = ("all_gather", "allgather")
+
+
+def check_cp_comm_type(cp_comm_type: str | list[str] | None, layer_number: int) -> None:
+    """Raises unless Megatron's ``cp_comm_type`` (one value, or one per layer) is the all-gather this file does."""
+    comm = cp_comm_type
+    if isinstance(comm, (list, tuple)):
+        comm = comm[layer_number - 1]
+    if comm == "a2a":
+        raise NotImplementedError("SSA context parallelism: cp_comm_type='a2a' is not implemented; use 'all_gather'")
+    if comm not in CP_COMM_TYPES:
+        raise ValueError(
+            f"SSA context parallelism: cp_comm_type={comm!r} is not supported; use 'all_gather' "
+            f"(K/V are all-gathered over the CP group; 'p2p' and 'a2a+p2p' need Transformer Engine)"
+        )
 
 
 def zigzag_positions(local_len: int, cp_size: int, cp_rank: int, device: torch.device | str = "cpu") -> Tensor:
@@ -100,3 +119,16 @@ def gather_kv_zigzag(key: Tensor, value: Tensor, group: dist.ProcessGroup) -> tu
     d = key.shape[-1]
     kv = gather_sequence_zigzag(torch.cat([key, value], dim=-1), group)
     return kv[..., :d], kv[..., d:]
+
+
+def gather_kv_for_local_queries(query: Tensor, key: Tensor, value: Tensor, group: dist.ProcessGroup
+                                ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """This rank's zigzag chunks → ``(key [S, b, g, d], value [S, b, g, d], q_positions [2C])``: the whole
+    sequence's keys and values, and the global positions of the local queries. With one CP rank: the inputs and
+    None (queries at the last ``sq`` positions)."""
+    cp_size = group.size()
+    if cp_size == 1:
+        return key, value, None
+    q_positions = zigzag_positions(query.shape[0], cp_size, group.rank(), query.device)
+    key, value = gather_kv_zigzag(key, value, group)
+    return key, value, q_positions

@@ -10,9 +10,10 @@ stage, by megatron-core 0.19's hook ``TransformerConfig.experimental_attention_v
 - ``loss_scale`` with ``calculate_per_token_loss`` (the grads are divided by the step's token count later),
 
 where ``loss_scale`` is the fp16 grad scaler's scale (1 otherwise). The layer attaches
-``alpha / num_layers * weight * L_layer`` where ``weight`` makes the per-rank losses sum to the global mean
-(see :func:`alignment_loss_weight`), so the gradient is that of ``alpha * mean_over_layers(L_layer)`` normalised
-like the token-mean LM loss of one optimizer step under any schedule, DP, CP and gradient accumulation.
+``alpha / num_layers * weight * L_layer`` (:func:`attach_alignment_loss`), where ``weight`` makes the per-rank
+losses sum to the global mean (:func:`alignment_loss_weight`), so the gradient is that of
+``alpha * mean_over_layers(L_layer)`` normalised like the token-mean LM loss of one optimizer step under any
+schedule, DP, CP and gradient accumulation.
 """
 
 from __future__ import annotations
@@ -61,11 +62,6 @@ def set_alignment_loss_scale(scale: Tensor | float) -> None:
     AlignmentLossScaler.set_loss_scale(scale)
 
 
-def get_alignment_loss_scale() -> float:
-    scale = AlignmentLossScaler.main_loss_backward_scale
-    return 1.0 if scale is None else float(scale)
-
-
 def alignment_loss_weight(
     alpha: float, num_layers: int, tp_size: int, cp_size: int, per_token_loss: bool, local_tokens: int
 ) -> float:
@@ -82,3 +78,14 @@ def alignment_loss_weight(
     if per_token_loss:
         return base * local_tokens
     return base / cp_size
+
+
+def attach_alignment_loss(output: Tensor, loss: Tensor, weight: float) -> Tensor:
+    """``output``, carrying ``loss * weight`` into the backward (:class:`AlignmentLossScaler`).
+
+    Nothing is attached when the loss has no gradient to give: a forward under no_grad (the first pass of a
+    checkpointed region, whose recompute attaches it), or a loss that was not computed.
+    """
+    if not (torch.is_grad_enabled() and loss.requires_grad):
+        return output
+    return AlignmentLossScaler.apply(output, loss * weight)

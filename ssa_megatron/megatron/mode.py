@@ -1,4 +1,4 @@
-"""Which SSA branch a micro-batch trains on (DESIGN.md §1.6).
+"""Which SSA branch a micro-batch trains on (docs/ssa.md rule 6).
 
 The mode is a pure function of ``(seed, iteration, micro-batch index)``, so every TP/CP/PP/DP rank computes the
 same value without communication. Inputs:
@@ -6,13 +6,13 @@ same value without communication. Inputs:
 - ``seed`` and the iteration: the process-wide :data:`MODE_SAMPLER`; the training loop calls
   ``MODE_SAMPLER.set_iteration(it)`` once per optimizer step on every rank (``build_gpt_model`` sets the seed).
 - the micro-batch index: Megatron's schedules set ``TransformerLayer.current_microbatch`` on every layer before
-  each micro-batch forward (``set_current_microbatch``). :class:`~ssa_megatron.megatron.attention.SSATransformerLayer`
-  forwards that value to its core attention. Loops that drive the model without a schedule call
-  :func:`set_microbatch`.
+  each micro-batch forward (``set_current_microbatch``); loops that drive the model without a schedule set it
+  themselves. :class:`~ssa_megatron.megatron.attention.SSATransformerLayer` hands it to its core attention.
 
 Activation recompute reruns the forward of micro-batch i during its backward, when the layers' micro-batch index
-already points at a later micro-batch (1F1B). The core attention therefore remembers the mode of each checkpointed
-forward and replays it on recompute (:class:`RecomputeModes`), instead of sampling again.
+already points at a later micro-batch (1F1B). Each layer therefore remembers the mode of each checkpointed
+forward and replays it on recompute (:class:`RecomputeModes`), instead of sampling again. :class:`LayerMode`
+puts these rules together for one layer.
 """
 
 from __future__ import annotations
@@ -75,10 +75,6 @@ class ModeSampler:
 MODE_SAMPLER = ModeSampler()
 
 
-def set_iteration(iteration: int) -> None:
-    MODE_SAMPLER.set_iteration(iteration)
-
-
 def last_mode() -> str | None:
     """The mode of the most recent SSA layer forward on this rank (on the last pipeline stage: the micro-batch whose
     LM loss is being computed)."""
@@ -96,15 +92,6 @@ def force_mode(mode: str | None):
         yield
     finally:
         MODE_SAMPLER.forced = previous
-
-
-def set_microbatch(model, microbatch: int) -> None:
-    """Tells every SSA layer of ``model`` (a module, a DDP/Float16 wrapper, or a list of chunks) which micro-batch
-    runs next; Megatron's schedules do this themselves."""
-    from megatron.core.transformer.cuda_graphs import set_current_microbatch
-
-    for chunk in model if isinstance(model, (list, tuple)) else [model]:
-        set_current_microbatch(chunk, microbatch)
 
 
 def is_recomputing() -> bool:
@@ -145,3 +132,34 @@ class RecomputeModes:
                 "its recompute must run in the same iteration"
             )
         return self._queue.popleft()
+
+
+class LayerMode:
+    """The mode of one SSA layer's forwards, in order of precedence: a forced mode (:func:`force_mode`), the
+    inference mode when not training, the replayed mode under recompute, else the sampled one."""
+
+    def __init__(self, p_full: float, inference_mode: str, sampler: ModeSampler = MODE_SAMPLER) -> None:
+        self.p_full = p_full
+        self.inference_mode = inference_mode
+        self.sampler = sampler
+        self._recompute_modes = RecomputeModes()
+
+    def choose(self, training: bool, microbatch: int) -> str:
+        """The mode of this forward of micro-batch ``microbatch``."""
+        if self.sampler.forced is not None:
+            return self.sampler.forced
+        if not training:
+            return self.inference_mode
+        if is_recomputing():
+            return self._recompute_modes.pop()
+        mode = self.sampler.mode_for(microbatch, self.p_full)
+        if in_checkpointed_forward():
+            self._recompute_modes.push(mode, self.sampler.iteration)
+        return mode
+
+    def record(self, mode: str, microbatch: int, training_forward: bool) -> None:
+        """Publishes the mode a forward ran (``last_mode``; with ``training_forward`` — a training forward that is
+        not a recompute — also ``modes_this_iteration``)."""
+        self.sampler.last_mode = mode
+        if training_forward:
+            self.sampler.modes_this_iteration[microbatch] = mode

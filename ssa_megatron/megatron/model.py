@@ -91,7 +91,7 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
 
 
 class SSAGPTModel(GPTModel):
-    """``GPTModel`` whose RoPE follows ``position_ids`` (DESIGN.md §1.10: positions reset per document).
+    """``GPTModel`` whose RoPE follows ``position_ids`` (docs/ssa.md rule 10: positions reset per document).
 
     Megatron's GPTModel builds RoPE for positions ``0..S-1`` and reads ``position_ids`` only for learned absolute
     embeddings. Packed rows reset positions at every document, so the RoPE angles are gathered from the table by
@@ -99,6 +99,8 @@ class SSAGPTModel(GPTModel):
     With positions ``0..S-1`` (or their CP chunks) this is exactly Megatron's own table.
     """
 
+    # Overrides a private method: the only place where both position_ids and the RoPE table the decoder receives
+    # are in hand (pinned by tests/test_megatron_model.py::test_megatron_methods_we_override_are_unchanged).
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
         out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
@@ -115,24 +117,6 @@ class SSAGPTModel(GPTModel):
         return (out[0], per_token, *out[2:])
 
 
-def compile_unfused_rope() -> None:
-    """Makes Megatron's unfused RoPE one kernel each way (forward, backward) with ``torch.compile``.
-
-    Megatron's fused RoPE needs Transformer Engine. Without it every layer runs ``_apply_rotary_pos_emb_bshd``
-    eagerly: chunk, neg, cat, two multiplies, an add and a final cat, about seven passes over q and k in each
-    direction. The compiled function is the same math; the swap is process-wide (Megatron looks the function up
-    in its module at every call) and idempotent.
-    """
-    from megatron.core.models.common.embeddings import rope_utils
-
-    eager = rope_utils._apply_rotary_pos_emb_bshd
-    if getattr(eager, "ssa_compiled", False):
-        return
-    compiled = torch.compile(eager, dynamic=False)
-    compiled.ssa_compiled = True
-    rope_utils._apply_rotary_pos_emb_bshd = compiled
-
-
 def build_gpt_model(
     recipe: RecipeConfig,
     pre_process: bool = True,
@@ -143,16 +127,16 @@ def build_gpt_model(
     """The SSA GPTModel (this rank's pipeline stage / virtual chunk ``vp_stage``) on the current device.
 
     Also seeds the mode sampler with ``recipe.train.seed``. Parameters are created in ``params_dtype``; on a GPU the
-    module is moved to the current CUDA device.
+    module is moved to the current CUDA device. With ``train.fused_ops`` on CUDA its attention layers run a compiled
+    RoPE (``ssa_megatron.megatron.rope``).
     """
     config = config or transformer_config_from_recipe(recipe)
     MODE_SAMPLER.configure(recipe.train.seed)
-    if recipe.train.fused_ops and recipe.train.uses_cuda():
-        compile_unfused_rope()
+    compiled_rope = recipe.train.fused_ops and recipe.train.uses_cuda()
     m = recipe.model
     model = SSAGPTModel(
         config=config,
-        transformer_layer_spec=get_ssa_layer_spec("local", recipe.ssa),
+        transformer_layer_spec=get_ssa_layer_spec("local", recipe.ssa, compiled_rope=compiled_rope),
         vocab_size=m.vocab_size,
         max_sequence_length=m.seq_length,
         pre_process=pre_process,

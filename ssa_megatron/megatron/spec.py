@@ -46,26 +46,29 @@ def transformer_engine_available() -> bool:
     return bool(HAVE_TE)
 
 
-def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None) -> ModuleSpec:
+def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None, compiled_rope: bool = False
+                       ) -> ModuleSpec:
     """A ``TransformerLayer`` spec with SSA attention.
 
     Args:
         backend: 'local' (megatron-core modules) or 'te' (Transformer Engine linears/norms).
         ssa: the SSA semantics handed to every core attention (default ``SSAConfig()``).
+        compiled_rope: run Megatron's unfused RoPE compiled in the attention layers (``train.fused_ops`` on CUDA;
+            ``ssa_megatron.megatron.rope``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"get_ssa_layer_spec(backend={backend!r}): must be one of {', '.join(BACKENDS)}")
     ssa = copy.deepcopy(ssa) if ssa is not None else SSAConfig()
     ssa.validate()
     if backend == "local":
-        return _local_spec(ssa)
-    return _te_spec(ssa)
+        return _local_spec(ssa, compiled_rope)
+    return _te_spec(ssa, compiled_rope)
 
 
-def _attention_spec(ssa: SSAConfig, linear_qkv, linear_proj, linear_gate) -> ModuleSpec:
+def _attention_spec(ssa: SSAConfig, compiled_rope: bool, linear_qkv, linear_proj, linear_gate) -> ModuleSpec:
     return ModuleSpec(
         module=SSASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params={"attn_mask_type": AttnMaskType.causal, "compiled_rope": compiled_rope},
         submodules=SSASelfAttentionSubmodules(
             linear_qkv=linear_qkv,
             core_attention=ModuleSpec(module=SSACoreAttention, params={"ssa": ssa}),
@@ -77,15 +80,16 @@ def _attention_spec(ssa: SSAConfig, linear_qkv, linear_proj, linear_gate) -> Mod
     )
 
 
-def _local_spec(ssa: SSAConfig) -> ModuleSpec:
+def _local_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     stock = spec.submodules.self_attention.submodules
     spec.module = SSATransformerLayer
-    spec.submodules.self_attention = _attention_spec(ssa, stock.linear_qkv, stock.linear_proj, ColumnParallelLinear)
+    spec.submodules.self_attention = _attention_spec(ssa, compiled_rope, stock.linear_qkv, stock.linear_proj,
+                                                     ColumnParallelLinear)
     return spec
 
 
-def _te_spec(ssa: SSAConfig) -> ModuleSpec:
+def _te_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
     if not transformer_engine_available():
         raise RuntimeError(
             "get_ssa_layer_spec(backend='te'): Transformer Engine is not importable here (not installed, or its "
@@ -100,7 +104,7 @@ def _te_spec(ssa: SSAConfig) -> ModuleSpec:
     # The gate reads the normalized input, so the input norm is not fused into the QKV GEMM here.
     spec.submodules.input_layernorm = TENorm
     spec.submodules.self_attention = _attention_spec(
-        ssa, TEColumnParallelLinear, stock.linear_proj, TEColumnParallelLinear
+        ssa, compiled_rope, TEColumnParallelLinear, stock.linear_proj, TEColumnParallelLinear
     )
     # Same checkpoint keys as the stock TE layer (whose input norm lives inside linear_qkv) and the local spec.
     spec.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}

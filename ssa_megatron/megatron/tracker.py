@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ssa_megatron.ssa import SSAStats
+
 LOSS_NAMES = ("alignment_loss", "sparsity_loss", "commitment_loss")
 METRIC_NAMES = ("sparsity", "entropy_bits", "kl_full_sparse", "sink_mass")
 
@@ -62,6 +64,17 @@ class SSAMetricsTracker:
         sums = self.sums[name]
         sums[layer_number - 1] += value.to(sums.device)
         self.counts[name][layer_number - 1] += 1
+
+    def record_layer(self, layer_number: int, num_layers: int, alignment_loss: Tensor, stats: SSAStats) -> None:
+        """Records one training forward of layer ``layer_number``: the alignment loss and its two terms when they
+        were computed, and the mean over this rank's heads of each attention statistic when it was collected."""
+        if stats.sparsity_loss is not None:
+            self.record("alignment_loss", layer_number, num_layers, alignment_loss.detach())
+            self.record("sparsity_loss", layer_number, num_layers, stats.sparsity_loss)
+            self.record("commitment_loss", layer_number, num_layers, stats.commitment_loss)
+        if stats.metrics is not None:
+            for name, per_head in stats.metrics.items():
+                self.record(f"attn_{name}", layer_number, num_layers, per_head.float().mean())
 
     def record_mode(self, microbatch: int, mode: str, chunk: int = 0) -> None:
         """Counts the mode of micro-batch ``microbatch`` once per model chunk, however many layers report it."""

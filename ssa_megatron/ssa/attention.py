@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import types
 from dataclasses import dataclass
 from typing import Literal
@@ -68,13 +69,10 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype | None = Non
     raise ValueError(f"ssa.backend={name!r}: must be 'auto', 'reference' or 'triton'")
 
 
-FUSED_GATE_LOSS = True
-"""Use the backend's fused gate + alignment-loss kernel when both branches are computed (benchmarks toggle it)."""
-
-
 def _fused_gate_loss(backend: types.ModuleType, o: Tensor) -> bool:
-    return (FUSED_GATE_LOSS and backend is not reference and hasattr(backend, "gate_and_align")
-            and o.dtype in backend.SUPPORTED_DTYPES)
+    """Whether both gates and the alignment loss run as the backend's one fused kernel (``gate_and_align``): the
+    kernels do (on CUDA), the reference does not."""
+    return backend is not reference and hasattr(backend, "gate_and_align") and o.dtype in backend.SUPPORTED_DTYPES
 
 
 def _overlap_branches(cfg: SSAConfig, backend: types.ModuleType, q: Tensor) -> bool:
@@ -112,7 +110,6 @@ def _run_concurrently(sparse_side, full_side, inputs: tuple[Tensor | None, ...])
 
 
 def _interpreting() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -234,20 +234,26 @@ def full_mask(cu_seqlens: Tensor | None, b: int, q_positions: Tensor, skv: int) 
     return (causal[None] & same_doc)[:, None]
 
 
+def masked_logits(q: Tensor, k: Tensor, mask: Tensor, softmax_scale: float | None = None) -> Tensor:
+    """Scaled scores ``[b, HQ, sq, skv]``, -inf where the per-KV-head mask ``[b, HKV or 1, sq, skv]`` is False."""
+    hkv, g = check_qkv(q, k, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qh = q.permute(1, 2, 0, 3)  # [b, HQ, sq, D]
+    kh = expand_kv_heads(k, g).permute(1, 2, 0, 3)
+    logits = scale * qh @ kh.transpose(-1, -2)
+    mask_h = mask.repeat_interleave(g, dim=1) if mask.shape[1] == hkv and g > 1 else mask
+    return logits.masked_fill(~mask_h, -math.inf)
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scale: float | None = None
                      ) -> tuple[Tensor, Tensor]:
     """Softmax attention under a per-KV-head mask ``[b, HKV or 1, sq, skv]``.
 
     Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq])`` (natural-log log-sum-exp of the scaled scores).
     """
-    hkv, g = check_qkv(q, k, v)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    qh = q.permute(1, 2, 0, 3)  # [b, HQ, sq, D]
-    kh = expand_kv_heads(k, g).permute(1, 2, 0, 3)
+    _, g = check_qkv(q, k, v)
+    logits = masked_logits(q, k, mask, softmax_scale)
     vh = expand_kv_heads(v, g).permute(1, 2, 0, 3)
-    logits = scale * qh @ kh.transpose(-1, -2)  # [b, HQ, sq, skv]
-    mask_h = mask.repeat_interleave(g, dim=1) if mask.shape[1] == hkv and g > 1 else mask
-    logits = logits.masked_fill(~mask_h, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.exp(logits - lse[..., None]) @ vh
     return out.permute(2, 0, 1, 3), lse
@@ -324,16 +330,12 @@ def attention_metrics(
       mass is dropped, so it is floored at ``kl_floor`` per key and renormalised;
     - ``sink_mass``: share of full-attention mass on the first block of the query's document.
     """
-    hkv, g = check_qkv(q, k, k)
-    sq, b, hq, d = q.shape
+    _, g = check_qkv(q, k, k)
+    sq, b = q.shape[:2]
     skv = k.shape[0]
-    scale = d ** -0.5 if softmax_scale is None else softmax_scale
     q_pos = default_q_positions(q_positions, sq, skv, q.device)
-    qh = q.permute(1, 2, 0, 3).double()
-    kh = expand_kv_heads(k, g).permute(1, 2, 0, 3).double()
     allowed = full_mask(cu_seqlens, b, q_pos, skv)
-    logits = (scale * qh @ kh.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
-    p_full = torch.softmax(logits, dim=-1)  # [b, HQ, sq, skv]
+    p_full = torch.softmax(masked_logits(q.double(), k.double(), allowed, softmax_scale), dim=-1)  # [b, HQ, sq, skv]
 
     selected = sparse_mask(block_idx, block_size, q_pos, skv).repeat_interleave(g, dim=1)
     mass_in = (p_full * selected).sum(-1)
