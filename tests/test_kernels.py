@@ -24,7 +24,7 @@ def _load_kernels():
     import ssa_kernels
     from ssa_kernels import sparse
     if type(sparse._sparse_fwd_kernel).__name__ != "InterpretedFunction":
-        for name in ("_common", "select", "sparse", "full", "gate"):
+        for name in ("_common", "_interpreter", "select", "sparse", "full", "gate"):
             importlib.reload(sys.modules[f"ssa_kernels.{name}"])
         importlib.reload(ssa_kernels)
     return ssa_kernels

@@ -11,11 +11,9 @@ pytestmark = pytest.mark.gpu
 def test_compiled_rope_matches_eager():
     from megatron.core.models.common.embeddings import rope_utils
 
-    from ssa_megatron.megatron.model import compile_unfused_rope
+    from ssa_megatron.megatron.rope import compiled_rope
 
     eager = rope_utils._apply_rotary_pos_emb_bshd
-    if getattr(eager, "ssa_compiled", False):
-        pytest.skip("RoPE already compiled in this process")
     s, b, h, d = 1024, 2, 8, 64
     t = torch.randn(s, b, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     pos = torch.randint(0, 4096, (s, b), device="cuda")  # per-document positions, as SSAGPTModel passes them
@@ -29,12 +27,10 @@ def test_compiled_rope_matches_eager():
     (truth_grad,) = torch.autograd.grad((truth * dy.double()).sum(), td)
     want = eager(t, freqs)
     (want_grad,) = torch.autograd.grad((want * dy).sum(), t)
-    try:
-        compile_unfused_rope()
+    with compiled_rope():
         got = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
         (got_grad,) = torch.autograd.grad((got * dy).sum(), t)
-    finally:
-        rope_utils._apply_rotary_pos_emb_bshd = eager
+    assert rope_utils._apply_rotary_pos_emb_bshd is eager  # put back after the block
     assert got.dtype == want.dtype and got.shape == want.shape
     for name, compiled, eager_out, ref in (("out", got, want, truth), ("grad", got_grad, want_grad, truth_grad)):
         assert rel_err(compiled, ref) < 1e-2, name

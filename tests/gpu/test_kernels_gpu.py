@@ -161,7 +161,7 @@ def test_gate_and_align_bf16(mode):
         assert rel_err(a, r) < 1e-2, f"{name}: {rel_err(a, r)}"
 
 
-def test_ssa_attention_fused_gate_vs_torch_gate():
+def test_ssa_attention_fused_gate_vs_torch_gate(monkeypatch):
     from ssa_megatron.config import SSAConfig
     from ssa_megatron.ssa import attention as A
     q, k, v = _inputs(4096, 1, 32, 2, 64)
@@ -169,14 +169,12 @@ def test_ssa_attention_fused_gate_vs_torch_gate():
     do = torch.randn(4096, 1, 32, 64, device=DEV, dtype=torch.bfloat16)
     cfg = SSAConfig(block_size=16, top_k=16, alpha=10.0, backend="auto")
     res = []
-    try:
-        for fused in (True, False):
-            A.FUSED_GATE_LOSS = fused
-            out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, "sparse", training=True)
-            res.append((out, loss, stats.sparsity_loss, stats.commitment_loss)
-                       + torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate)))
-    finally:
-        A.FUSED_GATE_LOSS = True
+    for fused in (True, False):
+        if not fused:  # the torch gate and loss, as on the CPU path
+            monkeypatch.setattr(A, "_fused_gate_loss", lambda *args: False)
+        out, loss, stats = A.ssa_attention(q, k, v, gate, cfg, "sparse", training=True)
+        res.append((out, loss, stats.sparsity_loss, stats.commitment_loss)
+                   + torch.autograd.grad((out * do).sum() + 10.0 * loss, (q, k, v, gate)))
     for name, a, r in zip(("out", "loss", "sparsity", "commitment", "dq", "dk", "dv", "dgate"), *res):
         assert rel_err(a, r) < 1e-2, f"{name}: {rel_err(a, r)}"
 
