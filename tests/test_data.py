@@ -141,6 +141,7 @@ def test_shards_hold_every_token_once_in_order_with_correct_bounds(corpus):
     assert summary.tokens["train"] == len(_expected_stream(corpus, "train"))
 
 
+@pytest.mark.slow
 def test_output_does_not_depend_on_workers_and_resumes_after_interrupt(corpus, tmp_path):
     kwargs = dict(rows_per_shard=16, valid_fraction=0.1, unit_mb=0.002, progress=False, log=lambda s: None)
     inputs, tok = [corpus["root"] / "inputs"], corpus["tokenizer"].path
@@ -182,6 +183,7 @@ def _check_batch_structure(batch, eos: int, seq: int = SEQ) -> None:
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split,distribute", [("train", "shards"), ("train", "rows"), ("valid", "auto")])
 def test_one_epoch_over_2_ranks_x_2_workers_yields_every_row_once(corpus, split, distribute):
     meta = read_meta(corpus["shards"])
@@ -229,6 +231,7 @@ def test_training_order_is_deterministic_multi_epoch_and_reshuffled(corpus):
     assert [_rows_of_batch(b)[0] for _, b in zip(range(20), other)] != rows[:20]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers,stop_at", [(0, 11), (2, 7), (2, 30)])
 def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(corpus, num_workers, stop_at):
     def make():
@@ -255,6 +258,7 @@ def test_resume_mid_epoch_yields_exactly_the_uninterrupted_batches(corpus, num_w
                     num_workers=num_workers, seed=11).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_valid_one_pass_resumes_exactly_and_rewinds(corpus):
     def make():
         return TokenLoader(corpus["shards"], SEQ, micro_batch_size=1, dp_world_size=1, num_workers=2,
@@ -280,6 +284,7 @@ def _copy_shards(corpus, tmp_path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_corrupt_and_missing_shards_raise_errors_naming_them(corpus, tmp_path, caplog):
     shard_dir = _copy_shards(corpus, tmp_path)
     victim = shard_dir / "train-000002.tar"
@@ -351,6 +356,7 @@ def test_byte_ranges_tile_files_into_the_same_documents(tmp_path, doc_split):
         assert [d for u in units for d in read_unit(u, doc_split)] == whole
 
 
+@pytest.mark.slow
 def test_bpe_training_is_deterministic_across_processes_and_threads(tmp_path):
     texts = _documents(300, seed=5)
     first = train_bpe(texts, 500, tmp_path / "a.json")
@@ -377,6 +383,7 @@ def test_directory_inputs_and_unknown_files(tmp_path):
         list_input_files([tmp_path / "d" / "sub"], extensions=["jsonl"])
 
 
+@pytest.mark.slow
 def test_builtin_stdlib_corpus_builds_quickly_and_is_cached(tmp_path):
     started, cpu_started = time.perf_counter(), time.process_time()
     shard_dir, tokenizer_path = ensure_builtin_corpus(tmp_path, seq_length=256, vocab_size=2048, progress=False,
@@ -428,6 +435,7 @@ def _tool(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_clis_train_prepare_and_report_bad_input(corpus, tmp_path, capsys):
     inputs = str(corpus["root"] / "inputs")
     assert _tool("train_tokenizer").main([inputs, "--vocab-size", "300", "--output", str(tmp_path / "tok.json"),
@@ -466,6 +474,7 @@ def test_tokenizer_json_with_transformers_config_names_its_eos(corpus, tmp_path)
         load_tokenizer(tmp_path / "nothing.json")
 
 
+@pytest.mark.slow
 def test_held_out_split_smaller_than_the_readers_still_feeds_every_rank(corpus):
     rows = [tuple(t.tolist()) for t, _ in _stored_rows(corpus["shards"], "valid")]
     ranks = len(rows) + 5  # more data-parallel ranks than held-out rows

@@ -73,6 +73,7 @@ def test_hf_logits_match_megatron(megatron_ckpts, hf_dirs, tie):
     assert (logits["full"] - logits["sparse"]).abs().max() > 1e-3  # top_k=2 of 4 blocks really is sparse
 
 
+@pytest.mark.slow
 def test_round_trip_hf_megatron_hf(megatron_ckpts, hf_dirs, tmp_path):
     from safetensors.torch import load_file
 
@@ -137,6 +138,7 @@ def _batches(n=2, b=2, seed=3):
     return out
 
 
+@pytest.mark.slow
 def test_budget_sweep_covering_budget_equals_full(megatron_ckpts, tmp_path):
     from ssa_megatron.eval import budget_sweep, load_model, plot_sweep, write_table
 
@@ -166,6 +168,7 @@ def _word_tokenizer(path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_sweep_and_eval_on_text(hf_dirs, tmp_path, capsys):
     import importlib.util
     from pathlib import Path

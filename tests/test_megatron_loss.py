@@ -178,6 +178,7 @@ def _tracker_ranks(rank, world_size):
     assert torch.equal(gathered[0], gathered[1])
 
 
+@pytest.mark.slow
 def test_tracker_reduction_two_ranks():
     spawn_gloo(_tracker_ranks, 2)
 

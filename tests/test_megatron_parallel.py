@@ -109,10 +109,12 @@ def _cp_ranks(rank, world_size, backend="reference"):
             torch.testing.assert_close(t.grad, split_zigzag(g, 2, rank), msg=f"d{name} {tag}", **tol)
 
 
+@pytest.mark.slow
 def test_context_parallel_matches_one_process():
     spawn_gloo(_cp_ranks, 2)
 
 
+@pytest.mark.slow
 def test_context_parallel_with_the_kernels_matches_one_process(monkeypatch):
     """The same check through the Triton kernels (interpreter): CP query subsets with global positions in the
     selection, sparse and full kernels, documents included."""
@@ -156,6 +158,7 @@ def _tp_ranks(rank, world_size):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_gate_split_and_match():
     spawn_gloo(_tp_ranks, 2)
 

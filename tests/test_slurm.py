@@ -79,6 +79,7 @@ def _lines(path):
     return path.read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_7b_launch_command(tmp_path):
     env, log = _stub_env(tmp_path)
     result = subprocess.run(["bash", str(ROOT / "slurm/pretrain_ssa_7b.sh"), "train.steps=10"], env=env,
@@ -106,6 +107,7 @@ def test_7b_launch_command(tmp_path):
     assert "requeue" not in (log / "scontrol.log").read_text()
 
 
+@pytest.mark.slow
 def test_container_and_1b_baseline(tmp_path):
     env, log = _stub_env(tmp_path, SSA_CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.11-py3",
                          SSA_CONTAINER_MOUNTS="/lustre/data:/data", RECIPE="full_attn", SLURM_JOB_NAME="full_attn",
@@ -122,6 +124,7 @@ def test_container_and_1b_baseline(tmp_path):
     assert environ["NCCL_NVLS_ENABLE"] == "1"  # the user's setting is kept
 
 
+@pytest.mark.slow
 def test_budget_sweep_array_task(tmp_path):
     env, log = _stub_env(tmp_path, SLURM_ARRAY_TASK_ID="3", SLURM_JOB_NAME="ssa_budget_sweep", RUN_DIR="")
     del env["RUN_DIR"]
@@ -135,6 +138,7 @@ def test_budget_sweep_array_task(tmp_path):
     shutil.rmtree(ROOT / "runs" / "sweep_125m_k32", ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_time_limit_signal_checkpoints_and_requeues(tmp_path):
     env, log = _stub_env(tmp_path, STUB_WAIT_FOR_STOP="1")
     proc = subprocess.Popen(["bash", str(ROOT / "slurm/pretrain_ssa_7b.sh")], env=env, stdout=subprocess.PIPE,

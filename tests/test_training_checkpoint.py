@@ -21,6 +21,7 @@ def _latest(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
+@pytest.mark.slow
 def test_exception_mid_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     first = run_training(tiny_test_recipe(run_dir, "train.steps=6", "checkpoint.interval=3"), max_steps=3)
@@ -69,6 +70,7 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "saving"
     script = tmp_path / "killed_save.py"
@@ -97,6 +99,7 @@ def test_sigkill_during_save(tmp_path):
     assert resumed.start_step == 3 and resumed.end_step == 9
 
 
+@pytest.mark.slow
 def test_keep_last_prunes_and_contents(tmp_path):
     run_dir = tmp_path / "run"
     run_training(tiny_test_recipe(run_dir, "train.steps=8", "checkpoint.interval=2", "checkpoint.keep_last=2"))

@@ -19,6 +19,7 @@ def test_bad_override_is_reported_with_its_key(capsys):
     assert "section.key=value" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = ["tiny", *TEST_OVERRIDES, f"train.run_dir={run_dir}", "train.steps=4", "checkpoint.interval=0",
@@ -40,6 +41,7 @@ def test_end_to_end_tiny_run(tmp_path, capsys):
         assert "nan" not in out and "done:" not in out
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_logged_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

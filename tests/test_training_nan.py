@@ -23,6 +23,7 @@ def _poison_at(step, name, value=float("nan")):
     return hook
 
 
+@pytest.mark.slow
 def test_nan_in_an_mlp_names_step_layer_and_quantity(tmp_path):
     recipe = tiny_test_recipe(tmp_path / "run", "ssa.alpha=0.0")
     with pytest.raises(NonFiniteError) as err:
@@ -32,6 +33,7 @@ def test_nan_in_an_mlp_names_step_layer_and_quantity(tmp_path):
     assert "step 3" in str(e) and "layer 1" in str(e) and "LM loss" in str(e) and "mlp" in str(e)
 
 
+@pytest.mark.slow
 def test_nan_in_attention_names_the_alignment_loss_of_that_layer(tmp_path):
     recipe = tiny_test_recipe(tmp_path / "run", "ssa.alpha=10.0")
     with pytest.raises(NonFiniteError) as err:
@@ -41,6 +43,7 @@ def test_nan_in_attention_names_the_alignment_loss_of_that_layer(tmp_path):
     assert "step 2: alignment loss is nan (layer 0" in str(e)
 
 
+@pytest.mark.slow
 def test_infinite_gradient_names_the_parameter(tmp_path):
     def hook(s, model_chunks):
         if s == 1:

@@ -13,6 +13,7 @@ from helpers.training import run_training, tiny_test_recipe
 N = 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", ["synthetic", "builtin"])
 def test_resume_gives_the_same_loss_curve(tmp_path, data):
     overrides = [f"train.steps={N}", f"checkpoint.interval={N // 2}"]
@@ -60,6 +61,7 @@ def _data_state(flat):
     return [flat[k] for k in sorted(keys)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["stop_file", "sigterm"])
 def test_stop_request_checkpoints_exits_and_resumes(tmp_path, how):
     """What the SLURM scripts rely on before a time limit: the step finishes, a checkpoint is written, the run
@@ -87,6 +89,7 @@ def test_stop_request_checkpoints_exits_and_resumes(tmp_path, how):
     assert first.losses + second.losses == reference.losses
 
 
+@pytest.mark.slow
 def test_resume_under_tensor_parallelism(tmp_path):
     """A checkpoint written at TP 1 (one process) resumes at TP 2 (two gloo processes): Megatron reshards model
     and optimizer; the data-parallel size is unchanged, so the data position is restored too, and the curve

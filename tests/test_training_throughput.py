@@ -62,6 +62,7 @@ def test_mfu_leaves_out_the_input_embedding():
     assert metrics.model_flops_per_token(untied) == 6 * metrics.matmul_parameters(untied) + attention
 
 
+@pytest.mark.slow
 def test_the_run_reports_a_steady_state(tmp_path, capsys):
     result = run_training(tiny_test_recipe(tmp_path / "run", "train.steps=6", "checkpoint.interval=0"))
     assert result.steady is not None and result.steady["steps"] == 3

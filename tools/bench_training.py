@@ -2,9 +2,10 @@
 """Training-step benchmark of the ssa_megatron stack on one GPU: SSA vs full attention vs sparse only.
 
 The model is recipes/ssa_1b.yaml (hidden 2048, FFN 8192, 32/2 heads, D 64, vocab 128256, tied) at its 8192-token
-context, bf16, Megatron DDP + distributed optimizer (AdamW), the same code path as ``ssa-train`` (model build,
-wrap, optimizer, Megatron's forward-backward schedule, ``forward_step`` of the training loop). Tokens are
-synthetic (deterministic random rows; the step cost does not depend on their values).
+context, bf16, Megatron DDP + distributed optimizer (AdamW). Each mode runs ``ssa-train``'s own loop
+(``ssa_megatron.training.train.train``) on synthetic tokens (``data.train_shards=synthetic``; the step cost does
+not depend on their values) and reports the steady-state summary that loop prints at the end of every run: the
+median step after the warm-up steps. There is no second copy of the step here.
 
 Modes, in one process on one card (docs/benchmarks.md protocol: the baseline is timed in the same run):
   full_attn   p_full = 1, alpha = 0 (FullAttn baseline: one attention branch)
@@ -12,8 +13,9 @@ Modes, in one process on one card (docs/benchmarks.md protocol: the baseline is 
   sparse      p_full = 0, alpha = 0 (MoBA-style sparse only)
   hf          optional (--hf): plain Hugging Face LlamaForCausalLM at the same shape, SDPA, fused AdamW
 
-Reported per mode: step time, tokens/s, model TFLOP/s and MFU (6·N + 6·L·HQ·D·T FLOPs per token over the card's
-dense bf16 peak, the same definition for every mode), peak memory; and step-time ratios to full_attn.
+Reported per mode: step time, tokens/s, model TFLOP/s and MFU (``training.metrics.model_flops_per_token`` over
+the card's dense bf16 peak, the same definition for every mode), peak memory, the first step's time; and
+step-time ratios to full_attn.
 
   python tools/bench_training.py                       # all three modes, 16 layers, 4 micro-batches per step
   python tools/bench_training.py --layers 8 --hf --json out.json
@@ -28,7 +30,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,8 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # before CUDA starts (Megatron's comm overlap)
 
 import torch  # noqa: E402
 
@@ -48,110 +47,83 @@ MODES = {
 }
 
 
-def bench_recipe(spec: str, args) -> "RecipeConfig":  # noqa: F821
+def bench_recipe(spec: str, args, run_dir: Path) -> "RecipeConfig":  # noqa: F821
     """``spec`` = a mode of MODES, optionally followed by ``:key=value`` recipe overrides (a variant)."""
     from ssa_megatron.config import load_recipe
+    from ssa_megatron.training.metrics import Throughput
 
     mode, *variant = spec.split(":")
     if mode not in MODES:
         raise ValueError(f"--modes entry {spec!r}: mode {mode!r} is not one of {sorted(MODES)}")
+    steps = Throughput.warmup_steps + args.steps
     return load_recipe("ssa_1b", MODES[mode] + variant + [
         f"model.num_layers={args.layers}", f"model.seq_length={args.seq}", "data.train_shards=synthetic",
         "train.micro_batch_size=1", f"train.global_batch_size={args.micro_batches}",
         f"train.recompute={args.recompute}", "train.metrics_interval=0", "train.progress_bar=false",
+        "train.eval_interval=0", f"train.log_interval={steps}", "checkpoint.interval=0",
+        "checkpoint.save_at_end=false", "checkpoint.resume=false", f"train.run_dir={run_dir}",
         f"train.device={args.device}", *([] if args.device == "cuda" else ["train.precision=fp32"]),
-        "train.wandb=false", f"train.steps={args.warmup + args.steps}", *args.overrides])
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_mem_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
+        "train.wandb=false", f"train.steps={steps}", *args.overrides])
 
 
 def time_mode(mode: str, args) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """Runs ``ssa-train``'s own loop (``train()``) for warm-up + ``args.steps`` steps and reports its
+    steady-state summary: the figure the job prints is the figure this benchmark reports."""
+    import tempfile
 
-    from ssa_megatron.megatron.mode import MODE_SAMPLER
-    from ssa_megatron.megatron.tracker import get_ssa_tracker
-    from ssa_megatron.data.synthetic import SyntheticTokens
-    from ssa_megatron.training.metrics import model_flops_per_token, parameter_count, peak_flops
-    from ssa_megatron.training.optimizer import build_optimizer
-    from ssa_megatron.training.parallel import init_parallel
-    from ssa_megatron.training.step import StepBatches, forward_step
-    from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
+    from ssa_megatron.training.metrics import parameter_count
+    from ssa_megatron.training.parallel import destroy_parallel
+    from ssa_megatron.training.train import train
 
-    recipe = bench_recipe(mode, args)
-    dims = init_parallel(recipe)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    model = wrap_for_training(build_model_chunks(recipe, dims), recipe, dims)
-    optimizer = build_optimizer(recipe, model, dims.device)
-    loader = SyntheticTokens(vocab_size=recipe.model.vocab_size, seq_length=recipe.model.seq_length,
-                             micro_batch_size=1, seed=0)
-    feed = StepBatches(loader, args.micro_batches, dims.device)
-    fb = get_forward_backward_func()
-    def run_step(step: int) -> tuple[float, list]:
-        """One optimizer step at mode-sampler iteration ``step``: (seconds, the schedule's loss reports)."""
-        MODE_SAMPLER.set_iteration(step)
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        iters = feed.next_step(len(model))
-        _sync()
-        t0 = time.perf_counter()
-        reports = fb(forward_step_func=forward_step, data_iterator=iters, model=model,
-                     num_microbatches=args.micro_batches, seq_length=recipe.model.seq_length, micro_batch_size=1,
-                     decoder_seq_length=recipe.model.seq_length, forward_only=False)
-        optimizer.step()
-        _sync()
-        elapsed = time.perf_counter() - t0
-        get_ssa_tracker().reset()
-        return elapsed, reports
-
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        elapsed, reports = run_step(step)
-        if step >= args.warmup:
-            times.append(elapsed)
-        losses.append(sum(float(r["lm_sum"]) for r in reports) / sum(float(r["tokens"]) for r in reports))
-    if args.profile:
-        _profile_step(mode, args, lambda: run_step(args.warmup + args.steps))
-    step_s = sorted(times)[len(times) // 2]  # median
-    tokens = args.micro_batches * recipe.model.seq_length
-    tps = tokens / step_s
-    flops = model_flops_per_token(recipe)
-    peak = peak_flops(dims.device)
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        recipe = bench_recipe(mode, args, Path(tmp))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        profiler = _StepProfiler(mode, args, profile_step=recipe.train.steps - 1) if args.profile else None
+        try:
+            result = train(recipe, step_hook=profiler)
+        finally:
+            if profiler is not None:
+                profiler.finish()
+            destroy_parallel()
+    steady = result.steady
     out = {"mode": mode, "layers": recipe.model.num_layers, "seq": recipe.model.seq_length,
-           "params": parameter_count(recipe), "micro_batches": args.micro_batches, "step_ms": 1e3 * step_s,
-           "step_ms_all": [1e3 * t for t in times], "tokens_per_s": tps, "tflops": tps * flops / 1e12,
-           "mfu": tps * flops / peak if peak else None, "peak_mem_gib": _peak_mem_gib(),
-           "loss_first": losses[0], "loss_last": losses[-1]}
-    del model, optimizer, feed, reports
+           "params": parameter_count(recipe), "micro_batches": args.micro_batches,
+           "step_ms": 1e3 * steady["step_seconds"], "step_ms_all": [1e3 * t for t in result.step_seconds],
+           "first_step_s": steady["first_step_seconds"], "tokens_per_s": steady["throughput/tokens_per_s"],
+           "tflops": steady["throughput/tflops_per_gpu"], "mfu": steady.get("throughput/mfu"),
+           "peak_mem_gib": result.peak_memory_gib, "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+    del result
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
 
 
-def _profile_step(mode: str, args, step) -> None:
-    """One more step under torch.profiler: the CUDA kernels by total time, to ``--profile DIR/<mode>.txt``."""
-    from torch.profiler import ProfilerActivity, profile
+class _StepProfiler:
+    """A ``step_hook`` that profiles one step under torch.profiler and writes the CUDA kernels by total time to
+    ``--profile DIR/<mode>.txt``."""
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
+    def __init__(self, mode: str, args, profile_step: int):
+        self.mode, self.args, self.profile_step, self.prof = mode, args, profile_step, None
+
+    def __call__(self, step: int, _model) -> None:
+        if step == self.profile_step:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def finish(self) -> None:
+        if self.prof is None:
+            return
         _sync()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90)
-    args.profile.mkdir(parents=True, exist_ok=True)
-    (args.profile / f"{mode.replace(':', '_').replace('=', '-')}.txt").write_text(table)
-    print(f"bench_training: profile of one {mode} step in {args.profile}", flush=True)
+        self.prof.__exit__(None, None, None)
+        table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
+                                               max_name_column_width=90)
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        (self.args.profile / f"{self.mode.replace(':', '_').replace('=', '-')}.txt").write_text(table)
+        print(f"bench_training: profile of one {self.mode} step in {self.args.profile}", flush=True)
 
 
 def time_hf(args) -> dict:
@@ -170,8 +142,11 @@ def time_hf(args) -> dict:
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
+    from ssa_megatron.training.metrics import Throughput
+
+    warmup = Throughput.warmup_steps
     times = []
-    for step in range(args.warmup + args.steps):
+    for step in range(warmup + args.steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.micro_batches):
@@ -182,7 +157,7 @@ def time_hf(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if step >= args.warmup:
+        if step >= warmup:
             times.append(time.perf_counter() - t0)
     n = sum(p.numel() for p in model.parameters())
     step_s = sorted(times)[len(times) // 2]
@@ -235,7 +210,6 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches (of 1 sequence) per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--hf", action="store_true", help="also time plain HF LlamaForCausalLM (SDPA)")
     parser.add_argument("--smoke-checkpoint", type=Path, default=None)

@@ -57,6 +57,8 @@ class TrainResult:
     seconds: float = 0.0
     steady: dict[str, float] | None = None
     """Steady-state rates (``Throughput.steady``): step seconds, tokens/s, TFLOP/s per GPU, MFU."""
+    step_seconds: list[float] = field(default_factory=list)
+    """Seconds of every step this process ran (evaluation and checkpointing left out)."""
     peak_memory_gib: float = 0.0
 
 
@@ -199,6 +201,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                 logger.write(f"stopping at step {step} on {stop.name}; resume by launching the same command")
                 break
         result.steady = throughput.steady()
+        result.step_seconds = throughput.step_seconds
         result.peak_memory_gib = memory_gib(dims.device)[1]
         if result.steady is not None:
             logger.write(format_steady(result.steady, result.peak_memory_gib))
