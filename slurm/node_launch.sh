@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Runs on every node (one srun task per node): a per-node Triton cache, then torchrun with one process per GPU
+# Runs on every node (one srun task per node): a node-local compile cache, then torchrun with one process per GPU
 # joined by a c10d rendezvous on $MASTER_ADDR:$MASTER_PORT. Arguments: RECIPE [overrides...].
 set -euo pipefail
 : "${SLURM_NNODES:?}" "${SLURM_JOB_ID:?}" "${MASTER_ADDR:?}" "${MASTER_PORT:?}" "${SSA_PYTHON:?}" "${GPUS_PER_NODE:?}"
 
-# Triton compiles kernels on first use; a node-local cache avoids processes of different nodes racing on a
-# shared filesystem (the same GPU model on all nodes makes the cache valid across restarts of this node).
-export TRITON_CACHE_DIR="${TMPDIR:-/tmp}/triton_cache_${SLURM_JOB_ID}_node${SLURM_NODEID:-0}"
-mkdir -p "$TRITON_CACHE_DIR"
+# The first step compiles the Triton kernels and torch.compile fusions (tens of seconds at long context).
+# ssa-train keeps them under $SSA_MEGATRON_CACHE (ssa_megatron/training/compile_caches.py). Node-local by default,
+# not per job: a requeue or a later job on this node reuses them, and nodes never race on a shared filesystem.
+export SSA_MEGATRON_CACHE="${SSA_MEGATRON_CACHE:-/tmp/ssa_megatron_compile_${USER:-$(id -u)}}"
+mkdir -p "$SSA_MEGATRON_CACHE"
 
 exec "$SSA_PYTHON" -m torch.distributed.run \
   --nnodes="$SLURM_NNODES" \

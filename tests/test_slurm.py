@@ -65,7 +65,8 @@ def _stub_env(tmp_path, **extra):
     for name, body in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL), ("python", STUB_PYTHON)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SSA_", "RUN_DIR", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SSA_", "RUN_DIR", "MASTER_", "TRITON_CACHE", "TORCHINDUCTOR_CACHE"))}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", STUB_LOG=str(log), SSA_ROOT=str(ROOT),
                SSA_PYTHON=str(bin_dir / "python"), RUN_DIR=str(tmp_path / "run"), SLURM_JOB_ID="4242",
                SLURM_JOB_NAME="ssa_7b", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[017-018]",
@@ -100,7 +101,8 @@ def test_7b_launch_command(tmp_path):
     assert environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert environ["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
     assert environ["NCCL_NVLS_ENABLE"] == "0"  # NVLink SHARP off unless the user turns it on
-    assert environ["TRITON_CACHE_DIR"] == f"{tmp_path}/tmp/triton_cache_4242_node0"
+    assert environ["SSA_MEGATRON_CACHE"].startswith("/tmp/ssa_megatron_compile_")  # node-local, outlives the job
+    assert "TRITON_CACHE_DIR" not in environ  # ssa-train derives it from SSA_MEGATRON_CACHE
     assert environ["MASTER_ADDR"] == "gpu-node-017"
     assert "scontrol show hostnames gpu-node-[017-018]" in (log / "scontrol.log").read_text()
     assert (tmp_path / "run" / "logs").is_dir()
