@@ -497,3 +497,16 @@ def test_skipping_every_shard_stops_instead_of_spinning(corpus, tmp_path):
                          skip_corrupt_shards=True)
     with pytest.raises(CorruptShardError, match="every shard of epoch 0 was skipped"):
         next(iter(loader))
+
+
+def test_synthetic_rows_follow_the_affine_recurrence():
+    """The closed form the synthetic stream uses equals the token-by-token recurrence, for any vocabulary."""
+    from ssa_megatron.data.synthetic import affine_recurrence
+
+    for vocab in (128256, 256, 7):
+        start = torch.randint(0, vocab, (3,))
+        rows = torch.empty(3, 1001, dtype=torch.long)
+        rows[:, 0] = start
+        for t in range(1000):
+            rows[:, t + 1] = (5 * rows[:, t] + 7) % vocab
+        assert torch.equal(affine_recurrence(start, 1001, a=5, c=7, modulus=vocab), rows), vocab

@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import gzip
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -100,9 +102,14 @@ def time_mode(mode: str, args) -> dict:
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class _StepProfiler:
     """A ``step_hook`` that profiles one step under torch.profiler and writes the CUDA kernels by total time to
-    ``--profile DIR/<mode>.txt``."""
+    ``--profile DIR/<mode>.txt`` and the step's timeline (Chrome trace format) to ``DIR/<mode>.trace.json.gz``."""
 
     def __init__(self, mode: str, args, profile_step: int):
         self.mode, self.args, self.profile_step, self.prof = mode, args, profile_step, None
@@ -122,7 +129,13 @@ class _StepProfiler:
         table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
                                                max_name_column_width=90)
         self.args.profile.mkdir(parents=True, exist_ok=True)
-        (self.args.profile / f"{self.mode.replace(':', '_').replace('=', '-')}.txt").write_text(table)
+        name = self.mode.replace(':', '_').replace('=', '-')
+        (self.args.profile / f"{name}.txt").write_text(table)
+        trace = self.args.profile / f"{name}.trace.json"
+        self.prof.export_chrome_trace(str(trace))  # host and device timelines: idle gaps, syncs
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
         print(f"bench_training: profile of one {self.mode} step in {self.args.profile}", flush=True)
 
 

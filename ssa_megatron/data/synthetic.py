@@ -36,11 +36,8 @@ class SyntheticTokens:
         digest = hashlib.sha256(f"{self.seed}/{self.dp_rank}/{self.position}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         b, s, v = self.micro_batch_size, self.seq_length, self.vocab_size
-        rows = torch.empty(b, s + 1, dtype=torch.long)
-        rows[:, 0] = torch.randint(0, v, (b,), generator=g)
-        a, c = 5, 7
-        for t in range(s):
-            rows[:, t + 1] = (a * rows[:, t] + c) % v
+        start = torch.randint(0, v, (b,), generator=g)
+        rows = affine_recurrence(start, s + 1, a=5, c=7, modulus=v)
         flip = torch.rand(b, s + 1, generator=g) < self.noise
         rows[flip] = torch.randint(0, v, (int(flip.sum()),), generator=g)
         self.position += 1
@@ -56,3 +53,22 @@ class SyntheticTokens:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def affine_recurrence(start: torch.Tensor, length: int, *, a: int, c: int, modulus: int) -> torch.Tensor:
+    """``x[0] = start``, ``x[t+1] = (a·x[t] + c) mod modulus``, for every row of ``start [b]`` at once:
+    ``[b, length]`` int64.
+
+    Closed form, exact in integers: ``x[t] = (a^t·x[0] + c·(a^0 + … + a^(t-1))) mod modulus``. A Python loop over
+    t costs a few tensor operations per token (about 0.1 s per 8k-token row, on the training process's critical
+    path); this is O(log length) operations. Intermediates stay below ``modulus²`` and ``modulus · length``, far
+    inside int64 for any vocabulary.
+    """
+    t = torch.arange(length, dtype=torch.long)
+    power = torch.ones(length, dtype=torch.long)  # a^t mod modulus, by binary exponentiation over the bits of t
+    base = torch.tensor(a % modulus, dtype=torch.long)
+    for bit in range(max(1, int(length - 1).bit_length())):
+        power = torch.where((t >> bit) & 1 == 1, power * base % modulus, power)
+        base = base * base % modulus
+    geometric = torch.cumsum(power, 0) - power  # a^0 + ... + a^(t-1), exact (each term < modulus)
+    return (start[:, None] % modulus * power + c * (geometric % modulus)) % modulus
