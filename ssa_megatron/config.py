@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,36 @@ Backend = Literal["auto", "reference", "triton"]
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading exponent numbers without a dot or sign (``1e-3``, ``3e5``) as floats,
+    as YAML 1.2 does; PyYAML (YAML 1.1) reads them as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Parses YAML with :class:`_Loader`; a syntax error becomes one ValueError line naming ``what``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what}: not valid YAML: {problem}{where}") from None
+
+
+def _reject_non_finite(section: Any, prefix: str) -> None:
+    """NaN and infinity mean nothing in any float field of the recipe: one line naming the first such field."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError(f"{prefix}.{f.name}={value!r}: must be a finite number (not NaN or infinity)")
 
 
 @dataclass
@@ -64,6 +96,7 @@ class SSAConfig:
     second stream while the full branch runs. Speed only: the results are bitwise the same."""
 
     def validate(self, prefix: str = "ssa") -> None:
+        _reject_non_finite(self, prefix)
         for name in ("block_size", "inference_block_size"):
             value = getattr(self, name)
             if value is not None and (not _is_power_of_two(value) or value < 16):
@@ -124,6 +157,7 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def validate(self, prefix: str = "model") -> None:
+        _reject_non_finite(self, prefix)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "vocab_size", "seq_length"):
             if getattr(self, name) < 1:
@@ -153,6 +187,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
 
     def validate(self, prefix: str = "parallel") -> None:
+        _reject_non_finite(self, prefix)
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 1")
@@ -191,6 +226,7 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self, prefix: str = "data") -> None:
+        _reject_non_finite(self, prefix)
         if self.num_workers < 0:
             raise ValueError(f"{prefix}.num_workers={self.num_workers!r}: must be >= 0")
         if self.shuffle_shards < 1:
@@ -223,6 +259,7 @@ class OptimConfig:
     """Clip the global gradient L2 norm to this value; 0 disables clipping."""
 
     def validate(self, prefix: str = "optim") -> None:
+        _reject_non_finite(self, prefix)
         if self.lr <= 0:
             raise ValueError(f"{prefix}.lr={self.lr!r}: must be > 0")
         if not 0.0 <= self.min_lr <= self.lr:
@@ -291,6 +328,7 @@ class TrainConfig:
         return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
 
     def validate(self, prefix: str = "train") -> None:
+        _reject_non_finite(self, prefix)
         for name in ("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_batches",
                      "recompute_num_layers", "distributed_timeout_minutes"):
             if getattr(self, name) < 1:
@@ -329,6 +367,7 @@ class CheckpointConfig:
     the format a checkpoint was written in."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
+        _reject_non_finite(self, prefix)
         if self.interval < 0:
             raise ValueError(f"{prefix}.interval={self.interval!r}: must be >= 0 (0: only at the end)")
         if self.keep_last < 1:
@@ -406,12 +445,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"{key}={value!r}: expected true or false")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e5 reads as a float
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{key}={value!r}: expected an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{key}={value!r}: must be a finite number (not NaN or infinity)")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -460,7 +503,7 @@ def _read_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ValueError(f"recipe {path}: 'base' chain loops back to itself")
     if not path.is_file():
         raise ValueError(f"recipe {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text(), f"recipe {str(path)!r}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -470,7 +513,8 @@ def _read_recipe_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies ``a.b=c`` overrides; values are parsed as YAML (``train.steps=20``, ``optim.betas=[0.9,0.99]``)."""
+    """Applies ``a.b=c`` overrides; values are parsed as YAML (``train.steps=20``, ``optim.betas=[0.9,0.99]``,
+    ``optim.lr=1e-3``)."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -484,7 +528,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = load_yaml(raw, f"override {item!r}")
     return data
 
 

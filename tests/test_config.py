@@ -77,3 +77,64 @@ def test_overrides_do_not_mutate_input():
     data = {"ssa": {"top_k": 2}}
     out = apply_overrides(data, ["ssa.top_k=3"])
     assert data == {"ssa": {"top_k": 2}} and out["ssa"]["top_k"] == 3
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3E-4", 3e-4), ("1.5e+2", 150.0), ("2e2", 200.0),
+                                         ("-1e-1", -0.1), (".5e1", 5.0), ("0.001", 0.001), ("1", 1.0)])
+def test_exponent_numbers_parse_as_numbers_in_overrides_and_files(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; recipes and overrides read it as YAML 1.2 does."""
+    cfg = load_recipe(write(tmp_path, "r.yaml", f"name: r\nmodel: {{init_std: {text}}}\n"))
+    assert cfg.model.init_std == value and isinstance(cfg.model.init_std, float)
+    data = apply_overrides({}, [f"optim.eps={text}"])
+    assert data["optim"]["eps"] == value
+
+
+def test_integral_exponent_numbers_fill_integer_fields(tmp_path):
+    cfg = load_recipe(write(tmp_path, "r.yaml", "name: r\n"), ["train.steps=1e3"])
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
+    with pytest.raises(ValueError, match=r"train.steps=1500.5: expected an integer"):
+        load_recipe(write(tmp_path, "r.yaml", "name: r\n"), ["train.steps=1.5005e3"])
+
+
+def test_exponent_strings_stay_strings_where_quoted():
+    assert apply_overrides({}, ["name='1e3'"])["name"] == "1e3"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr=nan"),        # names lr, not min_lr (NaN compares false)
+    ("optim.lr=.inf", "optim.lr=inf"),
+    ("optim.min_lr=-.inf", "optim.min_lr=-inf"),
+    ("ssa.alpha=.inf", "ssa.alpha=inf"),
+    ("ssa.alpha=.nan", "ssa.alpha=nan"),
+    ("ssa.p_full=.nan", "ssa.p_full=nan"),
+    ("optim.betas=[0.9,.nan]", "optim.betas[1]=nan"),
+    ("data.builtin_max_mb=.inf", "data.builtin_max_mb=inf"),
+    ("model.rope_theta=.inf", "model.rope_theta=inf"),
+])
+def test_nan_and_infinity_are_refused_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ValueError) as err:
+        load_recipe(write(tmp_path, "r.yaml", "name: r\n"), [override])
+    message = str(err.value)
+    assert message.startswith(key + ":") and "finite" in message and "\n" not in message
+
+
+def test_validate_refuses_non_finite_values_set_in_code():
+    with pytest.raises(ValueError, match=r"^ssa.alpha=inf: must be a finite number"):
+        SSAConfig(alpha=float("inf")).validate()
+    cfg = RecipeConfig()
+    cfg.optim.lr = float("nan")
+    with pytest.raises(ValueError, match=r"^optim.lr=nan: must be a finite number"):
+        cfg.validate()
+
+
+def test_yaml_syntax_errors_are_one_line(tmp_path):
+    with pytest.raises(ValueError) as err:
+        load_recipe(write(tmp_path, "r.yaml", "name: r\n"), ["optim.betas=[0.9"])
+    assert str(err.value).startswith("override 'optim.betas=[0.9': not valid YAML") and "\n" not in str(err.value)
+    bad = write(tmp_path, "bad.yaml", "name: r\nssa: {top_k: 4\n")
+    with pytest.raises(ValueError) as err:
+        load_recipe(bad)
+    assert f"recipe {str(bad)!r}: not valid YAML" in str(err.value) and "line 3" in str(err.value)
+    assert "\n" not in str(err.value)

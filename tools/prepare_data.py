@@ -11,6 +11,7 @@ Interrupted runs resume when rerun with the same arguments. See docs/data.md.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--seq-length {args.seq_length}: must be >= 1")
     if not 0.0 <= args.valid_fraction < 1.0:
         parser.error(f"--valid-fraction {args.valid_fraction}: must be in [0, 1)")
+    for flag, value in (("--shard-mb", args.shard_mb), ("--unit-mb", args.unit_mb), ("--max-mb", args.max_mb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} {value}: must be a number > 0")
+    if args.rows_per_shard is not None and args.rows_per_shard < 1:
+        parser.error(f"--rows-per-shard {args.rows_per_shard}: must be >= 1")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers {args.workers}: must be >= 0 (0 tokenizes in this process)")
     return args

@@ -50,7 +50,11 @@ def _torch_masked(q, k, v, cu_seqlens, q_pos, scale):
     vh = v.repeat_interleave(g, dim=2).permute(1, 2, 0, 3).float()
     logits = (scale * qh @ kh.transpose(-1, -2)).masked_fill(~mask[:, None], -math.inf)
     lse = torch.logsumexp(logits, dim=-1)
-    out = torch.exp(logits - lse[..., None]) @ vh
+    # Masked probabilities are 0, and 0 · NaN is NaN: a non-finite value in one document's v would reach every
+    # row. Zero such values before the matmul; a row is NaN only where its mask allows the key (in that column).
+    bad = ~torch.isfinite(vh)
+    out = torch.exp(logits - lse[..., None]) @ torch.where(bad, torch.zeros_like(vh), vh)
+    out = out.masked_fill((mask[:, None].float() @ bad.float()) > 0, math.nan)
     return out.permute(2, 0, 1, 3).to(q.dtype), lse
 
 

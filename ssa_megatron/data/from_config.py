@@ -14,6 +14,7 @@ same batches; data-parallel replicas read disjoint ones.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +25,33 @@ from .loader import TokenLoader
 from .shards import resolve_shards
 from .synthetic import SyntheticTokens
 from .tokenizer import tokenizer_hash
+
+
+DATA_HINT = ("make shards with tools/prepare_data.py (docs/data.md), or use data.train_shards=builtin:stdlib; "
+             "--debug shows the traceback")
+
+
+class DataSourceError(FileNotFoundError):
+    """A recipe's data path does not exist. The message names the recipe key and the path itself."""
+
+    hint = DATA_HINT
+
+
+class EmptyDatasetError(ValueError):
+    """A shard set with no shards (e.g. prepared from empty input)."""
+
+    hint = DATA_HINT
+
+
+def check_data_path(key: str, value: str) -> None:
+    """A plain path (no brace, glob or URL) must exist; without this check a missing directory is reported as a
+    missing meta.json of its parent."""
+    text = os.path.expanduser(value)
+    if "://" in text or text.startswith("pipe:") or any(c in text for c in "{}*?["):
+        return  # patterns: resolve_shards names what they fail to match
+    if not os.path.exists(text):
+        raise DataSourceError(f"{key}={value!r}: no such file or directory; expected a shard directory made by "
+                              "tools/prepare_data.py, a shard path or pattern, builtin:stdlib or synthetic[:<seed>]")
 
 
 @dataclass
@@ -66,12 +94,18 @@ def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1
         source = str(shard_dir)
     else:
         source = data.train_shards
+        check_data_path("data.train_shards", source)
+        if data.tokenizer:
+            check_data_path("data.tokenizer", data.tokenizer)
+        shards, _ = resolve_shards(source)
+        if not shards:
+            raise EmptyDatasetError(f"data.train_shards={source!r}: the shard set lists no shards (was it prepared "
+                                    "from empty input?); it needs at least one train shard")
         if data.tokenizer:
             tokenizer_path = Path(data.tokenizer).expanduser()
         else:
             # prepare_data copies the tokenizer beside the shards.
-            first = resolve_shards(source)[0][0]
-            tokenizer_path = Path(first.path).parent / "tokenizer.json"
+            tokenizer_path = Path(shards[0].path).parent / "tokenizer.json"
     expected_hash = tokenizer_hash(tokenizer_path) if data.tokenizer else None
     common = dict(seq_length=m.seq_length, micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank,
                   dp_world_size=dp_world_size, seed=data.seed, shuffle_shards=data.shuffle_shards,
@@ -82,6 +116,8 @@ def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1
         raise ValueError(f"data.train_shards={data.train_shards!r}: the tokenizer has {train.vocab_size} ids but "
                          f"model.vocab_size={m.vocab_size}; raise model.vocab_size to at least {train.vocab_size}")
     valid_source = data.valid_shards or source
+    if data.valid_shards:
+        check_data_path("data.valid_shards", data.valid_shards)
     try:
         valid = TokenLoader(valid_source, num_workers=0, split="valid", infinite=True, **common)
     except ValueError as err:

@@ -8,6 +8,12 @@ Resumption: after each unit that completed a shard, the output directory gets ``
 shards so far, counts) and ``.prepare_pending.npz`` (the packers' unpacked tails). A rerun with the same inputs
 and settings continues from there and produces byte-identical shards; ``meta.json`` is written last, so its
 presence means the directory is complete. The output does not depend on the number of workers.
+
+Ownership: before writing a shard its name is appended to ``.prepare_written`` (a write-ahead list). Cleaning up
+(``overwrite``, or the shards of an interrupted run written after its last saved state) deletes only files whose
+names are prepare_data's own (``train-NNNNNN.tar``, ``meta.json``, its dot-prefixed state and temporary files) and
+that this list, the state or meta.json records; anything else in the directory is left alone. Empty input (no
+bytes, or no document with text) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,13 +31,19 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .documents import DocSplit, EncodingErrors, WorkUnit, list_input_files, plan_units, read_unit, units_fingerprint
+from .documents import DocSplit, EncodingErrors, InputError, WorkUnit, list_input_files, plan_units, read_unit, units_fingerprint
 from .packing import RowPacker, token_dtype
 from .shards import SPLITS, META_NAME, ShardInfo, ShardSetMeta, read_meta, shard_name, write_meta, write_shard
 from .tokenizer import Tokenizer, load_tokenizer
 
 STATE_NAME = ".prepare_state.json"
 PENDING_NAME = ".prepare_pending.npz"
+WRITTEN_NAME = ".prepare_written"
+"""Names of the shards this tool wrote (or was about to write) in the directory, one per line."""
+_SHARD_RE = re.compile(r"^(?:train|valid)-\d{6}\.tar$")
+# Temporary files of shards_write / write_meta (".<name>.tmp-<pid>") and of _save_state.
+_TMP_RE = re.compile(r"^\.(?P<target>(?:train|valid)-\d{6}\.tar|meta\.json)\.tmp-\d+$")
+_OWN_TMP = (f".{PENDING_NAME}.tmp.npz", f".{STATE_NAME}.tmp")
 # Bytes a sample costs beyond its arrays: two 512-byte tar headers, two .npy headers, tar block padding.
 SAMPLE_OVERHEAD_BYTES = 1400
 
@@ -168,6 +181,8 @@ def prepare_shards(
         raise ValueError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
     if rows_per_shard is not None and rows_per_shard < 1:
         raise ValueError(f"rows_per_shard={rows_per_shard}: must be >= 1")
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes={max_bytes}: must be None (all input) or >= 1")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     output_dir = Path(output_dir).expanduser()
     dtype = token_dtype(tok.vocab_size)
@@ -176,11 +191,15 @@ def prepare_shards(
     files = list_input_files(inputs, extensions)
     units = plan_units(files, doc_split, max(1, int(unit_mb * 2 ** 20)), max_bytes)
     total_bytes = sum(u.num_bytes for u in units)
+    if total_bytes == 0:
+        raise InputError(f"inputs {_names(inputs)}: {len(files)} file(s), all empty; nothing to tokenize (need at "
+                         "least one non-empty text or jsonl file)")
     settings = dict(seq_length=seq_length, rows_per_shard=rows_per_shard, valid_fraction=valid_fraction,
                     doc_split=doc_split, text_key=text_key, encoding_errors=encoding_errors,
                     tokenizer_hash=tok.hash, eos_id=tok.eos_id, inputs=units_fingerprint(units))
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     if (output_dir / META_NAME).exists():
         existing = read_meta(output_dir)
@@ -191,13 +210,17 @@ def prepare_shards(
         if not overwrite:
             raise FileExistsError(f"output directory {str(output_dir)!r} already holds shards made from other "
                                   "inputs or settings; pass overwrite=True (--overwrite) to replace them")
+    written = _written(output_dir)
+    clash = sorted(p.name for p in output_dir.iterdir() if _SHARD_RE.match(p.name) and p.name not in written)
+    if clash:
+        raise FileExistsError(f"output directory {str(output_dir)!r} holds shard-named files that prepare_data did "
+                              f"not write ({', '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}); it would "
+                              "overwrite them: move them or choose another directory (--overwrite deletes only "
+                              "files prepare_data wrote)")
     if overwrite:
         _clear_output(output_dir)
     progress_state, packers = _load_state(output_dir, fingerprint, row_tokens, dtype, log)
     if progress_state is None:
-        if any(output_dir.glob("*.tar")):
-            raise FileExistsError(f"output directory {str(output_dir)!r} holds .tar files but no resumable state; "
-                                  "pass overwrite=True (--overwrite) or choose an empty directory")
         progress_state = _Progress()
         packers = {split: RowPacker(row_tokens, dtype) for split in SPLITS}
     _remove_unrecorded_shards(output_dir, progress_state)
@@ -234,6 +257,14 @@ def prepare_shards(
             raise KeyboardInterrupt(f"interrupted after unit {index} (testing hook)")
     if bar is not None:
         bar.close()
+
+    if sum(progress_state.tokens.values()) == 0:
+        for name in (STATE_NAME, PENDING_NAME, WRITTEN_NAME):
+            (output_dir / name).unlink(missing_ok=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise InputError(f"inputs {_names(inputs)}: {len(files)} file(s), {total_bytes} bytes, but no document with "
+                         f"text (doc_split={doc_split!r}, text_key={text_key!r}); nothing to tokenize")
 
     for split in SPLITS:
         # Whatever is pending (fewer than rows_per_shard full rows plus a partial one) is the split's last shard;
@@ -288,9 +319,48 @@ def _progress_bar(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, desc="tokenize+shard", smoothing=0.1)
 
 
+def _names(inputs: Sequence) -> str:
+    shown = ", ".join(repr(str(i)) for i in list(inputs)[:3])
+    return shown + (" ..." if len(inputs) > 3 else "")
+
+
+def _record_written(output_dir: Path, name: str) -> None:
+    """Appends ``name`` to the write-ahead list before the file is created (so a crash cannot orphan it)."""
+    with open(output_dir / WRITTEN_NAME, "a") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _written(output_dir: Path) -> set[str]:
+    """Shard names this tool wrote here: the write-ahead list, plus those meta.json and the state record (a
+    directory prepared before the list existed has only those)."""
+    names: set[str] = set()
+    path = output_dir / WRITTEN_NAME
+    if path.is_file():
+        names.update(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if (output_dir / META_NAME).is_file():
+        try:
+            names.update(s.name for s in read_meta(output_dir).shards)
+        except (ValueError, KeyError, TypeError):
+            pass  # not ours or unreadable: records nothing
+    if (output_dir / STATE_NAME).is_file():
+        try:
+            names.update(entry["name"] for entry in json.loads((output_dir / STATE_NAME).read_text())["shards"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return {n for n in names if _SHARD_RE.match(n)}
+
+
+def _is_own_temporary(name: str, written: set[str]) -> bool:
+    m = _TMP_RE.match(name)
+    return name in _OWN_TMP or (m is not None and (m["target"] == META_NAME or m["target"] in written))
+
+
 def _write_next_shard(output_dir: Path, split: str, rows, progress_state: _Progress) -> None:
     index = progress_state.shard_count(split)
     name = shard_name(split, index)
+    _record_written(output_dir, name)
     num_bytes, sha = write_shard(output_dir / name, split, index, rows)
     real_tokens = int(sum(int(b[-1]) for b in rows.bounds))
     # Documents are counted where they start; a row whose first segment continues a document does not count it.
@@ -332,17 +402,22 @@ def _load_state(output_dir: Path, fingerprint: str, row_tokens: int, dtype: np.d
 
 
 def _remove_unrecorded_shards(output_dir: Path, progress_state: _Progress) -> None:
-    """Deletes shards and temp files written after the last saved state; they will be rewritten identically."""
+    """Deletes the shards this tool wrote after the last saved state, and its temporary files; the shards will be
+    rewritten identically. Files it did not write are left alone."""
     recorded = {s.name for s in progress_state.shards}
+    written = _written(output_dir)
     for path in output_dir.iterdir():
-        if (path.suffix == ".tar" and path.name not in recorded) or ".tmp" in path.name:
+        if (path.name in written and path.name not in recorded) or _is_own_temporary(path.name, written):
             path.unlink()
 
 
 def _clear_output(output_dir: Path) -> None:
+    """``overwrite``: deletes what this tool wrote here (shards it recorded, meta.json, its state and temporary
+    files). tokenizer.json is replaced at the end rather than deleted (it may be the tokenizer being used)."""
+    written = _written(output_dir)
     for path in output_dir.iterdir():
-        if path.suffix == ".tar" or path.name in (META_NAME, STATE_NAME, PENDING_NAME, "tokenizer.json") \
-                or ".tmp" in path.name:
+        if path.name in written or path.name in (META_NAME, STATE_NAME, PENDING_NAME, WRITTEN_NAME) \
+                or _is_own_temporary(path.name, written):
             path.unlink()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import types
 from dataclasses import dataclass
@@ -113,6 +114,40 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""q/k/v dtypes ``ssa_attention`` takes (float64 runs on the reference only)."""
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, gate: Tensor | None, cfg: SSAConfig,
+                 cu_seqlens: Tensor | None, q_positions: Tensor | None, softmax_scale: float | None) -> None:
+    """Rejects bad arguments with one line naming the input, its value and what is allowed.
+
+    Only shapes, dtypes and Python values are read: nothing here waits for the GPU (docs/architecture.md), so
+    tensor contents (NaN/Inf in q/k/v, the values of cu_seqlens) are not checked here; the training loop checks
+    the losses and gradients (training/health.py), the reference checks cu_seqlens values.
+    """
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if any(d not in INPUT_DTYPES for d in dtypes) or len(set(dtypes)) > 1:
+        raise ValueError(f"q/k/v dtype {_names(dtypes)}: must be one dtype, one of {_names(INPUT_DTYPES)}")
+    reference.check_qkv(q, k, v)
+    for name, t in (("q", q), ("k", k)):
+        if 0 in t.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} [s, b, heads, head_dim]: every dimension must be >= 1 "
+                             "(an empty sequence or batch has no attention)")
+    if gate is not None and not gate.dtype.is_floating_point:
+        raise ValueError(f"gate dtype {_names([gate.dtype])}: must be a floating-point tensor of logits")
+    reference.check_index_tensor("cu_seqlens", cu_seqlens)
+    reference.check_index_tensor("q_positions", q_positions)
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+                                      or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale={softmax_scale!r}: must be None (head_dim ** -0.5) or a finite number > 0")
+    cfg.validate("ssa")
+
+
 def ssa_attention(
     q: Tensor,
     k: Tensor,
@@ -144,7 +179,7 @@ def ssa_attention(
     """
     if mode not in ("full", "sparse"):
         raise ValueError(f"mode={mode!r}: must be 'full' or 'sparse'")
-    reference.check_qkv(q, k, v)
+    check_inputs(q, k, v, gate, cfg, cu_seqlens, q_positions, softmax_scale)
     if not training:
         cfg = cfg.for_inference()
     docs = cu_seqlens if cfg.document_mask else None

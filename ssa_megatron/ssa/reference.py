@@ -37,10 +37,27 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int]:
     return hkv, hq // hkv
 
 
+def check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r}: must be an integer >= 1")
+
+
+def check_index_tensor(name: str, t: Tensor | None) -> None:
+    """``cu_seqlens`` and ``q_positions`` are positions: a 1-D integer tensor (a float one would be truncated)."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64):
+        kind = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} dtype {kind}: must be a torch.int32 or torch.int64 tensor")
+    if t.dim() != 1:
+        raise ValueError(f"{name} shape {tuple(t.shape)}: must be 1-D")
+
+
 def default_q_positions(q_positions: Tensor | None, sq: int, skv: int, device: torch.device) -> Tensor:
     """Global positions of the queries in the key sequence: given, or the last ``sq`` keys' positions."""
     if q_positions is None:
         return torch.arange(skv - sq, skv, device=device)
+    check_index_tensor("q_positions", q_positions)
     if q_positions.shape != (sq,):
         raise ValueError(f"q_positions must have shape ({sq},), got {tuple(q_positions.shape)}")
     if len(q_positions) and (int(q_positions.min()) < 0 or int(q_positions.max()) >= skv):
@@ -56,6 +73,7 @@ def document_starts(cu_seqlens: Tensor | None, b: int, s: int, device: torch.dev
     """
     if cu_seqlens is None:
         return torch.zeros(b, s, dtype=torch.long, device=device)
+    check_index_tensor("cu_seqlens", cu_seqlens)
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != b * s:
         raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at b*s={b * s}, got {cu_seqlens.tolist()}")
@@ -86,20 +104,32 @@ def expand_kv_heads(x: Tensor, groups: int) -> Tensor:
 # Selection
 
 
+def scoring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision selection accumulates and scores in: float32, or float64 for float64 inputs (the kernels'
+    contract, docs/ssa.md "Precision of the selection")."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def pool_block_keys(k: Tensor, doc_start: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     """Mean-pooled keys of every block that can be scored.
 
     Returns ``(k_bar [b, HKV, skv, D], is_block_start [b, skv])``: ``k_bar[:, :, p]`` is the mean of keys
     ``p .. p+block_size-1`` when a complete block of the document grid starts at p (zeros elsewhere).
+
+    Each mean is a direct sum of its ``block_size`` keys in ``scoring_dtype`` (float32, or float64), divided by
+    ``block_size`` and rounded to ``k.dtype``, as the kernels pool: its error does not grow with the sequence
+    (a running cumulative sum's does), and identical blocks pool to identical keys, so their scores tie exactly.
     """
-    skv, b = k.shape[0], k.shape[1]
+    check_block_size(block_size)
+    skv, b, hkv, d = k.shape
     pos = torch.arange(skv, device=k.device)
     doc_end = _document_ends(doc_start)
     is_start = (grid_block_starts(doc_start, block_size) == pos) & (pos + block_size <= doc_end)
-    csum = F.pad(k.permute(1, 2, 0, 3).cumsum(dim=2), (0, 0, 1, 0))  # [b, HKV, skv+1, D]
-    hi = (pos + block_size).clamp(max=skv)
-    k_bar = (csum[:, :, hi] - csum[:, :, pos]) / block_size
-    k_bar = k_bar * is_start[:, None, :, None]
+    # Windows of block_size keys starting at every position (a view; the tail is padded and never a start).
+    padded = torch.cat([k, k.new_zeros(block_size - 1, b, hkv, d)]) if block_size > 1 else k
+    windows = padded.unfold(0, block_size, 1)  # [skv, b, HKV, D, block_size]
+    k_bar = (windows.sum(-1, dtype=scoring_dtype(k.dtype)) / block_size).to(k.dtype)
+    k_bar = k_bar.permute(1, 2, 0, 3).masked_fill(~is_start[:, None, :, None], 0)
     return k_bar, is_start
 
 
@@ -122,7 +152,8 @@ def block_scores(
     score: str,
     softmax_scale: float,
 ) -> Tensor:
-    """Scores of candidate blocks, one ranking per KV head: ``[b, HKV, sq, skv]`` (-inf off the candidates).
+    """Scores of candidate blocks, one ranking per KV head: ``[b, HKV, sq, skv]`` in ``scoring_dtype`` (-inf off
+    the candidates).
 
     ``candidates [b, sq, skv]`` marks, for each query, the starts of complete same-document blocks strictly
     before its own block. ``group_softmax`` sums each group head's softmax over those blocks (the authors'
@@ -131,8 +162,9 @@ def block_scores(
     sq, b, hq, d = q.shape
     hkv = k_bar.shape[1]
     g = hq // hkv
-    qg = q.permute(1, 2, 0, 3).reshape(b, hkv, g, sq, d)
-    logits = torch.einsum("bngtd,bnpd->bngtp", qg, k_bar)  # [b, HKV, G, sq, skv]
+    acc = scoring_dtype(q.dtype)  # products of the input-dtype operands, accumulated and scored in float32
+    qg = q.permute(1, 2, 0, 3).reshape(b, hkv, g, sq, d).to(acc)
+    logits = torch.einsum("bngtd,bnpd->bngtp", qg, k_bar.to(acc))  # [b, HKV, G, sq, skv]
     cand = candidates[:, None, None]
     if score == "group_softmax":
         probs = torch.softmax((softmax_scale * logits).masked_fill(~cand, -math.inf), dim=-1)
@@ -169,6 +201,7 @@ def select_blocks(
     hkv, _ = check_qkv(q, k, k)
     sq, b, _, d = q.shape
     skv = k.shape[0]
+    check_block_size(block_size)
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: must be at least 1 block")
     if sink_blocks + local_blocks + 1 > top_k:
@@ -241,8 +274,7 @@ def masked_logits(q: Tensor, k: Tensor, mask: Tensor, softmax_scale: float | Non
     qh = q.permute(1, 2, 0, 3)  # [b, HQ, sq, D]
     kh = expand_kv_heads(k, g).permute(1, 2, 0, 3)
     logits = scale * qh @ kh.transpose(-1, -2)
-    mask_h = mask.repeat_interleave(g, dim=1) if mask.shape[1] == hkv and g > 1 else mask
-    return logits.masked_fill(~mask_h, -math.inf)
+    return logits.masked_fill(~mask_per_query_head(mask, hkv, g), -math.inf)
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scale: float | None = None
@@ -251,12 +283,32 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scal
 
     Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq])`` (natural-log log-sum-exp of the scaled scores).
     """
-    _, g = check_qkv(q, k, v)
+    hkv, g = check_qkv(q, k, v)
     logits = masked_logits(q, k, mask, softmax_scale)
     vh = expand_kv_heads(v, g).permute(1, 2, 0, 3)
     lse = torch.logsumexp(logits, dim=-1)
-    out = torch.exp(logits - lse[..., None]) @ vh
+    out, _ = masked_weighted_sum(torch.exp(logits - lse[..., None]), vh, mask_per_query_head(mask, hkv, g))
     return out.permute(2, 0, 1, 3), lse
+
+
+def mask_per_query_head(mask: Tensor, hkv: int, g: int) -> Tensor:
+    """A per-KV-head mask ``[b, HKV or 1, sq, skv]`` repeated for the G query heads of each group."""
+    return mask.repeat_interleave(g, dim=1) if mask.shape[1] == hkv and g > 1 else mask
+
+
+def masked_weighted_sum(probs: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``probs @ v`` where a non-finite value of ``v`` reaches only the rows whose mask allows its key.
+
+    A plain matmul multiplies masked (zero) probabilities by every key's value, and ``0 · NaN`` is NaN: one
+    document's NaN would poison every other document's rows. Non-finite values are zeroed before the matmul, and
+    an output element is set to NaN where the mask allows a key whose value is non-finite in that column.
+    ``probs [.., sq, skv]``, ``v [.., skv, D]``, ``mask`` broadcastable to ``probs``. Returns ``(out, poisoned)``.
+    """
+    bad = ~torch.isfinite(v)
+    out = probs @ torch.where(bad, torch.zeros_like(v), v)
+    # [.., sq, D]: allowed keys with a non-finite value in each column (a count; float32 so it is exact enough)
+    poisoned = (mask.to(torch.float32) @ bad.to(torch.float32)) > 0
+    return out.masked_fill(poisoned, math.nan), poisoned
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
@@ -268,6 +320,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_s
     kernels' backward uses to skip a check; the reference does not need it.
     """
     check_qkv(q, k, v)
+    check_block_size(block_size)
     q_pos = default_q_positions(q_positions, q.shape[0], k.shape[0], q.device)
     mask = sparse_mask(block_idx, block_size, q_pos, k.shape[0])
     return masked_attention(q, k, v, mask, softmax_scale)

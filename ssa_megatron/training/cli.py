@@ -3,6 +3,10 @@
 RECIPE is a name in recipes/ (``tiny``, ``125m``, ``ssa_1b``, ``ssa_7b``, ``full_attn``, ``moba``) or a YAML path;
 each ``section.key=value`` overrides one recipe value (``train.steps=20``, ``optim.betas=[0.9,0.99]``).
 A run directory that already holds a checkpoint is resumed.
+
+Expected errors -- a bad recipe or override (exit 2), missing or empty data, an unreadable checkpoint, a NaN/Inf in
+training (exit 1) -- print one line naming what is wrong, and a hint; ``--debug`` shows their tracebacks. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=20")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of expected errors (bad recipe, data, checkpoint, NaN) too")
     return parser.parse_args(argv)
 
 
@@ -34,6 +40,29 @@ def _quiet_libraries(rank: int) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+CONFIG_HINT = "see `ssa-train RECIPE --print-recipe` for the resolved values; --debug shows the traceback"
+RUNTIME_HINT = "--debug shows the traceback"
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (the class name when it has none)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text or type(err).__name__
+
+
+def report(err: BaseException, hint: str, rank: int) -> None:
+    """One error line and one hint line on stderr (every rank: an error may be raised on one rank only)."""
+    who = f"ssa-train: rank {rank}" if rank else "ssa-train"
+    print(f"{who}: error: {one_line(err)}", file=sys.stderr)
+    print(f"{who}: hint: {hint}", file=sys.stderr, flush=True)
+
+
+def runtime_hint(err: BaseException) -> str:
+    return getattr(err, "hint", None) or RUNTIME_HINT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
@@ -43,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except ValueError as err:
-        print(f"ssa-train: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        report(err, CONFIG_HINT, rank)
         return 2
     if args.print_recipe:
         import yaml
@@ -51,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(recipe), sort_keys=False), end="")
         return 0
 
+    from ssa_megatron.data.shards import CorruptShardError
+    from ssa_megatron.training.health import NonFiniteError
     from ssa_megatron.training.parallel import destroy_parallel
     from ssa_megatron.training.train import train
+
+    # What a user can cause and fix: settings only checkable at start-up and data/checkpoint problems (ValueError,
+    # which CheckpointError and data.documents.InputError are), files (OSError), unreadable shards, NaN/Inf.
+    expected = (ValueError, OSError, CorruptShardError, NonFiniteError)
 
     if rank == 0:
         m = recipe.model
@@ -63,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
               f"run dir {recipe.train.run_dir}", flush=True)
     try:
         result = train(recipe)
+    except expected as err:
+        if args.debug:
+            raise
+        report(err, runtime_hint(err), rank)
+        return 1
     finally:
         destroy_parallel()
     if result.already_finished:

@@ -17,6 +17,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
 class NonFiniteError(RuntimeError):
+    """A watched quantity is NaN or infinite. ``ssa-train`` prints its one-line message and ``hint`` (exit 1)."""
+
+    hint = ("the failed step wrote no checkpoint and the last one is intact: fix the cause (a lower optim.lr, "
+            "optim.grad_clip, the data) and rerun the same command to resume; --debug shows the traceback")
+
     def __init__(self, step: int, quantity: str, value: float, layer: int | None, detail: str = ""):
         self.step, self.quantity, self.value, self.layer = step, quantity, value, layer
         where = f"layer {layer}" if layer is not None else "no single layer identified"
