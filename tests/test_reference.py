@@ -284,10 +284,10 @@ def float64_scores(q, k, block_size, q_positions):
 
 
 def test_pooling_and_scoring_at_64k_tokens_match_float64():
-    """Direct means in float32 stay at float32 rounding at any length (a running cumulative sum drifted to 2.4e-4
-    at 64k); the scores of late queries, and their selection, match float64."""
+    """Direct means in float32 stay at float32 rounding at any length (a running cumulative sum drifted to 4.6e-4
+    at 64k on these keys); the scores of late queries, and their selection, match float64."""
     t, bs = 65536, 16
-    k = torch.randn(t, 1, 2, 64)
+    k = torch.randn(t, 1, 2, 64) + 1.0  # a common offset, as trained keys have: prefix sums grow linearly with T
     q = torch.randn(8, 1, 32, 64)
     qp = torch.arange(t - 8, t)
     zeros = torch.zeros(1, t, dtype=torch.long)
