@@ -68,3 +68,21 @@ def test_the_run_reports_a_steady_state(tmp_path, capsys):
     assert result.steady is not None and result.steady["steps"] == 3
     assert result.steady["throughput/tokens_per_s"] > 0 and result.peak_memory_gib > 0
     assert "steady state over 3 steps:" in capsys.readouterr().out
+
+
+def test_compile_caches_keep_triton_and_give_inductor_a_fresh_dir(monkeypatch, tmp_path):
+    from ssa_megatron.training import compile_caches
+
+    for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SSA_MEGATRON_CACHE", str(tmp_path / "cache"))
+    compile_caches.configure()
+    import os
+
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")  # outlives the launch
+    inductor = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.path.isdir(inductor) and not inductor.startswith(str(tmp_path / "cache"))  # per launch
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine2")
+    compile_caches.configure()
+    assert os.environ["TRITON_CACHE_DIR"] == "/mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine2"
