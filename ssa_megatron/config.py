@@ -251,6 +251,14 @@ class OptimConfig:
     """Warmup length in optimizer steps; None: round(warmup_fraction * train.steps)."""
     decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the decay from lr to min_lr over the steps after warmup."""
+    on_steps_change: Literal["keep", "restretch"] = "keep"
+    """A resumed run whose train.steps differs from the steps its checkpoint's schedule spans. keep: the schedule
+    stays as it was (warmup and decay end at the same steps); a longer run holds the decay's final LR (min_lr)
+    after the original end, a shorter one stops before the decay ends. restretch: the decay is recomputed to end at
+    the new train.steps (the warmup already run stays). keep is the default because restretching moves the LR at
+    the resume step back up the curve (recipes/tiny.yaml's 80 steps extended to 90 at step 70: 4.1e-4 -> 6.7e-4),
+    a jump on weights that were annealing, and because the LR of the steps already run stays what it was. Restretch on
+    purpose, early in a run, to get one full decay over the longer run."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -360,6 +368,10 @@ class CheckpointConfig:
     load: Optional[str] = None
     """A checkpoint to initialise from (model weights only) when the run has none of its own."""
     save_at_end: bool = True
+    allow_changes: bool = False
+    """Resume even though model.* or ssa.* training settings differ from the run directory's recipe.yaml (``ssa-train
+    --allow-changes``). Without it such a resume stops with one line naming the keys; settings that change the
+    parameter shapes are refused either way (ssa_megatron/training/run_dir.py)."""
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
     """How Megatron's distributed optimizer state is written. fully_reshardable: per-parameter tensors (gathered
     on data-parallel rank 0 while saving), so a run can resume under another TP/PP/DP layout; dp_reshardable:

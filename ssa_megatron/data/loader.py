@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional, Sequence, Union
 
@@ -199,6 +200,22 @@ class _RankStream(torch.utils.data.IterableDataset):
                     streams.remove(stream)
                 else:
                     yield batch
+
+
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+"""Signals a DataLoader worker ignores. ``timeout``, ``scancel``, preemption and Ctrl-C signal the whole process
+group; the training process turns them into a checkpoint and a clean exit (``ssa_megatron.training.stop``) and
+stops its workers itself afterwards. A worker killed by the signal first would make the DataLoader raise "worker
+... killed by signal" in the training process, mid-step, with no checkpoint."""
+
+
+def _ignore_shutdown_signals(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore :data:`WORKER_IGNORED_SIGNALS`, then unblock them (``__iter__`` blocks
+    them while the workers start, so one sent before this runs is held and then discarded, not fatal). Torch's own
+    worker SIGTERM handler, installed just before, would otherwise re-raise a SIGTERM not sent by the parent."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
 
 
 def _as_is(batch: CompactBatch) -> CompactBatch:
@@ -431,9 +448,17 @@ class TokenLoader:
         if self.num_workers == 0:
             batches = iter(stream)
         else:
-            batches = iter(torch.utils.data.DataLoader(
-                stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
-                prefetch_factor=self.prefetch_factor, persistent_workers=False))
+            # The workers start inside iter() and inherit this thread's signal mask: blocked until each one has
+            # set its handlers (_ignore_shutdown_signals). A signal sent to this process meanwhile still arrives
+            # (on another thread, or when the mask is restored).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+            try:
+                batches = iter(torch.utils.data.DataLoader(
+                    stream, batch_size=None, collate_fn=_as_is, num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                    worker_init_fn=_ignore_shutdown_signals))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             for rows, bounds in batches:
                 # Tensors are made here, from 2 bytes per token; that costs ~0.1 ms per 8k-token row.

@@ -1,13 +1,21 @@
-"""Clean stop on request: SIGTERM / SIGUSR1, or a stop file in the run directory.
+"""Clean stop on request: SIGTERM, SIGINT or SIGUSR1, or a stop file in the run directory.
 
 SLURM sends a signal before the time limit, and the SLURM scripts touch ``<run_dir>/STOP`` shortly before it, then
-requeue the job. The loop checks the flag after every step; when any rank saw a request, every rank checkpoints and
-exits, and the next launch of the same command resumes.
+requeue the job. ``timeout``, ``scancel``, preemption and Ctrl-C signal the whole process group: the data-loader
+workers ignore these signals (``ssa_megatron.data.loader.WORKER_IGNORED_SIGNALS``) and leave the shutdown to the
+training process. The loop checks the flag after every step; when any rank saw a request, every rank finishes the
+step, checkpoints and exits 0, and the next launch of the same command resumes.
+
+SIGINT (Ctrl-C) is a stop request like SIGTERM, and so is a repeated one: torchrun forwards the group's signal
+to its workers, so each rank may receive it twice, and a second Ctrl-C that killed the run would lose the
+checkpoint the first one asked for. To quit at once without a checkpoint, send SIGQUIT (Ctrl-\\) or SIGKILL.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -21,11 +29,12 @@ starts."""
 class StopFlag:
     """Installs the signal handlers (``train.exit_signal_handler``) and answers, once per step, whether to stop."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, enabled: bool, stop_file: Path, is_main: bool):
         self.received: int | str | None = None
         self.stop_file = stop_file
+        self.is_main = is_main
         self._previous = {}
         if is_main:
             stop_file.unlink(missing_ok=True)
@@ -39,7 +48,17 @@ class StopFlag:
                     pass
 
     def _handle(self, signum, _frame) -> None:
-        self.received = signum
+        if self.received is None and self.is_main:
+            # os.write, not print: the handler may interrupt a print of the main thread.
+            name = signal.Signals(signum).name
+            try:
+                os.write(sys.stderr.fileno(), f"ssa-train: {name}: finishing this step, then checkpointing and "
+                                              "exiting (SIGQUIT, Ctrl-\\, quits at once without a checkpoint)\n"
+                         .encode())
+            except (OSError, ValueError):
+                pass
+        if self.received is None:
+            self.received = signum
 
     @property
     def name(self) -> str:
