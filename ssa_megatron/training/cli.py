@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="recipe name (recipes/<name>.yaml) or path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=20")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="resume although model/SSA settings differ from the run's recipe.yaml "
+                             "(checkpoint.allow_changes=true)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of expected errors (bad recipe, data, checkpoint, NaN) too")
     return parser.parse_args(argv)
@@ -65,12 +68,15 @@ def runtime_hint(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from ssa_megatron.training import compile_caches
+
+    compile_caches.configure()  # before torch.compile or Triton first read their cache variables
     rank = int(os.environ.get("RANK", 0))
     _quiet_libraries(rank)
     from ssa_megatron.config import load_recipe, to_dict
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides + ["checkpoint.allow_changes=true"] * args.allow_changes)
     except ValueError as err:
         if args.debug:
             raise

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import yaml
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ssa_megatron.config import RecipeConfig, to_dict
+from ssa_megatron.config import RecipeConfig
 from ssa_megatron.data.from_config import build_loaders
 from ssa_megatron.megatron.mode import MODE_SAMPLER
 from ssa_megatron.megatron.tracker import get_ssa_tracker
@@ -34,6 +33,7 @@ from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_lin
                                            per_layer, ssa_values)
 from ssa_megatron.training.optimizer import build_optimizer
 from ssa_megatron.training.parallel import init_parallel
+from ssa_megatron.training.run_dir import check_resume, record_recipe
 from ssa_megatron.training.step import StepBatches, forward_step, reduce_lm_losses, rerun_last_microbatch
 from ssa_megatron.training.stop import STOP_FILE, StopFlag
 from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
@@ -83,8 +83,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                          f"of parallel.pipeline_parallel={dims.pp}")
     run_dir = Path(tr.run_dir).expanduser()
     if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        run_dir.mkdir(parents=True, exist_ok=True)  # recipe.yaml is written once the run starts (run_dir.py)
 
     # 2. Model (SSA layer spec), precision and data parallelism; optimizer and LR schedule.
     MODE_SAMPLER.configure(tr.seed)
@@ -103,6 +102,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     # 4. Checkpoints: resume, or initialise from checkpoint.load.
     checkpoints = RunCheckpoints(recipe, dims, run_dir, model_chunks=model, optimizer=optimizer,
                                  scheduler=scheduler, train_loader=data.train)
+    check_resume(recipe, run_dir, checkpoints.store)  # a changed model or SSA setting: one line, nothing loaded
     step, consumed_tokens = checkpoints.restore()
     if step >= tr.steps:
         if dims.is_main:
@@ -119,6 +119,10 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                  f"on {dims.device.type}")
     if checkpoints.resumed_from is not None:
         logger.write(f"resumed from {checkpoints.resumed_from} (step {step}, {consumed_tokens:,} tokens)")
+        if scheduler.note:
+            logger.write(scheduler.note)
+    if dims.is_main:
+        record_recipe(run_dir, recipe, log=logger.write)  # the run has started: keep its recipe
     forward_backward = get_forward_backward_func()
     step_fn = partial(forward_step, document_mask=recipe.ssa.document_mask)
     tracker = get_ssa_tracker()
@@ -132,7 +136,8 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     try:
         if dims.device.type == "cuda":
             logger.write("first step: compiling the Triton kernels and torch.compile fusions for this shape "
-                         f"(reused from {compile_caches.describe()} when an earlier launch compiled them)")
+                         f"(Triton kernels reused from {compile_caches.describe()} when an earlier launch compiled "
+                         "them)")
         while step < end_step:
             if step_hook is not None:
                 step_hook(step, model)
