@@ -151,6 +151,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    """Modules around the SSA core attention: megatron-core's own (any install, CPU too) or Transformer Engine's
+    fused norm+linear layers (CUDA, the 'te' extra). The core attention is SSA's either way."""
 
     @property
     def head_dim(self) -> int:

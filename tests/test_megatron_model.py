@@ -48,15 +48,98 @@ def test_document_boundaries_round_trip():
         document_boundaries(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu))
 
 
-def test_te_spec_clear_error_without_te(megatron_world):
+def test_transformer_impl_recipe_key():
+    """``model.transformer_impl`` is a recipe key: local by default, transformer_engine by override, anything else
+    refused naming the allowed values."""
+    from ssa_megatron.config import RecipeConfig, apply_overrides, from_dict
+
+    assert RecipeConfig().model.transformer_impl == "local"
+    te = from_dict(RecipeConfig, apply_overrides({}, ["model.transformer_impl=transformer_engine"]))
+    assert te.model.transformer_impl == "transformer_engine"
+    with pytest.raises(ValueError, match="transformer_impl.*local.*transformer_engine"):
+        from_dict(RecipeConfig, apply_overrides({}, ["model.transformer_impl=te"]))
+
+
+def test_transformer_engine_absent_is_one_clear_error(megatron_world):
+    """Without TE, the recipe key and the spec both stop with one line naming the extra to install."""
+    from ssa_megatron.megatron.model import build_gpt_model
     from ssa_megatron.megatron.spec import get_ssa_layer_spec, transformer_engine_available
 
     if transformer_engine_available():
-        spec = get_ssa_layer_spec("te")
-        assert spec.submodules.self_attention.submodules.core_attention.module.__name__ == "SSACoreAttention"
-    else:
-        with pytest.raises(RuntimeError, match="Transformer Engine is not importable"):
-            get_ssa_layer_spec("te")
+        pytest.skip("Transformer Engine is installed: test_transformer_engine_spec_and_model covers it")
+    recipe = tiny_recipe()
+    recipe.model.transformer_impl = "transformer_engine"
+    for build in (lambda: build_gpt_model(recipe), lambda: get_ssa_layer_spec("transformer_engine")):
+        with pytest.raises(ValueError, match=r"Transformer Engine is not importable") as err:
+            build()
+        message = str(err.value)
+        assert 'pip install -e ".[te]"' in message and "model.transformer_impl=local" in message
+        assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_ssa_train_without_transformer_engine_prints_one_line(tmp_path):
+    """ssa-train with model.transformer_impl=transformer_engine and no TE: exit 1, the extra named, no traceback."""
+    import subprocess
+    import sys
+
+    from helpers.training import TEST_OVERRIDES
+    from ssa_megatron.megatron.spec import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is installed")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssa_megatron.training.cli", "tiny", *TEST_OVERRIDES, f"train.run_dir={tmp_path}",
+         "model.transformer_impl=transformer_engine"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "Transformer Engine is not importable" in line]
+    assert len(errors) == 1 and 'pip install -e ".[te]"' in errors[0], proc.stderr
+
+
+def test_transformer_engine_spec_and_model(megatron_world):
+    """With TE: its fused layers around SSA's own core attention; on a GPU the model builds, runs forward and
+    backward, calls SSACoreAttention in every layer, and has the local model's checkpoint keys."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    from ssa_megatron.megatron.attention import SSACoreAttention
+    from ssa_megatron.megatron.model import build_gpt_model
+    from ssa_megatron.megatron.spec import get_ssa_layer_spec
+
+    spec = get_ssa_layer_spec("transformer_engine")
+    attn = spec.submodules.self_attention.submodules
+    assert attn.core_attention.module is SSACoreAttention
+    assert attn.linear_qkv is TEColumnParallelLinear and attn.linear_gate is TEColumnParallelLinear
+    assert attn.linear_proj is TERowParallelLinear and spec.submodules.input_layernorm is TENorm
+    assert spec.submodules.mlp.submodules.linear_fc1 is TELayerNormColumnParallelLinear
+    if not torch.cuda.is_available():
+        return
+    recipe = tiny_recipe(precision="bf16")
+    recipe.train.device = "cuda"
+    local = build_gpt_model(recipe)
+    recipe.model.transformer_impl = "transformer_engine"
+    model = build_gpt_model(recipe)
+    cores = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
+    assert len(cores) == recipe.model.num_layers
+    assert any(isinstance(m, TELayerNormColumnParallelLinear) for m in model.modules())
+    calls = []
+    for core in cores:
+        core.register_forward_hook(lambda *a: calls.append(1))
+    tokens = torch.randint(0, recipe.model.vocab_size, (2, recipe.model.seq_length), device="cuda")
+    loss = model(tokens, None, None, labels=tokens).float().mean()
+    loss.backward()
+    assert torch.isfinite(loss) and len(calls) == recipe.model.num_layers
+
+    def keys(m):
+        return {k for k in m.sharded_state_dict() if "_extra_state" not in k}
+
+    assert keys(model) == keys(local)
 
 
 def test_transformer_config_from_recipe(megatron_world):

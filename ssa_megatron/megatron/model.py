@@ -128,15 +128,21 @@ def build_gpt_model(
 
     Also seeds the mode sampler with ``recipe.train.seed``. Parameters are created in ``params_dtype``; on a GPU the
     module is moved to the current CUDA device. With ``train.fused_ops`` on CUDA its attention layers run a compiled
-    RoPE (``ssa_megatron.megatron.rope``).
+    RoPE (``ssa_megatron.megatron.rope``). ``model.transformer_impl`` picks the layer spec: megatron-core's modules
+    (``local``) or Transformer Engine's (``transformer_engine``: needs TE and a GPU; one-line error otherwise).
     """
+    m = recipe.model
+    # The spec first: a missing Transformer Engine is reported before anything is allocated.
+    compiled_rope = recipe.train.fused_ops and recipe.train.uses_cuda()
+    layer_spec = get_ssa_layer_spec(m.transformer_impl, recipe.ssa, compiled_rope=compiled_rope)
+    if m.transformer_impl == "transformer_engine" and not torch.cuda.is_available():
+        raise ValueError("model.transformer_impl=transformer_engine: Transformer Engine's layers run on CUDA only "
+                           "and this process sees no GPU; set model.transformer_impl=local")
     config = config or transformer_config_from_recipe(recipe)
     MODE_SAMPLER.configure(recipe.train.seed)
-    compiled_rope = recipe.train.fused_ops and recipe.train.uses_cuda()
-    m = recipe.model
     model = SSAGPTModel(
         config=config,
-        transformer_layer_spec=get_ssa_layer_spec("local", recipe.ssa, compiled_rope=compiled_rope),
+        transformer_layer_spec=layer_spec,
         vocab_size=m.vocab_size,
         max_sequence_length=m.seq_length,
         pre_process=pre_process,

@@ -5,11 +5,14 @@ Only the attention changes: ``SSASelfAttention`` (Megatron's ``SelfAttention`` +
 ``TransformerConfig`` (``normalization="RMSNorm"``, ``gated_linear_unit=True``, ``activation_func=silu``) that
 ``transformer_config_from_recipe`` builds.
 
-- ``backend="local"``: Megatron-core's own modules (``ColumnParallelLinear``, ``RowParallelLinear``, torch RMSNorm).
+The recipe chooses the backend (``model.transformer_impl``, read by ``model.build_gpt_model``):
+
+- ``"local"``: Megatron-core's own modules (``ColumnParallelLinear``, ``RowParallelLinear``, torch RMSNorm).
   Complete without Transformer Engine; the path used on CPUs and on GPUs without TE.
-- ``backend="te"``: Transformer Engine linears and norms around the same SSA core attention (TE has no sparse
-  attention). The input norm stays a separate ``TENorm`` (not fused into the QKV GEMM) because the gate reads the
-  normalized input; the MLP uses TE's fused norm+fc1. Checkpoint keys are the same as the local spec's.
+- ``"transformer_engine"``: Transformer Engine linears and norms around the same SSA core attention (TE has no
+  sparse attention, so ``SSACoreAttention`` and its kernels stay). The input norm stays a separate ``TENorm`` (not
+  fused into the QKV GEMM) because the gate reads the normalized input; the MLP uses TE's fused norm+fc1.
+  Checkpoint keys are the same as the local spec's.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ from ssa_megatron.megatron.attention import (
     SSATransformerLayer,
 )
 
-BACKENDS = ("local", "te")
+BACKENDS = ("local", "transformer_engine")
+"""The values of ``model.transformer_impl``."""
+
+TE_EXTRA = 'pip install -e ".[te]"'
 
 
 def transformer_engine_available() -> bool:
@@ -51,7 +57,7 @@ def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None, com
     """A ``TransformerLayer`` spec with SSA attention.
 
     Args:
-        backend: 'local' (megatron-core modules) or 'te' (Transformer Engine linears/norms).
+        backend: 'local' (megatron-core modules) or 'transformer_engine' (Transformer Engine linears/norms).
         ssa: the SSA semantics handed to every core attention (default ``SSAConfig()``).
         compiled_rope: run Megatron's unfused RoPE compiled in the attention layers (``train.fused_ops`` on CUDA;
             ``ssa_megatron.megatron.rope``).
@@ -91,9 +97,10 @@ def _local_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
 
 def _te_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
     if not transformer_engine_available():
-        raise RuntimeError(
-            "get_ssa_layer_spec(backend='te'): Transformer Engine is not importable here (not installed, or its "
-            "import raised). Install the 'te' extra (NGC PyTorch containers ship it) or use backend='local'."
+        raise ValueError(
+            "model.transformer_impl=transformer_engine: Transformer Engine is not importable here (not installed, "
+            f"or its import raised); install the 'te' extra ({TE_EXTRA}; NGC PyTorch containers ship it) or set "
+            "model.transformer_impl=local"
         )
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
