@@ -2,9 +2,11 @@
 calls once.
 
 ``data.train_shards`` is ``builtin:stdlib`` (the embedded default corpus and its BPE tokenizer, built once and
-cached), a shard directory or brace pattern made by ``tools/prepare_data.py``, or ``synthetic[:<seed>]``
-(deterministic synthetic tokens for tests and benchmarks). The held-out split is ``data.valid_shards`` or, when
-unset, the ``valid`` shards of the training set.
+cached), a shard directory or brace pattern made by ``tools/prepare_data.py``, ``synthetic[:<seed>]``
+(deterministic synthetic tokens for tests and benchmarks), or with ``data.format: megatron`` (or ``auto``, which
+recognises them) a Megatron ``.bin/.idx`` prefix or weighted blend (``megatron_loader.py``). The held-out split is
+``data.valid_shards`` or, when unset, the ``valid`` shards (prefixes) beside the training set, or for Megatron data
+``data.split``.
 
 A stream yields dicts of ``[micro_batch, seq]`` tensors -- ``tokens``, ``labels``, ``position_ids``, ``loss_mask``
 (and ``cu_seqlens`` for document masking) -- and has ``state_dict()`` / ``load_state_dict()``, so a resumed run
@@ -51,7 +53,8 @@ def check_data_path(key: str, value: str) -> None:
         return  # patterns: resolve_shards names what they fail to match
     if not os.path.exists(text):
         raise DataSourceError(f"{key}={value!r}: no such file or directory; expected a shard directory made by "
-                              "tools/prepare_data.py, a shard path or pattern, builtin:stdlib or synthetic[:<seed>]")
+                              "tools/prepare_data.py, a shard path or pattern, a Megatron .bin/.idx prefix or "
+                              "blend, builtin:stdlib or synthetic[:<seed>]")
 
 
 @dataclass
@@ -87,6 +90,13 @@ def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1
 
         return DataSetup(stream(0), stream(1_000_003), None, data.train_shards)
 
+    if data_format(data) == "megatron":
+        from .megatron_loader import build_megatron_streams
+
+        train, valid, tokenizer_path = build_megatron_streams(recipe, dp_rank, dp_world_size, log)
+        return DataSetup(LoaderStream(train), LoaderStream(valid) if valid is not None else None, tokenizer_path,
+                         data.train_shards)
+
     if data.train_shards == BUILTIN_NAME:
         shard_dir, tokenizer_path = ensure_builtin_corpus(
             data.cache_dir, m.seq_length, m.vocab_size, tokenizer_path=data.tokenizer, max_mb=data.builtin_max_mb,
@@ -104,8 +114,10 @@ def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1
         if data.tokenizer:
             tokenizer_path = Path(data.tokenizer).expanduser()
         else:
-            # prepare_data copies the tokenizer beside the shards.
+            # prepare_data copies the tokenizer beside the shards; training needs only meta.json's vocab_size.
             tokenizer_path = Path(shards[0].path).parent / "tokenizer.json"
+            if not tokenizer_path.is_file():
+                tokenizer_path = None
     expected_hash = tokenizer_hash(tokenizer_path) if data.tokenizer else None
     common = dict(seq_length=m.seq_length, micro_batch_size=recipe.train.micro_batch_size, dp_rank=dp_rank,
                   dp_world_size=dp_world_size, seed=data.seed, shuffle_shards=data.shuffle_shards,
@@ -127,6 +139,22 @@ def build_loaders(recipe: RecipeConfig, dp_rank: int = 0, dp_world_size: int = 1
         valid = None
     return DataSetup(LoaderStream(train), LoaderStream(valid) if valid is not None else None, tokenizer_path,
                      source)
+
+
+def data_format(data) -> str:
+    """``data.format``, with ``auto`` resolved: megatron for a weighted blend, or for names of .bin/.idx prefixes or
+    of directories written by ``prepare_data --format megatron``; else webdataset."""
+    from .megatron_indexed import looks_indexed
+
+    builtin = data.train_shards == BUILTIN_NAME or data.train_shards.startswith("synthetic")
+    if data.format == "megatron" and builtin:
+        raise ValueError(f"data.format=megatron with data.train_shards={data.train_shards!r}: Megatron data is a "
+                         ".bin/.idx prefix or a blend 'W1 PREFIX1 W2 PREFIX2 ...'")
+    found = data.format if data.format != "auto" else "megatron" if looks_indexed(data.train_shards) else "webdataset"
+    if found == "webdataset" and data.split:
+        raise ValueError(f"data.split={data.split!r} is for Megatron data (data.format=megatron); WebDataset shards "
+                         "carry their held-out split (prepare_data --valid-fraction) or take data.valid_shards")
+    return found
 
 
 class LoaderStream:

@@ -235,7 +235,7 @@ def prepare_shards(
     bar = _progress_bar(progress, total_bytes, progress_state.input_bytes)
     todo = units[progress_state.next_unit:]
     init_args = (str(tok.path), tok.eos_token, doc_split, text_key, encoding_errors, valid_fraction)
-    for index, num_bytes, per_split in _tokenized(todo, init_args, workers):
+    for index, num_bytes, per_split in tokenize_units(todo, init_args, workers):
         wrote = False
         for split in SPLITS:
             flat, lengths = per_split[split]
@@ -293,8 +293,10 @@ def prepare_shards(
     return summary
 
 
-def _tokenized(units: list[WorkUnit], init_args: tuple, workers: Optional[int]):
-    """Tokenized units in plan order, from a process pool (or in this process when ``workers == 0``)."""
+def tokenize_units(units: list[WorkUnit], init_args: tuple, workers: Optional[int]):
+    """Tokenized units in plan order, from a process pool (or in this process when ``workers == 0``); each is
+    :func:`_tokenize_unit`'s (index, input bytes, {split: (ids with EOS after each document, lengths)}). Shared with
+    ``megatron_indexed.prepare_indexed``."""
     if not units:
         return
     if workers is None:
