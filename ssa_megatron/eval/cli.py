@@ -1,4 +1,4 @@
-"""Arguments and set-up shared by tools/eval_ppl.py and tools/budget_sweep.py."""
+"""Arguments and set-up shared by tools/eval_ppl.py, tools/budget_sweep.py and tools/study_report.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="HF folder (tools/convert_to_hf.py) or a Megatron run / checkpoint directory")
-    parser.add_argument("--data", required=True,
+    add_data_args(parser, data_required=True)
+
+
+def add_data_args(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    """The held-out data and evaluation settings (tools/study_report.py takes these without --model)."""
+    parser.add_argument("--data", required=data_required,
                         help="token shards (directory or brace pattern; held-out split), 'builtin:stdlib' "
                              "(the model's training corpus), or a text file (with --tokenizer)")
     parser.add_argument("--split", default="valid", choices=("valid", "train"), help="shard split (default valid)")
