@@ -6,16 +6,24 @@ The Llama fields mean what they mean in ``transformers.LlamaConfig``. The SSA fi
 that. ``ssa_top_k`` and ``ssa_block_size`` are the *inference* budget (what the Megatron recipe calls
 ``inference_top_k`` / ``inference_block_size`` when they are set), and ``ssa_mode`` picks full or sparse
 attention. ``SSALlamaForCausalLM.set_attention_mode`` changes them on a loaded model.
+
+This file is also copied into every gated export (``ssa_megatron.hf.export``) and loaded from there as remote
+code, so it imports only torch/transformers/huggingface_hub at module level; the package's ``SSAConfig`` (full
+validation, ``ssa_config()``) is imported only when this module is ``ssa_megatron.hf.configuration``.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ssa_megatron.config import SSAConfig
+IN_PACKAGE = __name__.startswith("ssa_megatron.")
+"""False when loaded as remote code from an export folder, where ``ssa_megatron`` must not be imported."""
+if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
+    SSAConfig = importlib.import_module("ssa_megatron.config").SSAConfig
 
 MODES = ("full", "sparse")
 SCORES = ("group_softmax", "dot")
@@ -58,10 +66,12 @@ class SSALlamaConfig(LlamaConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"SSALlamaConfig.num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
-        self.ssa_config().validate("SSALlamaConfig")
+        if IN_PACKAGE:  # in an export folder the budget is checked by the copied reference when it runs
+            self.ssa_config().validate("SSALlamaConfig")
 
-    def ssa_config(self) -> SSAConfig:
-        """The :class:`SSAConfig` that ``ssa_attention`` runs with (inference only: no alignment loss)."""
+    def ssa_config(self) -> "SSAConfig":
+        """The :class:`SSAConfig` that ``ssa_attention`` runs with (inference only: no alignment loss). Package
+        only."""
         return SSAConfig(
             block_size=self.ssa_block_size, top_k=self.ssa_top_k, score=self.ssa_score, sink_blocks=self.ssa_sink_blocks,
             local_blocks=self.ssa_local_blocks, p_full=1.0 if self.ssa_mode == "full" else 0.0, alpha=0.0,
@@ -80,8 +90,7 @@ def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
     The inference overrides of the recipe (``inference_top_k`` / ``inference_block_size``) become ``top_k`` /
     ``block_size``; ``extra`` sets further fields (``bos_token_id``, ``eos_token_id``, ``torch_dtype`` ...).
     """
-    from ssa_megatron.config import to_dict
-
+    to_dict = importlib.import_module("ssa_megatron.config").to_dict  # package only (see IN_PACKAGE)
     m = recipe.model
     ssa = recipe.ssa.for_inference()
     fields = dict(

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ssa_megatron.config import ModelConfig, RecipeConfig, SSAConfig
 from ssa_megatron.hf.configuration import SSALlamaConfig, hf_config_from_recipe
+from ssa_megatron.hf.export import DEFAULT_MAX_SHARD_SIZE, write_export
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +189,20 @@ def find_tokenizer(recipe_data: dict | None) -> Path | None:
 
 def megatron_checkpoint_to_hf(path: str | Path, out_dir: str | Path, *, dtype: str | None = None,
                               tokenizer: str | Path | None = None, recipe: RecipeConfig | None = None,
+                              plain_llama: bool | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
                               **config_overrides) -> Path:
-    """Writes ``out_dir`` (config.json, model.safetensors, tokenizer files when known) from a Megatron checkpoint.
+    """Writes ``out_dir`` (config.json, safetensors, tokenizer files when known, and for ``ssa_llama`` the remote
+    code) from a Megatron checkpoint; :mod:`ssa_megatron.hf.export` says what the folder holds.
 
     Args:
         path: run directory, checkpoint directory or one checkpoint.
         dtype: 'fp32' | 'bf16' | 'fp16' to cast the weights (default: as stored).
         tokenizer: a tokenizer.json to ship (default: the run's, when :func:`find_tokenizer` finds it).
         recipe: the recipe to read the model shape from (default: the one stored with the checkpoint).
+        plain_llama: write a plain ``LlamaForCausalLM`` (default: when the model has no gate, ``ssa.gate='none'``).
+        max_shard_size: largest safetensors file (bytes or e.g. ``"5GB"``); larger models are sharded.
         config_overrides: further ``SSALlamaConfig`` fields (e.g. ``ssa_mode='full'``, ``ssa_top_k=32``).
     """
-    from safetensors.torch import save_file
-
     from ssa_megatron.training.checkpoint import read_checkpoint_recipe, read_model_tensors, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
@@ -224,8 +227,7 @@ def megatron_checkpoint_to_hf(path: str | Path, out_dir: str | Path, *, dtype: s
         raise ValueError(f"tokenizer {str(tokenizer)!r} does not exist (expected a tokenizer.json file)")
     if tok is not None:
         _write_tokenizer(tok, out, config)
-    save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out)
+    write_export(out, config, hf, plain_llama=plain_llama, max_shard_size=max_shard_size)
     return out
 
 

@@ -10,9 +10,18 @@ KV cache: supported in both modes. New queries sit at the last positions of the 
 (``q_positions`` default), so a decoded token selects among the complete blocks of everything cached before it,
 exactly as in a full-sequence forward. Padding (an ``attention_mask`` with zeros) is not supported: SSA's block
 grid is defined on unpadded rows; batch equal-length rows or run one row at a time.
+
+Remote code: this file, ``configuration.py`` and the package's ``ssa/reference.py`` are copied into every gated
+export (``ssa_megatron.hf.export``), where ``trust_remote_code=True`` loads them with only torch and transformers
+installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core is
+:func:`_exported_attention`: the inference branch of ``ssa_attention`` (``training=False``: select, attend,
+gate) calling the copied reference, the same functions ``ssa_attention`` calls on CPU. The Triton kernels and
+the attention statistics (``collect_attention_metrics``) need the package.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
@@ -25,8 +34,26 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from ssa_megatron.hf.configuration import MODES, SSALlamaConfig
-from ssa_megatron.ssa import ssa_attention
+from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
+
+if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
+    ssa_attention = importlib.import_module("ssa_megatron.ssa").ssa_attention
+else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
+    from .reference import apply_gate, full_attention, select_blocks, sparse_attention
+
+
+def _exported_attention(q, k, v, gate, config: SSALlamaConfig, cu_seqlens, softmax_scale):
+    """``ssa_attention(q, k, v, gate, config.ssa_config(), config.ssa_mode, training=False)`` on the reference,
+    for export folders. q ``[sq, b, HQ, D]``, k/v ``[skv, b, HKV, D]``, gate ``[sq, b, HQ]`` logits or None."""
+    docs = cu_seqlens if config.ssa_document_mask else None
+    if config.ssa_mode == "full":
+        out, _ = full_attention(q, k, v, docs, None, softmax_scale)
+    else:
+        idx, _ = select_blocks(q, k, config.ssa_block_size, config.ssa_top_k, config.ssa_score,
+                               config.ssa_sink_blocks, config.ssa_local_blocks, docs, None, softmax_scale)
+        out, _ = sparse_attention(q, k, v, idx, config.ssa_block_size, None, softmax_scale,
+                                  starts_on_grid=docs is None)
+    return apply_gate(out, gate)
 
 
 class SSALlamaAttention(LlamaAttention):
@@ -57,13 +84,17 @@ class SSALlamaAttention(LlamaAttention):
                                  "KV cache holding earlier tokens")
         gate = self.g_proj(hidden_states).transpose(0, 1) if self.g_proj is not None else None  # [s, b, HQ]
 
-        cfg = self.config.ssa_config()
-        out, _, stats = ssa_attention(
-            q.permute(2, 0, 1, 3), k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3), gate, cfg,
-            self.config.ssa_mode, False, cu_seqlens=cu_seqlens, softmax_scale=self.scaling,
-            with_metrics=self.collect_metrics,
-        )
-        self.last_metrics = stats.metrics
+        q, k, v = (t.permute(2, 0, 1, 3) for t in (q, k, v))  # [b, h, s, D] -> [s, b, h, D]
+        if IN_PACKAGE:
+            out, _, stats = ssa_attention(q, k, v, gate, self.config.ssa_config(), self.config.ssa_mode, False,
+                                          cu_seqlens=cu_seqlens, softmax_scale=self.scaling,
+                                          with_metrics=self.collect_metrics)
+            self.last_metrics = stats.metrics
+        else:
+            if self.collect_metrics:
+                raise ValueError("collect_attention_metrics needs the ssa_megatron package (import ssa_megatron.hf "
+                                 "and load without trust_remote_code)")
+            out = _exported_attention(q, k, v, gate, self.config, cu_seqlens, self.scaling)
         out = out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
         return self.o_proj(out), None
 
@@ -115,7 +146,10 @@ class SSALlamaForCausalLM(SSALlamaPreTrainedModel, LlamaForCausalLM):
         if block_size is not None:
             self.config.ssa_block_size = int(block_size)
         try:
-            self.config.ssa_config().validate("set_attention_mode")
+            if IN_PACKAGE:
+                self.config.ssa_config().validate("set_attention_mode")
+            else:  # an export folder has no SSAConfig: the reference checks the budget when it runs
+                self.config.validate_architecture()
         except ValueError:
             self.config.ssa_mode, self.config.ssa_top_k, self.config.ssa_block_size = old
             raise
