@@ -211,3 +211,18 @@ def test_convert_to_hf_cli_says_what_it_writes(exports, tmp_path, capsys):
     assert "ssa_llama + remote code" in out and "shards <= 40KB" in out
     assert (tmp_path / "gated" / "model.safetensors.index.json").is_file()
     assert (tmp_path / "gated" / "modeling.py").is_file()
+
+
+@pytest.mark.slow
+def test_plain_llama_export_converts_back_to_megatron(exports, tmp_path):
+    """A gate-less export (plain Llama) goes back to Megatron and out again unchanged."""
+    from safetensors.torch import load_file
+
+    from ssa_megatron.hf.convert import hf_to_megatron_checkpoint, megatron_checkpoint_to_hf
+
+    _, folder, _ = exports["none"]
+    hf_to_megatron_checkpoint(folder, tmp_path / "mcore")
+    back = megatron_checkpoint_to_hf(tmp_path / "mcore", tmp_path / "hf")
+    assert json.loads((back / "config.json").read_text())["model_type"] == "llama"
+    a, b = load_file(folder / "model.safetensors"), load_file(back / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

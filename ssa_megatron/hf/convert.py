@@ -269,17 +269,25 @@ def hf_model_from_state_dict(hf: dict[str, Tensor], config: SSALlamaConfig):
 
 def load_hf_folder(path: str | Path) -> tuple[SSALlamaConfig, dict[str, Tensor]]:
     """The configuration and state dict of an HF folder written by :func:`megatron_checkpoint_to_hf` (or by
-    ``save_pretrained`` of an ``SSALlamaForCausalLM``)."""
+    ``save_pretrained`` of an ``SSALlamaForCausalLM``), sharded or not. A plain Llama folder (``model_type:
+    llama``, e.g. a gate-less export) reads as an ``SSALlamaConfig`` with ``ssa_gate='none'`` and the default SSA
+    budget."""
     from safetensors.torch import load_file
+    from transformers import LlamaConfig
 
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ValueError(f"HF folder {str(p)!r} does not exist or has no config.json")
     raw = json.loads((p / "config.json").read_text())
-    if raw.get("model_type") != "ssa_llama":
+    if raw.get("model_type") == "llama":
+        fields = {k: v for k, v in LlamaConfig.from_pretrained(str(p)).to_dict().items()
+                  if k not in ("model_type", "architectures", "transformers_version")}
+        config = SSALlamaConfig(**fields, ssa_gate="none")
+    elif raw.get("model_type") == "ssa_llama":
+        config = SSALlamaConfig.from_pretrained(str(p))
+    else:
         raise ValueError(f"HF folder {str(p)!r}: config.json has model_type={raw.get('model_type')!r}, expected "
-                         "'ssa_llama'")
-    config = SSALlamaConfig.from_pretrained(str(p))
+                         "'ssa_llama' or 'llama'")
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise ValueError(f"HF folder {str(p)!r} has no *.safetensors weights")
