@@ -158,6 +158,12 @@ def test_blend_strings_and_their_errors_name_the_key(corpora, tmp_path):
                               f"data.valid_shards={root / 'text'}"))
     with pytest.raises(ValueError, match="model.vocab_size=256"):
         build_loaders(_recipe(tmp_path, f"data.train_shards={root / 'text'}", "model.vocab_size=256"))
+    # What megatron-core would hang or overflow on: an empty split, and too many epochs of a tiny corpus.
+    corpus = root / "a" / "corpus"
+    with pytest.raises(IndexedDataError, match=r"data.split=1000,1, valid share\) has no valid tokens \(0 documents\)"):
+        build_loaders(_recipe(tmp_path, f"data.train_shards={corpus}", "data.split=1000,1"))
+    with pytest.raises(IndexedDataError, match="int32 document index"):
+        build_loaders(_recipe(tmp_path, f"data.train_shards={corpus}", "train.steps=2000000000"))
 
 
 def test_tokenizer_is_found_beside_the_data_or_the_error_names_the_key(corpora, tmp_path):
@@ -328,3 +334,20 @@ def test_tiny_recipe_trains_on_a_blend_and_resumes_exactly(corpora, tmp_path):
     assert (first.end_step, second.start_step, second.end_step) == (3, 3, 6)
     assert first.losses + second.losses == full.losses  # bitwise: the resumed run read the same batches
     assert full.losses[-1] < full.losses[0] and "eval/ppl_full" in full.eval
+
+
+@pytest.mark.slow
+def test_a_process_exits_while_its_stream_still_has_workers(corpora, tmp_path):
+    """multiprocessing's exit handler SIGTERMs DataLoader workers, which ignore it; the stream stops them first."""
+    import subprocess
+
+    script = tmp_path / "keep_open.py"
+    script.write_text(
+        "import sys\nsys.path.insert(0, sys.argv[1])\nfrom helpers.training import tiny_test_recipe\n"
+        "from ssa_megatron.data.from_config import build_loaders\n"
+        f"recipe = tiny_test_recipe({str(tmp_path / 'run')!r}, 'model.vocab_size={VOCAB + 20}', "
+        f"'data.num_workers=2', 'data.cache_dir={tmp_path / 'cache'}', 'data.train_shards={corpora['root'] / 'text'}')\n"
+        "stream = build_loaders(recipe, log=lambda s: None).train\nnext(stream)\nprint('ok')\n")
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

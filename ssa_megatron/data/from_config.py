@@ -16,7 +16,9 @@ same batches; data-parallel replicas read disjoint ones.
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -157,13 +159,23 @@ def data_format(data) -> str:
     return found
 
 
-class LoaderStream:
-    """A ``TokenLoader`` as an endless iterator (a one-pass held-out split starts over when exhausted); its state
-    is the loader's, and loading a state restarts iteration at that position."""
+def _close_at_exit(ref: "weakref.ref[LoaderStream]") -> None:
+    stream = ref()
+    if stream is not None:
+        stream.close()
 
-    def __init__(self, loader: TokenLoader):
+
+class LoaderStream:
+    """A ``TokenLoader`` or ``MegatronLoader`` as an endless iterator (a one-pass held-out split starts over when
+    exhausted); its state is the loader's, and loading a state restarts iteration at that position."""
+
+    def __init__(self, loader: "TokenLoader | MegatronLoader"):
         self.loader = loader
         self._it = None
+        # A stream still open at interpreter exit: multiprocessing's exit handler would SIGTERM the DataLoader
+        # workers, which ignore it (loader.WORKER_IGNORED_SIGNALS), then wait for them forever. Exit handlers run
+        # last-registered first, so this one stops the workers before that.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def __iter__(self):
         return self
@@ -181,10 +193,14 @@ class LoaderStream:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.loader.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stops iterating (and the loader's DataLoader workers); the next batch starts a new iteration."""
         if self._it is not None:
             self._it.close()
             self._it = None
-        self.loader.load_state_dict(state)
 
     @property
     def vocab_size(self) -> int:

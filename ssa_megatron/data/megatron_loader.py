@@ -94,9 +94,17 @@ class GPTSource:
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+        try:  # sample and blending indices are built by this compiled module (the wheel ships it)
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError as err:
+            raise ImportError("megatron-core's compiled dataset helper megatron.core.datasets.helpers_cpp is missing "
+                              "(the megatron-core wheel ships it; a source checkout builds it with make -C "
+                              "megatron/core/datasets); data.format=megatron needs it") from err
+
         prefixes, weights = list(self.blend[0]), (list(self.blend[1]) if self.blend[1] else None)
         if len(prefixes) == 1:
             weights = None  # Megatron warns about a blend of one
+        self._check_sizes(prefixes, weights, num_samples, what)
         blend = (prefixes, weights)
         index = _SPLIT_INDEX[self.split_name]
         if self.split is None:
@@ -123,6 +131,41 @@ class GPTSource:
             raise IndexedDataError(f"{what}: the {self.split_name} split has no samples of {self.seq_length + 1} "
                                    "tokens (too little data, or a split share of 0)")
         return dataset
+
+
+    def _check_sizes(self, prefixes: list[str], weights: Optional[list[float]], num_samples: int, what: str) -> None:
+        """Refuses what megatron-core would not survive: a prefix with no tokens in a split it builds (its epoch
+        count loop never ends) or one that needs more epochs x documents than its int32 document index holds. With
+        a split string megatron-core builds every split with a share, so all of them are checked."""
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        names = ("train", "valid", "test")
+        mine = _SPLIT_INDEX[self.split_name]
+        if self.split:
+            matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(self.split))
+            targets = [(names[i], b, num_samples if i == mine else 1) for i, b in enumerate(matrix) if b is not None]
+        else:
+            targets = [(self.split_name, (0.0, 1.0), num_samples)]
+        total = sum(weights) if weights else None
+        for k, prefix in enumerate(prefixes):
+            indexed = IndexedDataset(prefix)  # its lengths are a view of its mmap: keep it open while reading
+            for name, bounds, samples in targets:
+                begin, end = (int(round(b * len(indexed))) for b in bounds)
+                tokens = int(indexed.sequence_lengths[begin:end].sum(dtype=np.int64))
+                where = f"{prefix}" + (f" (data.split={self.split}, {name} share)" if self.split else "")
+                if tokens == 0:
+                    raise IndexedDataError(f"{what}: {where} has no {name} tokens ({end - begin} documents)")
+                share = weights[k] / total if weights else (1.0 if len(prefixes) == 1 else 0.0)
+                epochs = -(-int(samples * share * 1.01 + 1) * self.seq_length // tokens)
+                if epochs * (end - begin) >= 2 ** 31:
+                    raise IndexedDataError(
+                        f"{what}: {where} holds {tokens:,} tokens; {int(samples * share):,} samples of "
+                        f"{self.seq_length + 1} tokens would take {epochs:,} epochs of it, more than megatron-core's "
+                        "int32 document index holds; use more data or fewer samples (train.steps, "
+                        "train.global_batch_size)")
+            del indexed
 
 
 def _sample_batch(samples: list[dict], seq_length: int) -> dict[str, torch.Tensor]:
