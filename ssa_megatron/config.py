@@ -207,11 +207,21 @@ class DataConfig:
     """A shard directory written by tools/prepare_data.py, a brace-expandable shard pattern
     (``/data/train-{000000..000127}.tar``; meta.json must sit beside the shards) or ``builtin:stdlib`` (the
     embedded default: the running interpreter's standard library, tokenized into the cache directory on first
-    use)."""
+    use). With format megatron: a Megatron blend, ``"0.7 /data/a 0.3 /data/b"`` (weight, then a .bin/.idx path
+    prefix or a directory written by prepare_data --format megatron) or one prefix/directory."""
+    format: Literal["auto", "webdataset", "megatron"] = "auto"
+    """webdataset: shards made by tools/prepare_data.py. megatron: Megatron .bin/.idx indexed datasets, read
+    through megatron.core.datasets (blends, data.split). auto: megatron when train_shards is a weighted blend or
+    names .idx/.bin prefixes or a --format megatron directory, else webdataset."""
     valid_shards: Optional[str] = None
-    """Held-out shards; None: the held-out split (``valid-*.tar``) of train_shards."""
+    """Held-out shards; None: the held-out split (``valid-*.tar``) of train_shards. With format megatron: a
+    blend or prefix of held-out data; None: the ``valid`` prefixes beside train_shards, or data.split."""
+    split: Optional[str] = None
+    """Format megatron only: Megatron's split string (``"98,2,0"``: train, valid, test shares of each prefix's
+    documents) to hold out part of train_shards; not with valid_shards."""
     tokenizer: Optional[str] = None
-    """A tokenizer.json; None with builtin data: a byte-level BPE trained on the embedded corpus."""
+    """A tokenizer.json; None: the tokenizer.json beside the data (shards, or the first prefix of a blend), and
+    with builtin data a byte-level BPE trained on the embedded corpus."""
     cache_dir: str = "~/.cache/ssa_megatron"
     num_workers: int = 1
     """DataLoader worker processes per rank (0: read in the training process). The sample order depends on it,
@@ -238,6 +248,15 @@ class DataConfig:
             raise ValueError(f"{prefix}.valid_fraction={self.valid_fraction!r}: must be in [0, 1)")
         if self.builtin_max_mb <= 0:
             raise ValueError(f"{prefix}.builtin_max_mb={self.builtin_max_mb!r}: must be > 0")
+        if self.split is not None:
+            parts = str(self.split).replace(",", " ").split()
+            try:
+                shares = [float(x) for x in parts]
+            except ValueError:
+                shares = []
+            if len(shares) not in (2, 3) or not all(0 <= x < float("inf") for x in shares) or min(shares[:2]) <= 0:
+                raise ValueError(f"{prefix}.split={self.split!r}: must be 'train,valid[,test]' shares >= 0 with "
+                                 "train and valid > 0, e.g. '98,2,0' (or unset)")
 
 
 @dataclass
