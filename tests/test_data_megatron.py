@@ -346,7 +346,8 @@ def test_a_process_exits_while_its_stream_still_has_workers(corpora, tmp_path):
         "import sys\nsys.path.insert(0, sys.argv[1])\nfrom helpers.training import tiny_test_recipe\n"
         "from ssa_megatron.data.from_config import build_loaders\n"
         f"recipe = tiny_test_recipe({str(tmp_path / 'run')!r}, 'model.vocab_size={VOCAB + 20}', "
-        f"'data.num_workers=2', 'data.cache_dir={tmp_path / 'cache'}', 'data.train_shards={corpora['root'] / 'text'}')\n"
+        f"'data.num_workers=2', 'data.cache_dir={tmp_path / 'cache'}', "
+        f"'data.train_shards={corpora['root'] / 'text'}')\n"
         "stream = build_loaders(recipe, log=lambda s: None).train\nnext(stream)\nprint('ok')\n")
     done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
                           timeout=120)

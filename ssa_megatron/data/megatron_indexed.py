@@ -297,8 +297,8 @@ def prepare_indexed(
         raise InputError(f"inputs {[str(i) for i in inputs][:3]}: {len(files)} file(s), all empty; nothing to "
                          "tokenize (need at least one non-empty text or jsonl file)")
     settings = dict(format="megatron", valid_fraction=valid_fraction, doc_split=doc_split, text_key=text_key,
-                    encoding_errors=encoding_errors, tokenizer_hash=tok.hash, eos_id=tok.eos_id, dtype=np.dtype(dtype).name,
-                    part_mb=part_mb, inputs=units_fingerprint(units))
+                    encoding_errors=encoding_errors, tokenizer_hash=tok.hash, eos_id=tok.eos_id,
+                    dtype=np.dtype(dtype).name, part_mb=part_mb, inputs=units_fingerprint(units))
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -414,9 +414,9 @@ def prepare_indexed(
     copied = output_dir / TOKENIZER_NAME
     if not (copied.exists() and copied.samefile(tok.path)):
         shutil.copyfile(tok.path, copied)
-    meta = {"format": "megatron", "token_dtype": np.dtype(dtype).name, "eos_id": tok.eos_id, "vocab_size": tok.vocab_size,
-            "tokenizer_hash": tok.hash, "documents": state.documents, "tokens": state.tokens,
-            "prefixes": [s for s in SPLITS if state.documents[s]], "fingerprint": fingerprint,
+    meta = {"format": "megatron", "token_dtype": np.dtype(dtype).name, "eos_id": tok.eos_id,
+            "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash, "documents": state.documents,
+            "tokens": state.tokens, "prefixes": [s for s in SPLITS if state.documents[s]], "fingerprint": fingerprint,
             "valid_fraction": valid_fraction, "doc_split": doc_split, "input_bytes": total_bytes,
             "input_files": len(files)}
     tmp_meta = output_dir / f".{DATASET_META}.tmp-{os.getpid()}"

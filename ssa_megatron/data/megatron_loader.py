@@ -31,8 +31,6 @@ int64, ``loss_mask [b, s]`` float32, ``cu_seqlens [n + 1]`` int32 over the flatt
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 from dataclasses import dataclass
 from functools import partial
@@ -45,8 +43,6 @@ import torch
 from .loader import WORKER_IGNORED_SIGNALS, _ignore_shutdown_signals
 from .megatron_indexed import Blend, IndexedDataError
 from .tokenizer import Tokenizer, tokenizer_hash
-
-logger = logging.getLogger("ssa_megatron.data")
 
 _SPLIT_INDEX = {"train": 0, "valid": 1}
 
