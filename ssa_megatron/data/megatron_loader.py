@@ -31,7 +31,6 @@ int64, ``loss_mask [b, s]`` float32, ``cu_seqlens [n + 1]`` int32 over the flatt
 
 from __future__ import annotations
 
-import signal
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from .loader import WORKER_IGNORED_SIGNALS, _ignore_shutdown_signals
+from .loader import iter_with_workers
 from .megatron_indexed import Blend, IndexedDataError
 from .tokenizer import Tokenizer, tokenizer_hash
 
@@ -326,15 +325,8 @@ class MegatronLoader:
             if self.num_workers == 0:
                 batches = (collate([view[i] for i in idx]) for idx in indices)
             else:
-                # As in loader.py: workers start with the shutdown signals blocked and then ignore them.
-                mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
-                try:
-                    batches = iter(torch.utils.data.DataLoader(
-                        view, batch_sampler=indices, collate_fn=collate, num_workers=self.num_workers,
-                        prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                        worker_init_fn=_ignore_shutdown_signals))
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                batches = iter_with_workers(view, batch_sampler=indices, collate_fn=collate,
+                                            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
             try:
                 for out in batches:
                     self._consumed += 1

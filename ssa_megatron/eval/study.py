@@ -16,7 +16,6 @@ The sweep itself is ``ssa_megatron.eval.sweep.budget_sweep``; nothing here evalu
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from ssa_megatron.eval.perplexity import METRICS
+from ssa_megatron.eval.sweep import write_csv
 
 SWEEP_FILE = "budget_sweep.json"
 RUN_COLUMNS = ("run", "train_budget", "train_top_k", "train_block_size", "train_receptive_field", "p_full", "alpha",
@@ -198,11 +198,7 @@ def write_study(runs: list[StudyRun], rows: list[dict], out_dir: Path, stem: str
     ``rows``: the same rows as the CSV)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+    write_csv(csv_path, rows, COLUMNS)
     summary = []
     for run in runs:
         own = [r for r in rows if r["run"] == run.name]

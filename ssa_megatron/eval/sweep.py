@@ -55,14 +55,19 @@ def steps_of(top_ks: list[int], block_sizes: list[int], num_batches: int, stats:
     return num_batches * (1 + sparse * (2 if stats else 1))
 
 
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | list[str]) -> None:
+    """``rows`` as CSV with ``columns`` (missing or None values left empty, other keys ignored)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+
+
 def write_table(rows: list[dict], out_dir: Path, stem: str = "budget_sweep") -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    write_csv(csv_path, rows, COLUMNS)
     json_path.write_text(json.dumps(rows, indent=2))
     return csv_path, json_path
 
