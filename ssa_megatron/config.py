@@ -24,6 +24,10 @@ ScoreFn = Literal["group_softmax", "dot"]
 GateKind = Literal["per_head", "none"]
 AttentionMode = Literal["full", "sparse"]
 Backend = Literal["auto", "reference", "triton"]
+Selection = Literal["exact", "authors_chunked"]
+Normaliser = Literal["earlier_blocks", "authors"]
+ModeSampling = Literal["per_microbatch", "per_layer"]
+Alignment = Literal["bidirectional", "sparsity_only", "commitment_only"]
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -70,15 +74,30 @@ class SSAConfig:
     """Blocks each query attends to in sparse mode, its own block included."""
     score: ScoreFn = "group_softmax"
     """Block score: group-summed softmax of q·k̄ (the authors' code) or the mean raw dot (MoBA)."""
+    selection: Selection = "exact"
+    """Which scored blocks the top-k keeps. exact: the best top_k - 1 earlier blocks (rule 3, the paper).
+    authors_chunked: the authors' kernel: the best block_size/2 blocks of the older block_size-block chunks plus the
+    best of the query's newest chunk, then the top_k best of those (9-16 blocks at BS = K = 16; docs/ssa.md
+    "Deviations from the paper and the authors' code")."""
+    normaliser: Normaliser = "earlier_blocks"
+    """group_softmax's per-head softmax normaliser. earlier_blocks: the scored blocks (rule 2). authors: also the
+    own block when the query is its last token (the authors' kernel: complete blocks up to the query)."""
     sink_blocks: int = 0
     """First blocks always kept (count toward top_k)."""
     local_blocks: int = 0
     """Blocks just before the query's own block always kept (count toward top_k)."""
     p_full: float = 0.5
     """Probability that a micro-batch runs full attention forward (else sparse)."""
+    mode_sampling: ModeSampling = "per_microbatch"
+    """per_microbatch: one mode for all layers of a micro-batch (rule 6). per_layer: every layer draws its own mode
+    (the paper's "Random each layer" ablation, reported to diverge)."""
     alpha: float = 10.0
     """Weight of the alignment loss relative to the token-mean LM loss. 0 disables the counterpart branch."""
     smooth_l1_beta: float = 1.0
+    alignment: Alignment = "bidirectional"
+    """Alignment loss terms (rule 7). bidirectional: sparsity + commitment. sparsity_only: only the term that moves
+    the full branch toward the (stopped) sparse output; commitment_only: only the term that moves the sparse branch
+    toward the (stopped) full output (the paper's one-direction ablations, reported to diverge)."""
     gate: GateKind = "per_head"
     """Per-head sigmoid gate on both attention outputs, from the layer's normalized input."""
     document_mask: bool = False
@@ -114,6 +133,16 @@ class SSAConfig:
                 f"{prefix}.sink_blocks + {prefix}.local_blocks + 1 (own block) = "
                 f"{self.sink_blocks + self.local_blocks + 1} exceeds the budget top_k={budget}"
             )
+        if self.selection == "authors_chunked":
+            if self.sink_blocks or self.local_blocks:
+                raise ValueError(f"{prefix}.selection='authors_chunked' forces no blocks (the authors' kernel has none): "
+                                 f"sink_blocks={self.sink_blocks} and local_blocks={self.local_blocks} must be 0")
+            for top_k, block_size in ((self.top_k, self.block_size), (self.for_inference().top_k,
+                                                                      self.for_inference().block_size)):
+                if top_k > block_size:
+                    raise ValueError(f"{prefix}.selection='authors_chunked' keeps at most block_size blocks (the "
+                                     f"authors' kernel sorts block_size candidates): top_k={top_k} exceeds "
+                                     f"block_size={block_size}")
         if not 0.0 <= self.p_full <= 1.0:
             raise ValueError(f"{prefix}.p_full={self.p_full!r}: must be in [0, 1]")
         if self.alpha < 0:
@@ -151,6 +180,10 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    scaled_output_init: bool = True
+    """Megatron's default: the output projections of attention (linear_proj) and MLP (linear_fc2) start with
+    std init_std / sqrt(2 * num_layers); false: init_std like every other weight (the authors' HF init). The LM head,
+    embeddings and the gate use init_std either way."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Modules around the SSA core attention: megatron-core's own (any install, CPU too) or Transformer Engine's
     fused norm+linear layers (CUDA, the 'te' extra). The core attention is SSA's either way."""
