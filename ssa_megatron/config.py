@@ -164,6 +164,36 @@ class SSAConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for a longer context than the one trained on (docs/ssa.md, length extrapolation).
+
+    ``llama3`` is Llama 3.1's rule (transformers' ``rope_type: llama3``): wavelengths shorter than
+    ``original_max_position_embeddings / high_freq_factor`` keep their frequency, those longer than
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, and those between are
+    interpolated smoothly."""
+
+    type: Literal["none", "llama3"] = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    """The context the model was trained at before scaling."""
+
+    def validate(self, prefix: str = "model.rope_scaling") -> None:
+        _reject_non_finite(self, prefix)
+        if self.type == "none":
+            return
+        if self.factor < 1.0:
+            raise ValueError(f"{prefix}.factor={self.factor!r}: must be >= 1")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"{prefix}.low_freq_factor={self.low_freq_factor!r}, high_freq_factor="
+                             f"{self.high_freq_factor!r}: need 0 < low_freq_factor < high_freq_factor")
+        if self.original_max_position_embeddings < 1:
+            raise ValueError(f"{prefix}.original_max_position_embeddings={self.original_max_position_embeddings!r}: "
+                             "must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder shape."""
 
@@ -177,6 +207,8 @@ class ModelConfig:
     """Padded vocabulary; must cover the tokenizer's vocabulary."""
     seq_length: int = 256
     rope_theta: float = 500000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE frequency scaling (type none: plain RoPE with rope_theta)."""
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -208,6 +240,7 @@ class ModelConfig:
                 f"{prefix}.num_query_groups={self.num_query_groups} must divide "
                 f"{prefix}.num_attention_heads={self.num_attention_heads}"
             )
+        self.rope_scaling.validate(f"{prefix}.rope_scaling")
 
 
 @dataclass

@@ -84,6 +84,18 @@ class SSALlamaConfig(LlamaConfig):
         return self.ssa_top_k * self.ssa_block_size
 
 
+def rope_parameters_from_recipe(model) -> dict:
+    """transformers' ``rope_parameters`` of a recipe's ``model`` section (``model.rope_theta`` and
+    ``model.rope_scaling``): ``rope_type`` default, or llama3 with its four scaling fields."""
+    params = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
+    scaling = model.rope_scaling
+    if scaling.type == "llama3":
+        params.update(rope_type="llama3", factor=float(scaling.factor), low_freq_factor=float(scaling.low_freq_factor),
+                      high_freq_factor=float(scaling.high_freq_factor),
+                      original_max_position_embeddings=int(scaling.original_max_position_embeddings))
+    return params
+
+
 def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
     """The HF configuration of a Megatron recipe (:class:`ssa_megatron.config.RecipeConfig`).
 
@@ -99,7 +111,7 @@ def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
         num_key_value_heads=m.num_query_groups, head_dim=m.head_dim, hidden_act="silu",
         max_position_embeddings=m.seq_length, initializer_range=m.init_std, rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=m.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        rope_parameters=rope_parameters_from_recipe(m),
         attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
         ssa_block_size=ssa.block_size, ssa_top_k=ssa.top_k, ssa_score=ssa.score, ssa_sink_blocks=ssa.sink_blocks,
         ssa_local_blocks=ssa.local_blocks, ssa_gate=ssa.gate, ssa_mode=ssa.inference_mode,

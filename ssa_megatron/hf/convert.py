@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssa_megatron.config import ModelConfig, RecipeConfig, SSAConfig
+from ssa_megatron.config import ModelConfig, RecipeConfig, RopeScalingConfig, SSAConfig
 from ssa_megatron.hf.configuration import SSALlamaConfig, hf_config_from_recipe
 from ssa_megatron.hf.export import DEFAULT_MAX_SHARD_SIZE, write_export
 
@@ -257,8 +257,13 @@ def hf_model_from_state_dict(hf: dict[str, Tensor], config: SSALlamaConfig):
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"weights do not match SSALlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-    rotary = model.model.rotary_emb  # a non-persistent buffer: recompute it on the CPU
-    inv_freq, _ = rotary.compute_default_rope_parameters(config)
+    rotary = model.model.rotary_emb  # a non-persistent buffer: recompute it on the CPU, as its __init__ does
+    if rotary.rope_type == "default":
+        inv_freq, _ = rotary.compute_default_rope_parameters(config)
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, rotary.attention_scaling = ROPE_INIT_FUNCTIONS[rotary.rope_type](config)
     rotary.inv_freq = inv_freq
     rotary.original_inv_freq = inv_freq.clone()
     return model.eval()
@@ -297,6 +302,24 @@ def load_hf_folder(path: str | Path) -> tuple[SSALlamaConfig, dict[str, Tensor]]
     return config, state
 
 
+def rope_scaling_of(config, source: str = "HF config") -> RopeScalingConfig:
+    """``model.rope_scaling`` of an HF config's ``rope_parameters``: default RoPE or llama3; any other
+    ``rope_type`` is refused in one line (the Megatron model implements these two)."""
+    params = config.rope_parameters
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return RopeScalingConfig()
+    if kind != "llama3":
+        raise ValueError(f"{source}: rope_parameters rope_type={kind!r}; the Megatron model implements 'default' and "
+                         "'llama3'")
+    scaling = RopeScalingConfig(type="llama3", factor=float(params["factor"]),
+                                low_freq_factor=float(params["low_freq_factor"]),
+                                high_freq_factor=float(params["high_freq_factor"]),
+                                original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    scaling.validate(f"{source} rope_parameters")
+    return scaling
+
+
 def recipe_for_hf_config(config: SSALlamaConfig, base: RecipeConfig | None = None,
                          source: str = "HF config") -> RecipeConfig:
     """A recipe whose model matches ``config``: ``base`` (or the stored ``megatron_recipe``, or defaults) with its
@@ -309,7 +332,8 @@ def recipe_for_hf_config(config: SSALlamaConfig, base: RecipeConfig | None = Non
                  ffn_hidden_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
                  num_query_groups=config.num_key_value_heads, vocab_size=config.vocab_size,
                  tie_embeddings=bool(config.tie_word_embeddings), norm_epsilon=float(config.rms_norm_eps),
-                 rope_theta=float(config.rope_parameters["rope_theta"]))
+                 rope_theta=float(config.rope_parameters["rope_theta"]),
+                 rope_scaling=rope_scaling_of(config, source))
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         raise ValueError(f"{source}: head_dim={config.head_dim} x num_attention_heads={config.num_attention_heads} "
                          f"!= hidden_size={config.hidden_size}; Megatron's recipe derives head_dim from them")

@@ -6,12 +6,14 @@ The training loop, evaluation and the tools call only these two functions. Megat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ssa_megatron.config import RecipeConfig
+from ssa_megatron.config import RecipeConfig, RopeScalingConfig
 from ssa_megatron.megatron.attention import check_tp_heads
 from ssa_megatron.megatron.loss import set_alignment_loss_scale
 from ssa_megatron.megatron.mode import MODE_SAMPLER
@@ -90,6 +92,24 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
     return TransformerConfig(**kwargs)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch.Tensor:
+    """RoPE inverse frequencies ``[d/2]`` scaled by Llama 3.1's rule (transformers' ``rope_type: llama3``).
+
+    With ``L = original_max_position_embeddings``: a wavelength ``2π/f`` below ``L / high_freq_factor`` keeps its
+    frequency, one above ``L / low_freq_factor`` is divided by ``factor``, and between the two the frequency is
+    interpolated with ``smooth = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``:
+    ``(1 - smooth) · f / factor + smooth · f``. Megatron's RotaryEmbedding has this rule with ``factor`` as its only
+    parameter (the other three fixed at 1, 4 and 8192), so the model sets the frequencies itself.
+    """
+    L, lo, hi, factor = (scaling.original_max_position_embeddings, scaling.low_freq_factor,
+                         scaling.high_freq_factor, scaling.factor)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (L / wavelen - lo) / (hi - lo)
+    interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > L / lo, inv_freq / factor, inv_freq)
+    return torch.where((wavelen >= L / hi) & (wavelen <= L / lo), interpolated, out)
+
+
 class SSAGPTModel(GPTModel):
     """``GPTModel`` whose RoPE follows ``position_ids`` (docs/ssa.md rule 10: positions reset per document).
 
@@ -97,7 +117,16 @@ class SSAGPTModel(GPTModel):
     embeddings. Packed rows reset positions at every document, so the RoPE angles are gathered from the table by
     ``position_ids`` instead: ``[s, b, 1, d]`` per token, which Megatron's (unfused) RoPE broadcasts over heads.
     With positions ``0..S-1`` (or their CP chunks) this is exactly Megatron's own table.
+
+    ``rope_scaling`` (``model.rope_scaling``) replaces the table's inverse frequencies by :func:`llama3_inv_freq`.
     """
+
+    def __init__(self, *args, rope_scaling: RopeScalingConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if rope_scaling is not None and rope_scaling.type == "llama3" and hasattr(self, "rotary_pos_emb"):
+            # Set before the first forward: RotaryEmbedding.forward caches its tables (lru_cache).
+            rotary = self.rotary_pos_emb
+            rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
 
     # Overrides a private method: the only place where both position_ids and the RoPE table the decoder receives
     # are in hand (pinned by tests/test_megatron_model.py::test_megatron_methods_we_override_are_unchanged).
@@ -111,8 +140,11 @@ class SSAGPTModel(GPTModel):
             return out
         if self.config.apply_rope_fusion:
             raise ValueError("SSAGPTModel: per-document RoPE positions need apply_rope_fusion=False")
-        # packed_seq=True: the whole table, not this CP rank's chunks (position_ids are already CP-sliced).
-        table = self.rotary_pos_emb(self.max_sequence_length, packed_seq=True)  # [S, 1, 1, d]
+        # packed_seq=True: the whole table, not this CP rank's chunks (position_ids are already CP-sliced). Rows
+        # longer than the trained context (length extrapolation) need a longer table; positions never exceed the
+        # row length, which is static (no read of position_ids' values, which would wait for the GPU).
+        rows = position_ids.shape[1] * self.config.context_parallel_size
+        table = self.rotary_pos_emb(max(self.max_sequence_length, rows), packed_seq=True)  # [S, 1, 1, d]
         per_token = table[:, 0, 0][position_ids.t().to(table.device)].unsqueeze(2)  # [s, b, 1, d]
         return (out[0], per_token, *out[2:])
 
@@ -150,6 +182,7 @@ def build_gpt_model(
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(m.rope_theta),
+        rope_scaling=m.rope_scaling,
         vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
