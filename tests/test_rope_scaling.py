@@ -127,3 +127,29 @@ def test_bad_rope_scaling_is_named():
     with pytest.raises(ValueError, match=r"low_freq_factor=4.0, high_freq_factor=1.0"):
         load_recipe("tiny", ["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4",
                              "model.rope_scaling.high_freq_factor=1"])
+
+
+@pytest.mark.slow
+def test_continual_training_at_a_longer_context_from_another_run(tmp_path):
+    """What recipes/ssa_1b_32k.yaml does, tiny: checkpoint.load of a shorter-context run into a run with twice the
+    seq_length and llama3 RoPE scaling. Weights only are read (the new run starts at step 0); with a negligible LR
+    its weights stay the loaded ones."""
+    from helpers.training import run_training, tiny_test_recipe
+
+    from ssa_megatron.training.checkpoint import read_checkpoint_recipe, read_model_tensors, resolve_checkpoint
+
+    short = run_training(tiny_test_recipe(tmp_path / "short", "train.steps=2", "checkpoint.interval=0"))
+    assert short.start_step == 0
+    long = run_training(tiny_test_recipe(
+        tmp_path / "long", "train.steps=1", "checkpoint.interval=0", "model.seq_length=128",
+        "model.rope_scaling.type=llama3", "model.rope_scaling.factor=2", "model.rope_scaling.original_max_position_embeddings=64",
+        "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0", f"checkpoint.load={tmp_path / 'short'}"))
+    assert long.start_step == 0 and all(torch.isfinite(torch.tensor(long.losses)))
+    before = read_model_tensors(resolve_checkpoint(tmp_path / "short"))
+    after_ckpt = resolve_checkpoint(tmp_path / "long")
+    recipe, _ = read_checkpoint_recipe(after_ckpt)
+    assert recipe.model.seq_length == 128 and recipe.model.rope_scaling.type == "llama3"
+    after = read_model_tensors(after_ckpt)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
