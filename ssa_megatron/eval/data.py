@@ -3,7 +3,8 @@ corpus, or a plain text file tokenized with a ``tokenizer.json``.
 
 Every source yields the training batch layout: ``tokens, labels, position_ids [b, s]`` int64, ``loss_mask [b, s]``
 float32 and ``cu_seqlens`` (document boundaries over the flattened ``b·s`` stream; None for plain text, which
-is one document).
+is one document). When the tokenizer is known (given, beside the shards, or the builtin corpus's), each batch also
+holds ``words``: the word count of its scored text (:func:`count_words`), for word-level perplexity.
 """
 
 from __future__ import annotations
@@ -31,6 +32,28 @@ def shard_seq_length(source: str) -> int:
         raise ValueError(f"data {source!r}: not a readable shard directory/pattern ({err}); pass token shards "
                          "written by tools/prepare_data.py, 'builtin:stdlib', or a .txt file with --tokenizer") from err
     return int(metas[0].seq_length)
+
+
+def count_words(tokenizer, batch: dict) -> int:
+    """Words of the text a batch scores: per row, the labels under ``loss_mask`` decoded (special tokens such as
+    the EOS dropped) and split at whitespace, as lm-evaluation-harness's word perplexity counts words. A word cut by
+    a row end counts in both rows; over many rows this is negligible."""
+    words = 0
+    for labels, mask in zip(batch["labels"], batch["loss_mask"]):
+        ids = labels[mask > 0].tolist()
+        words += len(tokenizer.decode(ids, skip_special_tokens=True).split())
+    return words
+
+
+def _tokenizer_beside(source: str) -> str | None:
+    """The tokenizer.json in the directory of a shard set (prepare_data writes one there), or None."""
+    from ssa_megatron.data.shards import resolve_shards
+
+    try:
+        candidate = Path(resolve_shards(source)[0][0].path).parent / "tokenizer.json"
+    except Exception:  # unreadable shards are reported by the loader itself
+        return None
+    return str(candidate) if candidate.is_file() else None
 
 
 def text_batches(path: str, tokenizer: str, seq_length: int, batch_size: int) -> Iterator[dict]:
@@ -82,11 +105,13 @@ def eval_batches(source: str, batch_size: int, max_batches: int | None, *, seq_l
             if not model:
                 raise ValueError(f"data {source!r}: the model carries no Megatron recipe to rebuild the builtin "
                                  "corpus from; pass shards or a text file instead")
-            shard_dir, _ = ensure_builtin_corpus(
+            shard_dir, builtin_tokenizer = ensure_builtin_corpus(
                 data.get("cache_dir", "~/.cache/ssa_megatron"), model["seq_length"], model["vocab_size"],
                 tokenizer_path=data.get("tokenizer"), max_mb=data.get("builtin_max_mb", 16.0),
                 valid_fraction=data.get("valid_fraction", 0.02))
             source = str(shard_dir)
+            tokenizer = tokenizer or str(builtin_tokenizer)
+        tokenizer = tokenizer or _tokenizer_beside(source)
         packed = shard_seq_length(source)
         if seq_length is not None and seq_length != packed:
             raise ValueError(f"data {source!r} was packed for seq_length={packed}, not --seq-length {seq_length}")
@@ -99,4 +124,10 @@ def eval_batches(source: str, batch_size: int, max_batches: int | None, *, seq_l
             break
     if not batches:
         raise ValueError(f"data {source!r} yielded no batches")
+    if tokenizer:
+        from ssa_megatron.data.tokenizer import Tokenizer
+
+        tok = Tokenizer(tokenizer)
+        for batch in batches:
+            batch["words"] = count_words(tok, batch)
     return batches

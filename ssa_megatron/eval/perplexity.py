@@ -52,22 +52,31 @@ def _forward(model, batch: dict, device) -> torch.Tensor:
 def perplexity(model, batches: Iterable[dict], progress=None) -> dict[str, float]:
     """Token-mean negative log-likelihood (nats) over ``loss_mask`` and its exponential.
 
-    Returns ``{"loss", "ppl", "tokens"}``. ``progress`` is called once per batch (e.g. a tqdm ``update``).
+    Returns ``{"loss", "ppl", "tokens"}``, and when every batch carries ``words`` (``eval.data.count_words``) also
+    ``{"words", "word_ppl"}``: the same total negative log-likelihood per word, ``exp(NLL_total / words)``, the
+    tokenizer-independent perplexity the paper reports for WikiText. ``progress`` is called once per batch (e.g.
+    a tqdm ``update``).
     """
     device = next(model.parameters()).device
-    total, count = 0.0, 0.0
+    total, count, words = 0.0, 0.0, 0
+    with_words = True
     for batch in batches:
         logits = _forward(model, batch, device).float()
         nll = F.cross_entropy(logits.flatten(0, 1), batch["labels"].to(device).flatten(), reduction="none")
         mask = batch["loss_mask"].to(device).flatten().float()
         total += float((nll * mask).sum())
         count += float(mask.sum())
+        with_words = with_words and "words" in batch
+        words += int(batch.get("words", 0))
         if progress is not None:
             progress(1)
     if count == 0:
         raise ValueError("perplexity: the batches have no tokens with loss_mask > 0")
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    out = {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
+    if with_words and words > 0:
+        out.update(words=words, word_ppl=math.exp(min(total / words, 700.0)))
+    return out
 
 
 @torch.no_grad()
