@@ -7,7 +7,7 @@
         --valid-fraction 0.005          # mydata/{train,valid}.{bin,idx}; no --seq-length (cut when read)
 
 WebDataset rows hold seq_length + 1 tokens; documents are EOS-separated and their bounds are stored for document
-masking. Megatron datasets hold one EOS-terminated sequence per document. Interrupted runs resume when rerun with
+masking. --layout padded puts whole documents in rows and pads the rest (the authors' preprocessing). Megatron datasets hold one EOS-terminated sequence per document. Interrupted runs resume when rerun with
 the same arguments. See docs/data.md.
 """
 
@@ -32,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("webdataset", "megatron"), default="webdataset",
                         help="webdataset: packed tar shards + meta.json (default); megatron: train/valid .bin/.idx "
                              "indexed datasets (megatron.core IndexedDatasetBuilder) for data.format=megatron")
+    parser.add_argument("--layout", choices=("packed", "padded"), default="packed",
+                        help="webdataset rows: packed (documents run on across rows, no padding; default) or padded "
+                             "(whole documents per row, the rest padding excluded from the loss: the authors' "
+                             "preprocessing); docs/data.md")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="training context; rows hold this + 1 tokens (webdataset only, required there)")
     size = parser.add_mutually_exclusive_group()
@@ -53,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.format == "megatron":
+        if args.layout != "packed":
+            parser.error("--layout padded is for --format webdataset; Megatron data is cut into samples by "
+                         "megatron.core when it is read (packed)")
         if args.seq_length is not None or args.rows_per_shard is not None or args.shard_mb != 64.0:
             parser.error("--seq-length, --rows-per-shard and --shard-mb are for --format webdataset; Megatron data is "
                          "cut into samples when it is read (model.seq_length)")
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
             summary = prepare_indexed(args.inputs, args.output, tokenizer, **common)
         else:
             summary = prepare_shards(args.inputs, args.output, tokenizer, args.seq_length,
-                                     rows_per_shard=args.rows_per_shard, shard_mb=args.shard_mb, **common)
+                                     rows_per_shard=args.rows_per_shard, shard_mb=args.shard_mb, layout=args.layout,
+                                     **common)
     except KeyboardInterrupt:
         print(f"prepare_data: interrupted; rerun the same command to resume into {args.output}", file=sys.stderr)
         return 130

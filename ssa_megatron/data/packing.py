@@ -2,7 +2,14 @@
 
 A **row** holds ``seq_length + 1`` tokens (inputs are ``row[:-1]``, labels ``row[1:]``) cut from the stream of
 documents, each followed by the EOS id. Rows do not overlap: every token of the stream is in exactly one row.
-A document cut by a row end continues at the start of the next row (as a new segment at position 0).
+Two layouts (``tools/prepare_data.py --layout``, docs/data.md):
+
+- ``packed`` (:class:`RowPacker`): the stream is cut at every ``seq_length + 1`` tokens, so a document cut by a row
+  end continues at the start of the next row (as a new segment at position 0). No padding.
+- ``padded`` (:class:`PaddedRowPacker`, the authors' preprocessing): whole documents only; a document that does
+  not fit in the rest of the row starts the next row and the rest of the row is padding. A document longer than a
+  row is cut into row-sized pieces, each starting a row. Padding is outside the row's bounds, so it is never a
+  label (``loss_mask`` 0) and is its own segment.
 
 Alongside each row we store its **bounds**: int32 offsets ``[0, start_1, ..., start_k, n_real]`` where the
 ``start_i`` are the offsets of documents beginning inside the row and ``n_real`` is the number of real tokens
@@ -105,6 +112,84 @@ class RowPacker:
         packer._doc_starts = [int(s) for s in state["doc_starts"]]
         packer._length = len(tokens)
         return packer
+
+
+@dataclass
+class PaddedRowPacker(RowPacker):
+    """A :class:`RowPacker` that never cuts a document across rows unless it is longer than a row: the row is
+    padded with ``pad_id`` instead (the ``padded`` layout). Same interface; the padding sits in the pending stream,
+    and ``_real`` maps each padded pending row to its real length."""
+
+    pad_id: int = 0
+    _real: dict[int, int] = field(default_factory=dict)  # pending row index -> real tokens in it
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        if int(doc_lengths.sum()) != len(tokens):
+            raise ValueError(f"doc_lengths sum to {int(doc_lengths.sum())} but {len(tokens)} tokens were given")
+        n = self.row_tokens
+        offset = 0
+        for length in (int(x) for x in doc_lengths):
+            used = self._length % n
+            if used and used + length > n:  # the document does not fit in the open row: pad it, start a new one
+                self._real[self._length // n] = used
+                self._chunks.append(np.full(n - used, self.pad_id, dtype=self.dtype))
+                self._length += n - used
+            self._doc_starts.append(self._length)
+            # A document longer than a row runs on into the next rows, each piece starting at a row start.
+            self._chunks.append(tokens[offset:offset + length].astype(self.dtype, copy=False))
+            self._length += length
+            offset += length
+
+    def take_rows(self, count: int) -> PackedRows:
+        real = [self._real.get(r, self.row_tokens) for r in range(count)]
+        rows = super().take_rows(count)
+        rows.bounds = _row_bounds_from(rows.bounds, real)
+        self._real = {r - count: v for r, v in self._real.items() if r >= count}
+        return rows
+
+    def take_padded_tail(self, pad_id: int) -> PackedRows:
+        count = -(-self._length // self.row_tokens)
+        real = [self._real.get(r, self.row_tokens) for r in range(count)]
+        if count:
+            real[-1] = min(real[-1], self._length - (count - 1) * self.row_tokens)
+        rows = super().take_padded_tail(pad_id)
+        rows.bounds = _row_bounds_from(rows.bounds, real)
+        self._real = {}
+        return rows
+
+    def state(self) -> dict[str, np.ndarray]:
+        rows = np.asarray(sorted(self._real), dtype=np.int64)
+        return {**super().state(), "pad_rows": rows, "pad_real": np.asarray([self._real[r] for r in rows],
+                                                                             dtype=np.int64),
+                "pad_id": np.asarray(self.pad_id, dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, row_tokens: int, dtype: np.dtype, state: dict[str, np.ndarray]) -> "PaddedRowPacker":
+        packer = super().from_state(row_tokens, dtype, state)
+        packer.pad_id = int(state["pad_id"])
+        packer._real = {int(r): int(v) for r, v in zip(state["pad_rows"], state["pad_real"])}
+        return packer
+
+
+def _row_bounds_from(bounds: list[np.ndarray], real_lengths: list[int]) -> list[np.ndarray]:
+    """Bounds whose last entry is the row's real length (document starts at or past it dropped)."""
+    out = []
+    for b, real in zip(bounds, real_lengths):
+        inner = b[1:-1]
+        out.append(np.concatenate([[0], inner[inner < real], [min(real, int(b[-1]))]]).astype(np.int32))
+    return out
+
+
+def make_packer(layout: str, row_tokens: int, dtype: np.dtype, pad_id: int) -> RowPacker:
+    """The packer of ``layout`` ('packed' or 'padded')."""
+    if layout == "packed":
+        return RowPacker(row_tokens, dtype)
+    if layout == "padded":
+        return PaddedRowPacker(row_tokens, dtype, pad_id=pad_id)
+    raise ValueError(f"layout={layout!r}: must be 'packed' or 'padded'")
+
+
+LAYOUTS = ("packed", "padded")
 
 
 def _row_bounds(doc_starts: np.ndarray, count: int, row_tokens: int, real_lengths: list[int]) -> list[np.ndarray]:

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from .documents import DocSplit, EncodingErrors, InputError, WorkUnit, list_input_files, plan_units, read_unit, units_fingerprint
-from .packing import RowPacker, token_dtype
+from .packing import LAYOUTS, PaddedRowPacker, RowPacker, make_packer, token_dtype
 from .shards import SPLITS, META_NAME, ShardInfo, ShardSetMeta, read_meta, shard_name, write_meta, write_shard
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -151,6 +151,7 @@ def prepare_shards(
     max_bytes: Optional[int] = None,
     encoding_errors: EncodingErrors = "strict",
     overwrite: bool = False,
+    layout: str = "packed",
     progress: bool = True,
     log: Callable[[str], None] = print,
     _interrupt_after_units: Optional[int] = None,
@@ -170,6 +171,8 @@ def prepare_shards(
         unit_mb: input MB per work unit (the granularity of parallelism and of resumption).
         max_bytes: read at most about this many input bytes (whole files / ranges, in order).
         overwrite: discard an existing (complete or partial) preparation with other settings.
+        layout: 'packed' (documents run on across rows) or 'padded' (whole documents per row, the rest padding;
+            the authors' layout): :mod:`ssa_megatron.data.packing`.
         _interrupt_after_units: testing hook; raises KeyboardInterrupt after that many units, as Ctrl-C would.
     Returns:
         A :class:`PrepareSummary`; ``log`` also receives its one-line form.
@@ -177,6 +180,8 @@ def prepare_shards(
     started = time.perf_counter()
     if seq_length < 1:
         raise ValueError(f"seq_length={seq_length}: must be >= 1")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: must be one of {', '.join(LAYOUTS)}")
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
     if rows_per_shard is not None and rows_per_shard < 1:
@@ -197,6 +202,8 @@ def prepare_shards(
     settings = dict(seq_length=seq_length, rows_per_shard=rows_per_shard, valid_fraction=valid_fraction,
                     doc_split=doc_split, text_key=text_key, encoding_errors=encoding_errors,
                     tokenizer_hash=tok.hash, eos_id=tok.eos_id, inputs=units_fingerprint(units))
+    if layout != "packed":  # only then: directories prepared before layouts existed keep their fingerprint
+        settings["layout"] = layout
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     created = not output_dir.exists()
@@ -219,15 +226,15 @@ def prepare_shards(
                               "files prepare_data wrote)")
     if overwrite:
         _clear_output(output_dir)
-    progress_state, packers = _load_state(output_dir, fingerprint, row_tokens, dtype, log)
+    progress_state, packers = _load_state(output_dir, fingerprint, row_tokens, dtype, layout, log)
     if progress_state is None:
         progress_state = _Progress()
-        packers = {split: RowPacker(row_tokens, dtype) for split in SPLITS}
+        packers = {split: make_packer(layout, row_tokens, dtype, tok.eos_id) for split in SPLITS}
     _remove_unrecorded_shards(output_dir, progress_state)
     resumed_units = progress_state.next_unit
 
     log(f"prepare_data: {len(files)} files ({total_bytes / 1e6:.1f} MB, {len(units)} units) -> {output_dir}: "
-        f"seq_length {seq_length}, {rows_per_shard} rows/shard, {dtype.name} tokens, tokenizer "
+        f"seq_length {seq_length} ({layout} rows), {rows_per_shard} rows/shard, {dtype.name} tokens, tokenizer "
         f"{tok.path.name} (vocab {tok.vocab_size}, eos {tok.eos_id}), valid {valid_fraction:.1%}, "
         f"workers {workers if workers is not None else os.cpu_count()}"
         + (f"; resuming at unit {resumed_units}/{len(units)}" if resumed_units else ""))
@@ -281,7 +288,7 @@ def prepare_shards(
         tokenizer_hash=tok.hash, shards=progress_state.shards, documents=progress_state.documents,
         tokens=progress_state.tokens,
         extra={"fingerprint": fingerprint, "rows_per_shard": rows_per_shard, "valid_fraction": valid_fraction,
-               "doc_split": doc_split, "input_bytes": total_bytes, "input_files": len(files)},
+               "doc_split": doc_split, "input_bytes": total_bytes, "input_files": len(files), "layout": layout},
     )
     write_meta(output_dir, meta)
     for name in (STATE_NAME, PENDING_NAME):
@@ -387,7 +394,7 @@ def _save_state(output_dir: Path, fingerprint: str, progress_state: _Progress, p
     os.replace(state_tmp, output_dir / STATE_NAME)
 
 
-def _load_state(output_dir: Path, fingerprint: str, row_tokens: int, dtype: np.dtype, log):
+def _load_state(output_dir: Path, fingerprint: str, row_tokens: int, dtype: np.dtype, layout: str, log):
     state_path = output_dir / STATE_NAME
     if not state_path.exists():
         return None, None
@@ -396,8 +403,9 @@ def _load_state(output_dir: Path, fingerprint: str, row_tokens: int, dtype: np.d
         raise FileExistsError(f"output directory {str(output_dir)!r} holds an unfinished preparation with other "
                               "inputs or settings; rerun with those, or pass overwrite=True (--overwrite)")
     with np.load(output_dir / PENDING_NAME) as pending:
-        packers = {split: RowPacker.from_state(row_tokens, dtype, {k: pending[f"{split}.{k}"]
-                                                                   for k in ("tokens", "doc_starts")})
+        kind = PaddedRowPacker if layout == "padded" else RowPacker
+        packers = {split: kind.from_state(row_tokens, dtype, {k.split(".", 1)[1]: pending[k] for k in pending.files
+                                                              if k.startswith(f"{split}.")})
                    for split in SPLITS}
     shards = [ShardInfo(**entry, path=str(output_dir / entry["name"])) for entry in state["shards"]]
     return _Progress(state["next_unit"], state["input_bytes"], shards, state["documents"], state["tokens"]), packers
