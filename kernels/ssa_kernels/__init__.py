@@ -4,7 +4,8 @@ Framework-free (torch + triton). The three entry points have exactly the signatu
 ``ssa_megatron.ssa.reference`` (Megatron layout ``[s, b, h, d]``, strided inputs accepted)::
 
     select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
-                  softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
+                  softmax_scale, selection='exact', normaliser='earlier_blocks')
+        -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
     sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale, starts_on_grid) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
 

@@ -16,6 +16,15 @@ normaliser), then the scoring pass, which keeps the top KP keys in registers in 
   can enter, a few of them inserted one by one, many of them via ``tl.topk`` of the chunk and a bitonic
   max-merge; without it every chunk that beats the list is merged.
 
+Two switches of the reference are constexpr branches, so the default path compiles to the same code:
+
+- ``selection='authors_chunked'`` (``CHUNKED``): the streaming top-k runs twice per tile, over the blocks of the
+  older chunks and over the query's newest chunk, keeps the best ``block_size/2`` of the first and the best
+  ``block_size/2 - 1`` (or all, in the first chunk) of the second, and merges them
+  (``reference.authors_chunk_survivors``);
+- ``normaliser='authors'`` (``NORM_OWN``): pass 1's log-sum-exp also covers the own block when the query is its
+  last token.
+
 ``select_config`` is the launch table production uses; ``prepare_selection`` + ``launch_selection`` let
 kernels/tools time other launch parameters on the same inputs.
 """
@@ -180,6 +189,56 @@ def _filtered_update(buf, thr, unsorted, key, KP: tl.constexpr, BN: tl.constexpr
 
 
 # ----------------------------------------------------------------------------------------------------------
+# One scan over the blocks: the best KP keys per token
+
+
+@triton.jit
+def _scan_top_keys(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_q, hi_q, lo_r, hi_r, r_ok, t_ok, lse2,
+                   scale_log2, inv_g, ovf_ptr,
+                   BQ: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, KP: tl.constexpr,
+                   SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr, FILTER: tl.constexpr,
+                   BUCKET_R: tl.constexpr):
+    """The best KP ranking keys ``[BQ, KP]`` (ascending) of each token among its candidate blocks ``[lo_q, hi_q)``,
+    scanning the chunks ``[j_begin, j_end)``. Empty slots hold distinct sentinels ``_MIN_KEY + column``, below every
+    real key (non-candidates are exactly _MIN_KEY)."""
+    sentinel = tl.arange(0, KP).to(tl.int64) + _MIN_KEY
+    buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
+    thr = tl.min(buf, axis=1)
+    unsorted = tl.full([], 0, dtype=tl.int32)
+    NBK: tl.constexpr = BN // 2
+    if BUCKET_R > 0:
+        lists = tl.full([BQ, NBK, BUCKET_R], _MIN_KEY, dtype=tl.int64)
+    n = tl.arange(0, BN)
+    for j0 in range(j_begin, j_end, BN):
+        key = _chunk_keys(q, kb_base, s_kbn, d, nbc, j0 + n, lo_q, hi_q, lo_r, hi_r, r_ok, lse2, scale_log2, inv_g,
+                          BQ, GP, BN, D, SINK, LOCAL, SCORE)
+        if BUCKET_R > 0:
+            lists = _bucketed_update(lists, key, BQ, NBK, BUCKET_R)
+        elif FILTER:
+            buf, thr, unsorted = _filtered_update(buf, thr, unsorted, key, KP, BN)
+        else:
+            buf, thr = _merged_update(buf, thr, key, KP, BN)
+
+    if BUCKET_R > 0:
+        buf = _bucketed_result(lists, t_ok, ovf_ptr, BQ, NBK, BUCKET_R, KP)
+    elif FILTER:
+        buf = tl.sort(buf, dim=1)
+    return buf
+
+
+@triton.jit
+def _chunk_union(old, new, cap_new, KP: tl.constexpr, HALF: tl.constexpr):
+    """selection='authors_chunked': the best ``min(HALF, KP)`` keys of the older chunks (``old``) and the best
+    ``cap_new`` of the newest chunk (``new``), both ``[BQ, KP]`` ascending, as one ascending ``[BQ, KP]`` list.
+    Keeping fewer than HALF when KP < HALF changes nothing: only the best TOPK - 1 <= KP are stored."""
+    c = tl.arange(0, KP)
+    old = tl.where(c[None, :] >= KP - HALF, old, _MIN_KEY)
+    new = tl.where(c[None, :] >= KP - cap_new[:, None], new, _MIN_KEY)
+    # ascending vs descending: the element-wise max holds the best KP of both as a bitonic sequence
+    return tl.bitonic_merge(tl.maximum(old, tl.sort(new, dim=1, descending=True)), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The kernel
 
 
@@ -207,7 +266,7 @@ def _store_selection(buf, CST, IDX, CNT, b, h, toks, t_ok, own_q, s_cb, s_ib, s_
 
 @triton.jit
 def _select_kernel(
-    Q, KB, CST, LO, HI, OWN, IDX, CNT,
+    Q, KB, CST, LO, HI, OWN, IDX, CNT, NLO, NCAP, HN,
     sq, nbc,
     s_qs, s_qb, s_qh,
     s_kbb, s_kbh, s_kbn,
@@ -219,7 +278,8 @@ def _select_kernel(
     KP: tl.constexpr, BN: tl.constexpr, TOPK: tl.constexpr, KO: tl.constexpr,
     SINK: tl.constexpr, LOCAL: tl.constexpr, SCORE: tl.constexpr,
     FILTER: tl.constexpr, BN1: tl.constexpr, P1_STAGES: tl.constexpr, BUCKET_R: tl.constexpr,
-    FIXUP: tl.constexpr = False,
+    FIXUP: tl.constexpr = False, CHUNKED: tl.constexpr = False, HALF: tl.constexpr = 0,
+    NORM_OWN: tl.constexpr = False,
 ):
     # The last tiles have the most candidates (causal): started first, they keep the tail of the launch short.
     pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -254,32 +314,29 @@ def _select_kernel(
 
     lse2 = tl.zeros([M], dtype=tl.float32)
     if SCORE == 0:
-        lse2 = _group_lse2(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_r, hi_r, scale_log2, M, D, BN1, P1_STAGES)
-
-    # Running top-KP as int64 keys. Empty slots hold distinct sentinels _MIN_KEY + column, below every real key
-    # (non-candidates are exactly _MIN_KEY).
-    sentinel = tl.arange(0, KP).to(tl.int64) + _MIN_KEY
-    buf = tl.zeros([BQ, KP], dtype=tl.int64) + sentinel[None, :]
-    thr = tl.min(buf, axis=1)
-    unsorted = tl.full([], 0, dtype=tl.int32)
-    NBK: tl.constexpr = BN // 2
-    if BUCKET_R > 0:
-        lists = tl.full([BQ, NBK, BUCKET_R], _MIN_KEY, dtype=tl.int64)
-    n = tl.arange(0, BN)
-    for j0 in range(j_begin, j_end, BN):
-        key = _chunk_keys(q, kb_base, s_kbn, d, nbc, j0 + n, lo_q, hi_q, lo_r, hi_r, r_ok, lse2, scale_log2, inv_g,
-                          BQ, GP, BN, D, SINK, LOCAL, SCORE)
-        if BUCKET_R > 0:
-            lists = _bucketed_update(lists, key, BQ, NBK, BUCKET_R)
-        elif FILTER:
-            buf, thr, unsorted = _filtered_update(buf, thr, unsorted, key, KP, BN)
+        if NORM_OWN:  # the authors' normaliser: [lo, hn) is the candidates plus the own block when complete
+            hn_r = tl.load(HN + b * s_lb + r_tok, mask=r_ok, other=0)
+            lse2 = _group_lse2(q, kb_base, s_kbn, d, nbc, j_begin, j_end + 1, lo_r, hn_r, scale_log2, M, D, BN1,
+                               P1_STAGES)
         else:
-            buf, thr = _merged_update(buf, thr, key, KP, BN)
+            lse2 = _group_lse2(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_r, hi_r, scale_log2, M, D, BN1,
+                               P1_STAGES)
 
-    if BUCKET_R > 0:
-        buf = _bucketed_result(lists, t_ok, ovf_ptr, BQ, NBK, BUCKET_R, KP)
-    elif FILTER:
-        buf = tl.sort(buf, dim=1)
+    if CHUNKED:  # two scans: the older chunks [lo, nlo) and the query's newest chunk [nlo, hi)
+        nlo_q = tl.load(NLO + b * s_lb + toks, mask=t_ok, other=0)
+        cap_q = tl.load(NCAP + b * s_lb + toks, mask=t_ok, other=0)
+        old_end = tl.max(tl.where(t_ok, nlo_q, 0), axis=0)
+        new_begin = tl.min(tl.where(t_ok & (hi_q > nlo_q), nlo_q, nbc), axis=0)
+        old = _scan_top_keys(q, kb_base, s_kbn, d, nbc, j_begin, old_end, lo_q, nlo_q, lo_r, hi_r, r_ok, t_ok,
+                             lse2, scale_log2, inv_g, ovf_ptr, BQ, GP, BN, D, KP, SINK, LOCAL, SCORE, FILTER,
+                             BUCKET_R)
+        new = _scan_top_keys(q, kb_base, s_kbn, d, nbc, new_begin, j_end, nlo_q, hi_q, lo_r, hi_r, r_ok, t_ok,
+                             lse2, scale_log2, inv_g, ovf_ptr, BQ, GP, BN, D, KP, SINK, LOCAL, SCORE, FILTER,
+                             BUCKET_R)
+        buf = _chunk_union(old, new, cap_q, KP, HALF)
+    else:
+        buf = _scan_top_keys(q, kb_base, s_kbn, d, nbc, j_begin, j_end, lo_q, hi_q, lo_r, hi_r, r_ok, t_ok, lse2,
+                             scale_log2, inv_g, ovf_ptr, BQ, GP, BN, D, KP, SINK, LOCAL, SCORE, FILTER, BUCKET_R)
     _store_selection(buf, CST, IDX, CNT, b, h, toks, t_ok, own_q, s_cb, s_ib, s_ih, s_is, s_cnb, s_cnh,
                      BQ, KP, TOPK, KO)
 
@@ -332,7 +389,7 @@ def select_tiles(g: int, top_k: int) -> tuple[int, int, int, int]:
     return gp, kp, bn, bq
 
 
-def select_config(g: int, top_k: int) -> dict:
+def select_config(g: int, top_k: int, chunked: bool = False) -> dict:
     """The launch parameters ``select_blocks`` uses for a group of ``g`` query heads and budget ``top_k``.
 
     Keys: ``BQ``, ``BN`` (tiles), ``BUCKET_R`` (bucket size of the bucketed top-k; 0 = streaming only),
@@ -343,10 +400,11 @@ def select_config(g: int, top_k: int) -> dict:
     - the bucketed top-k only for KP 16 and 32 and tiles of at most 16 tokens (G >= 4): larger tiles hold too many
       bucket entries per program; its pass 1 then reads 64-block chunks through a 2-stage pipeline;
     - the threshold filter only at KP 16: at KP 32 almost every chunk takes the merge anyway and the filter costs;
-    - one pipeline stage for the chunk loop: it is bound by the top-k, not by loads.
+    - one pipeline stage for the chunk loop: it is bound by the top-k, not by loads;
+    - ``chunked`` (selection='authors_chunked'): streaming only, since its two scans would share one overflow flag.
     """
     _, kp, bn, bq = select_tiles(g, top_k)
-    bucketed = kp in (16, 32) and bq <= 16
+    bucketed = kp in (16, 32) and bq <= 16 and not chunked
     return {"BQ": bq, "BN": bn, "BUCKET_R": 8 if bucketed else 0, "FILTER": kp <= 16,
             "BN1": max(bn, 64) if bucketed else bn, "P1_STAGES": 2 if bucketed else 1,
             "num_warps": 4, "num_stages": 1}
@@ -363,6 +421,9 @@ class SelectionInputs:
     lo: Tensor  # [b, sq] int32
     hi: Tensor  # [b, sq] int32
     own: Tensor  # [b, sq] int32
+    newest_lo: Tensor | None  # selection='authors_chunked': [b, sq] int32, first pooled block of the newest chunk
+    newest_cap: Tensor | None  # and [b, sq] int32, how many of its earlier blocks it keeps
+    norm_hi: Tensor | None  # normaliser='authors': [b, sq] int32, end of the softmax normaliser's blocks
     hkv: int
     g: int
     top_k: int
@@ -370,11 +431,15 @@ class SelectionInputs:
     local_blocks: int
     score: str
     scale: float
+    block_size: int = 0
+    selection: str = "exact"
+    normaliser: str = "earlier_blocks"
 
 
 def prepare_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, score: str = "group_softmax",
                       sink_blocks: int = 0, local_blocks: int = 0, cu_seqlens: Tensor | None = None,
-                      q_positions: Tensor | None = None, softmax_scale: float | None = None) -> SelectionInputs:
+                      q_positions: Tensor | None = None, softmax_scale: float | None = None,
+                      selection: str = "exact", normaliser: str = "earlier_blocks") -> SelectionInputs:
     """Checks the arguments of ``select_blocks`` and prepares the kernel's inputs."""
     hkv, g = check_qkv(q, k)
     sq, b, hq, d = q.shape
@@ -385,6 +450,7 @@ def prepare_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, score: 
         raise ValueError(f"sink_blocks + local_blocks + 1 = {sink_blocks + local_blocks + 1} exceeds top_k={top_k}")
     if score not in ("group_softmax", "dot"):
         raise ValueError(f"score={score!r}: must be 'group_softmax' or 'dot'")
+    check_switches(selection, normaliser, block_size, top_k, sink_blocks, local_blocks)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     device = q.device
     q = last_dim_contiguous(q)
@@ -403,8 +469,41 @@ def prepare_selection(q: Tensor, k: Tensor, block_size: int, top_k: int, score: 
         cs = cstarts.long().contiguous()
         lo = torch.searchsorted(cs, q_doc.contiguous()).to(torch.int32)
         hi = torch.searchsorted(cs, own.contiguous()).to(torch.int32)
+    newest_lo = newest_cap = norm_hi = None
+    if selection == "authors_chunked":  # chunks of block_size blocks from the document start (reference rule)
+        q_doc = torch.zeros_like(own) if doc_start is None else doc_start[:, q_pos]
+        chunk_blocks = (own - q_doc) // block_size // block_size * block_size
+        newest = q_doc + chunk_blocks * block_size  # start position of the newest chunk's first block
+        if doc_start is None:
+            newest_lo = torch.clamp(newest // block_size, max=nbc)
+        else:
+            newest_lo = torch.searchsorted(cstarts.long().contiguous(), newest.contiguous())
+        newest_lo = newest_lo.to(torch.int32).expand(b, sq).contiguous()
+        newest_cap = torch.where(chunk_blocks == 0, block_size - 1, block_size // 2 - 1)
+        newest_cap = newest_cap.to(torch.int32).expand(b, sq).contiguous()
+    if normaliser == "authors":  # the own block (pooled index hi) joins when the query is its last token
+        norm_hi = (hi + (q_pos + 1 == own + block_size).to(torch.int32)).to(torch.int32).expand(b, sq).contiguous()
     return SelectionInputs(q, kbar, cstarts, lo.contiguous(), hi.contiguous(), own.to(torch.int32).contiguous(),
-                           hkv, g, top_k, sink_blocks, local_blocks, score, scale)
+                           newest_lo, newest_cap, norm_hi, hkv, g, top_k, sink_blocks, local_blocks, score, scale,
+                           block_size, selection, normaliser)
+
+
+def check_switches(selection: str, normaliser: str, block_size: int, top_k: int, sink_blocks: int,
+                   local_blocks: int) -> None:
+    """The reference's one-line errors for the selection rule and the normaliser (``reference.check_selection``;
+    the kernels do not import the package)."""
+    selections, normalisers = ("exact", "authors_chunked"), ("earlier_blocks", "authors")
+    if selection not in selections:
+        raise ValueError(f"selection={selection!r}: must be one of {', '.join(map(repr, selections))}")
+    if normaliser not in normalisers:
+        raise ValueError(f"normaliser={normaliser!r}: must be one of {', '.join(map(repr, normalisers))}")
+    if selection == "authors_chunked":
+        if sink_blocks or local_blocks:
+            raise ValueError(f"selection='authors_chunked' forces no blocks: sink_blocks={sink_blocks} and "
+                             f"local_blocks={local_blocks} must be 0")
+        if top_k > block_size:
+            raise ValueError(f"selection='authors_chunked' keeps at most block_size blocks: top_k={top_k} exceeds "
+                             f"block_size={block_size}")
 
 
 def _launch_select_kernel(sel: SelectionInputs, config: dict, block_idx: Tensor, counts: Tensor, overflow: Tensor,
@@ -418,8 +517,14 @@ def _launch_select_kernel(sel: SelectionInputs, config: dict, block_idx: Tensor,
     bq, num_warps = cfg.pop("BQ"), cfg.pop("num_warps")
     if fixup:
         cfg["BUCKET_R"] = 0
+    chunked = sel.selection == "authors_chunked"
+    if chunked and cfg["BUCKET_R"] > 0:
+        raise ValueError(f"selection='authors_chunked' runs the streaming top-k only: BUCKET_R={cfg['BUCKET_R']} "
+                         "must be 0")
     _select_kernel[(triton.cdiv(sq, bq), b * sel.hkv)](
         q, kbar, cstarts, lo, sel.hi, sel.own, block_idx, counts,
+        sel.newest_lo if chunked else lo, sel.newest_cap if chunked else lo,
+        sel.norm_hi if sel.norm_hi is not None else lo,
         sq, kbar.shape[2],
         q.stride(0), q.stride(1), q.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
@@ -429,7 +534,8 @@ def _launch_select_kernel(sel: SelectionInputs, config: dict, block_idx: Tensor,
         sel.hkv, sel.scale * math.log2(math.e), 1.0 / sel.g, overflow,
         G=sel.g, GP=gp, BQ=bq, D=d, BD=max(16, next_pow2(d)), KP=kp, TOPK=sel.top_k, KO=next_pow2(sel.top_k),
         SINK=sel.sink_blocks, LOCAL=sel.local_blocks, SCORE=0 if sel.score == "group_softmax" else 1,
-        FIXUP=fixup, num_warps=num_warps, **cfg,
+        FIXUP=fixup, CHUNKED=chunked, HALF=sel.block_size // 2 if chunked else 0,
+        NORM_OWN=sel.norm_hi is not None and sel.score == "group_softmax", num_warps=num_warps, **cfg,
     )
 
 
@@ -467,12 +573,15 @@ def select_blocks(
     cu_seqlens: Tensor | None = None,
     q_positions: Tensor | None = None,
     softmax_scale: float | None = None,
+    selection: str = "exact",
+    normaliser: str = "earlier_blocks",
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k block selection per query token and KV head; same contract as the reference.
+    """Top-k block selection per query token and KV head; same contract (and switches ``selection``,
+    ``normaliser``) as the reference.
 
     Returns ``block_idx [b, HKV, sq, top_k]`` int32 (row-relative block starts, ascending, -1 padded) and
     ``counts [b, HKV, sq]`` int32.
     """
     sel = prepare_selection(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
-                            softmax_scale)
-    return launch_selection(sel, select_config(sel.g, top_k))
+                            softmax_scale, selection, normaliser)
+    return launch_selection(sel, select_config(sel.g, top_k, chunked=selection == "authors_chunked"))

@@ -5,7 +5,8 @@ loss. The arithmetic comes from a backend: the Triton kernels (``ssa_kernels``) 
 reference (``ssa_megatron.ssa.reference``) elsewhere. Both expose the same three functions::
 
     select_blocks(q, k, block_size, top_k, score, sink_blocks, local_blocks, cu_seqlens, q_positions,
-                  softmax_scale) -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
+                  softmax_scale, selection='exact', normaliser='earlier_blocks')
+        -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
     sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale, starts_on_grid) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
 """
@@ -193,7 +194,7 @@ def ssa_attention(
             return None, None
         idx, _ = backend.select_blocks(
             q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
-            docs, q_positions, softmax_scale,
+            docs, q_positions, softmax_scale, selection=cfg.selection, normaliser=cfg.normaliser,
         )
         if mode != "sparse" and not compute_both:
             return idx, None
@@ -214,7 +215,8 @@ def ssa_attention(
     ungated = {name: o for name, o in (("full", o_full), ("sparse", o_sparse)) if o is not None}
 
     stats = SSAStats(mode=mode)
-    if compute_both and _fused_gate_loss(backend, ungated["full"]):
+    # The fused kernel computes both alignment terms; the one-term ablations (ssa.alignment) take the reference.
+    if compute_both and cfg.alignment == "bidirectional" and _fused_gate_loss(backend, ungated["full"]):
         # One kernel: both gates + the alignment loss (same semantics as apply_gate + alignment_loss).
         out, loss, term = backend.gate_and_align(ungated["full"], ungated["sparse"], gate, cfg.smooth_l1_beta,
                                                  mode)
@@ -224,7 +226,7 @@ def ssa_attention(
         out = outputs[mode]
         if compute_both:
             loss, stats.sparsity_loss, stats.commitment_loss = reference.alignment_loss(
-                outputs["full"], outputs["sparse"], cfg.smooth_l1_beta
+                outputs["full"], outputs["sparse"], cfg.smooth_l1_beta, cfg.alignment
             )
         else:
             loss = q.new_zeros((), dtype=torch.float32)

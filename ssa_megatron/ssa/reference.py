@@ -145,19 +145,25 @@ def _document_ends(doc_start: Tensor) -> Tensor:
     return ends
 
 
+SELECTIONS = ("exact", "authors_chunked")
+NORMALISERS = ("earlier_blocks", "authors")
+
+
 def block_scores(
     q: Tensor,
     k_bar: Tensor,
     candidates: Tensor,
     score: str,
     softmax_scale: float,
+    normalised_over: Tensor | None = None,
 ) -> Tensor:
     """Scores of candidate blocks, one ranking per KV head: ``[b, HKV, sq, skv]`` in ``scoring_dtype`` (-inf off
     the candidates).
 
     ``candidates [b, sq, skv]`` marks, for each query, the starts of complete same-document blocks strictly
     before its own block. ``group_softmax`` sums each group head's softmax over those blocks (the authors'
-    code); ``dot`` averages the group's raw dot products (MoBA).
+    code); ``dot`` averages the group's raw dot products (MoBA). ``normalised_over [b, sq, skv]`` (default: the
+    candidates) is the set of blocks each head's softmax is normalised over; it must contain the candidates.
     """
     sq, b, hq, d = q.shape
     hkv = k_bar.shape[1]
@@ -167,13 +173,64 @@ def block_scores(
     logits = torch.einsum("bngtd,bnpd->bngtp", qg, k_bar.to(acc))  # [b, HKV, G, sq, skv]
     cand = candidates[:, None, None]
     if score == "group_softmax":
-        probs = torch.softmax((softmax_scale * logits).masked_fill(~cand, -math.inf), dim=-1)
+        norm = cand if normalised_over is None else normalised_over[:, None, None]
+        probs = torch.softmax((softmax_scale * logits).masked_fill(~norm, -math.inf), dim=-1)
         scores = torch.where(cand, probs, torch.zeros_like(probs)).sum(dim=2)
     elif score == "dot":
         scores = logits.mean(dim=2)
     else:
         raise ValueError(f"score={score!r}: must be 'group_softmax' or 'dot'")
     return scores.masked_fill(~candidates[:, None], -math.inf)
+
+
+def check_selection(selection: str, normaliser: str, block_size: int, top_k: int, sink_blocks: int,
+                    local_blocks: int) -> None:
+    """One-line errors for the selection rule and the normaliser (docs/ssa.md, "Deviations ... and switches")."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: must be one of {', '.join(map(repr, SELECTIONS))}")
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"normaliser={normaliser!r}: must be one of {', '.join(map(repr, NORMALISERS))}")
+    if selection == "authors_chunked":
+        if sink_blocks or local_blocks:
+            raise ValueError(f"selection='authors_chunked' forces no blocks: sink_blocks={sink_blocks} and "
+                             f"local_blocks={local_blocks} must be 0")
+        if top_k > block_size:
+            raise ValueError(f"selection='authors_chunked' keeps at most block_size blocks: top_k={top_k} exceeds "
+                             f"block_size={block_size}")
+
+
+def best_in_region(scores: Tensor, region: Tensor, cap: Tensor) -> Tensor:
+    """The ``cap`` best-scoring members of ``region`` (ties to the later block), as a mask like ``scores``.
+
+    ``scores, region [..., skv]``; ``cap`` broadcasts against ``scores[..., :1]``.
+    """
+    skv = scores.shape[-1]
+    masked = torch.flip(scores.masked_fill(~region, -math.inf), dims=[-1])  # later positions first on ties
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(skv, device=scores.device).expand_as(order))
+    return region & (torch.flip(rank, dims=[-1]) < cap)
+
+
+def authors_chunk_survivors(scores: Tensor, candidates: Tensor, q_doc: Tensor, own: Tensor,
+                            block_size: int) -> Tensor:
+    """The candidate blocks that the authors' chunked top-k can still pick, ``[b, HKV, sq, skv]``.
+
+    The authors' kernel (fla-org native-sparse-attention's ``parallel_nsa_kernel_topk``, copied as
+    ``hf_files/parallel.py`` in zhenyi4/ssa) walks a query's blocks in chunks of ``C = block_size`` blocks (its
+    ``BC = BS``) and keeps a sorted list of C entries: the whole first chunk, then at every later chunk the best
+    C/2 of the list so far and the best C/2 of the new chunk. The own block, scored highest, sits in the last
+    chunk. So a query whose own block is in chunk 0 keeps every earlier block as a candidate (C - 1 at most); any
+    other keeps the best C/2 blocks of the older chunks and the best C/2 - 1 earlier blocks of its own chunk.
+    Block numbers and chunks count from the query's document start.
+    """
+    c = block_size  # blocks per chunk: the kernel couples the chunk to the block size (BC = BS)
+    p = torch.arange(scores.shape[-1], device=scores.device)
+    block_no = (p[None, None, :] - q_doc[:, :, None]).div(block_size, rounding_mode="floor")  # [b, sq, skv]
+    newest = (own - q_doc) // block_size // c * c  # [b, sq]: first block number of the query's chunk
+    older = candidates & (block_no < newest[:, :, None])
+    in_newest = candidates & (block_no >= newest[:, :, None])
+    newest_cap = torch.where(newest == 0, c - 1, c // 2 - 1)[:, None, :, None]
+    return best_in_region(scores, older[:, None], c // 2) | best_in_region(scores, in_newest[:, None], newest_cap)
 
 
 @torch.no_grad()
@@ -188,12 +245,17 @@ def select_blocks(
     cu_seqlens: Tensor | None = None,
     q_positions: Tensor | None = None,
     softmax_scale: float | None = None,
+    selection: str = "exact",
+    normaliser: str = "earlier_blocks",
 ) -> tuple[Tensor, Tensor]:
-    """Exact top-k block selection per query token and KV head (no gradient).
+    """Top-k block selection per query token and KV head (no gradient).
 
     The query's own block is always kept; ``sink_blocks`` first and ``local_blocks`` preceding blocks of its
     document are kept when they exist; all of them count toward ``top_k``. The remaining slots go to the
-    best-scoring complete earlier blocks; ties go to the later block.
+    best-scoring complete earlier blocks; ties go to the later block. ``selection='authors_chunked'`` first narrows
+    the earlier blocks to those the authors' chunked top-k keeps (:func:`authors_chunk_survivors`).
+    ``normaliser='authors'`` adds the own block to group_softmax's per-head normaliser when the query is its last
+    token (all its keys visible), as the authors' kernel normalises over the complete blocks up to the query.
 
     Returns ``block_idx [b, HKV, sq, top_k]`` int32 (block start positions, ascending, -1 padded) and
     ``counts [b, HKV, sq]`` int32.
@@ -206,6 +268,7 @@ def select_blocks(
         raise ValueError(f"top_k={top_k}: must be at least 1 block")
     if sink_blocks + local_blocks + 1 > top_k:
         raise ValueError(f"sink_blocks + local_blocks + 1 = {sink_blocks + local_blocks + 1} exceeds top_k={top_k}")
+    check_selection(selection, normaliser, block_size, top_k, sink_blocks, local_blocks)
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     device = q.device
     q_pos = default_q_positions(q_positions, sq, skv, device)
@@ -218,8 +281,17 @@ def select_blocks(
     same_doc = doc_start[:, None, :] == q_doc[:, :, None]  # [b, sq, skv]
     earlier = p[None, None, :] < own[:, :, None]
     candidates = is_start[:, None, :] & same_doc & earlier
+    normalised_over = candidates
+    if normaliser == "authors":  # + the own block when the query is its last token (then it is complete)
+        own_complete = (q_pos[None, :] + 1 == own + block_size)[:, :, None] & (p[None, None, :] == own[:, :, None])
+        normalised_over = candidates | own_complete
 
-    scores = block_scores(q, k_bar, candidates, score, scale)  # [b, HKV, sq, skv]
+    scores = block_scores(q, k_bar, candidates, score, scale, normalised_over)  # [b, HKV, sq, skv]
+    if selection == "authors_chunked":
+        survivors = authors_chunk_survivors(scores, candidates, q_doc, own, block_size)
+        scores = scores.masked_fill(~survivors, -math.inf)
+    else:
+        survivors = candidates[:, None]
     forced = (p[None, None, :] < q_doc[:, :, None] + sink_blocks * block_size) | (
         p[None, None, :] >= own[:, :, None] - local_blocks * block_size
     )
@@ -227,14 +299,14 @@ def select_blocks(
     # The own block: +inf, and it is a candidate of its own (it may be incomplete).
     is_own = p[None, None, :] == own[:, :, None]
     scores = torch.where(is_own[:, None], torch.full_like(scores, math.inf), scores)
-    selectable = candidates | is_own
+    selectable = survivors | is_own[:, None]
 
     # Exact top-k with ties to the later block: stable-sort by descending score over positions in descending
     # order, so equal scores keep the later position first.
     rev_scores = torch.flip(scores, dims=[-1])
     order = torch.sort(rev_scores, dim=-1, descending=True, stable=True).indices[..., :top_k]
     chosen = skv - 1 - order  # back to positions
-    valid = torch.gather(torch.flip(selectable, dims=[-1])[:, None].expand_as(scores), -1, order)
+    valid = torch.gather(torch.flip(selectable, dims=[-1]).expand_as(scores), -1, order)
     chosen = torch.where(valid, chosen, torch.full_like(chosen, skv))  # invalid sorts last
     chosen = torch.sort(chosen, dim=-1).values
     if chosen.shape[-1] < top_k:  # fewer keys than the budget
@@ -345,18 +417,27 @@ def apply_gate(out: Tensor, gate_logits: Tensor | None) -> Tensor:
     return out * torch.sigmoid(gate_logits).unsqueeze(-1).to(out.dtype)
 
 
-def alignment_loss(o_full: Tensor, o_sparse: Tensor, beta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Bidirectional SmoothL1 alignment of the gated per-head outputs (mean over elements).
+ALIGNMENTS = ("bidirectional", "sparsity_only", "commitment_only")
+
+
+def alignment_loss(o_full: Tensor, o_sparse: Tensor, beta: float = 1.0, terms: str = "bidirectional"
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """SmoothL1 alignment of the gated per-head outputs (mean over elements), both directions by default.
 
     Returns ``(total, sparsity_term, commitment_term)``: the sparsity term moves only the full branch toward
     the (stopped) sparse output, the commitment term moves only the sparse branch toward the (stopped) full one.
+    ``terms`` (``ssa.alignment``) picks what ``total`` holds: both (``bidirectional``), or one of them, the paper's
+    one-direction ablations (``sparsity_only``, ``commitment_only``); both terms are returned for logging either way.
     """
+    if terms not in ALIGNMENTS:
+        raise ValueError(f"terms={terms!r}: must be one of {', '.join(map(repr, ALIGNMENTS))}")
     # At least float32: bf16 means over millions of elements lose the small differences that matter here.
     dtype = torch.promote_types(o_full.dtype, torch.float32)
     o_full, o_sparse = o_full.to(dtype), o_sparse.to(dtype)
     sparsity = F.smooth_l1_loss(o_full, o_sparse.detach(), beta=beta)
     commitment = F.smooth_l1_loss(o_full.detach(), o_sparse, beta=beta)
-    return sparsity + commitment, sparsity.detach(), commitment.detach()
+    total = {"bidirectional": sparsity + commitment, "sparsity_only": sparsity, "commitment_only": commitment}[terms]
+    return total, sparsity.detach(), commitment.detach()
 
 
 # --------------------------------------------------------------------------------------------------------------
