@@ -135,8 +135,9 @@ class SSAConfig:
             )
         if self.selection == "authors_chunked":
             if self.sink_blocks or self.local_blocks:
-                raise ValueError(f"{prefix}.selection='authors_chunked' forces no blocks (the authors' kernel has none): "
-                                 f"sink_blocks={self.sink_blocks} and local_blocks={self.local_blocks} must be 0")
+                raise ValueError(f"{prefix}.selection='authors_chunked' forces no blocks (the authors' kernel has "
+                                 f"none): sink_blocks={self.sink_blocks} and local_blocks={self.local_blocks} "
+                                 "must be 0")
             for top_k, block_size in ((self.top_k, self.block_size), (self.for_inference().top_k,
                                                                       self.for_inference().block_size)):
                 if top_k > block_size:

@@ -116,7 +116,8 @@ class SSACoreAttention(MegatronModule):
         self.num_layers = config.num_layers
         self.softmax_scale = softmax_scale
         self.per_token_loss = bool(getattr(config, "calculate_per_token_loss", False))
-        self.mode = LayerMode(ssa.p_full, ssa.inference_mode)
+        self.mode = LayerMode(ssa.p_full, ssa.inference_mode,
+                              layer=layer_number if ssa.mode_sampling == "per_layer" else None)
         self.microbatch = 0
         """Index of the micro-batch in the current iteration; set by ``SSATransformerLayer`` before each forward."""
         self.model_chunk = 0

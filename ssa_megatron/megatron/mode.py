@@ -13,6 +13,10 @@ Activation recompute reruns the forward of micro-batch i during its backward, wh
 already points at a later micro-batch (1F1B). Each layer therefore remembers the mode of each checkpointed
 forward and replays it on recompute (:class:`RecomputeModes`), instead of sampling again. :class:`LayerMode`
 puts these rules together for one layer.
+
+``ssa.mode_sampling: per_layer`` (the paper's "Random each layer" ablation) adds the global layer number to the
+triple, so every layer draws its own mode; still the same on every rank and replayed under recompute. The tracker's
+micro-batch mode counts and ``last_mode`` (the LM loss's full/sparse split) then report the last layer's mode.
 """
 
 from __future__ import annotations
@@ -33,17 +37,21 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def mode_uniform(seed: int, iteration: int, microbatch: int) -> float:
-    """A uniform number in [0, 1) determined by the triple (no torch RNG: rank- and recompute-independent)."""
+def mode_uniform(seed: int, iteration: int, microbatch: int, layer: int | None = None) -> float:
+    """A uniform number in [0, 1) determined by the triple, or with ``layer`` the quadruple (no torch RNG: rank- and
+    recompute-independent)."""
     h = _splitmix64(seed & _MASK64)
     h = _splitmix64(h ^ (iteration & _MASK64))
     h = _splitmix64(h ^ (microbatch & _MASK64))
+    if layer is not None:
+        h = _splitmix64(h ^ (layer & _MASK64))
     return (h >> 11) / float(1 << 53)
 
 
-def sample_mode(seed: int, iteration: int, microbatch: int, p_full: float) -> str:
-    """'full' with probability ``p_full``, else 'sparse'; ``p_full`` 1 and 0 give a fixed mode."""
-    return "full" if mode_uniform(seed, iteration, microbatch) < p_full else "sparse"
+def sample_mode(seed: int, iteration: int, microbatch: int, p_full: float, layer: int | None = None) -> str:
+    """'full' with probability ``p_full``, else 'sparse'; ``p_full`` 1 and 0 give a fixed mode. ``layer``: a draw of
+    its own for that layer (``ssa.mode_sampling: per_layer``)."""
+    return "full" if mode_uniform(seed, iteration, microbatch, layer) < p_full else "sparse"
 
 
 @dataclass
@@ -67,9 +75,9 @@ class ModeSampler:
         self.iteration = int(iteration)
         self.modes_this_iteration = {}
 
-    def mode_for(self, microbatch: int, p_full: float) -> str:
-        """The mode micro-batch ``microbatch`` of the current iteration trains on."""
-        return sample_mode(self.seed, self.iteration, microbatch, p_full)
+    def mode_for(self, microbatch: int, p_full: float, layer: int | None = None) -> str:
+        """The mode micro-batch ``microbatch`` of the current iteration trains on (in ``layer`` alone, when given)."""
+        return sample_mode(self.seed, self.iteration, microbatch, p_full, layer)
 
 
 MODE_SAMPLER = ModeSampler()
@@ -136,12 +144,15 @@ class RecomputeModes:
 
 class LayerMode:
     """The mode of one SSA layer's forwards, in order of precedence: a forced mode (:func:`force_mode`), the
-    inference mode when not training, the replayed mode under recompute, else the sampled one."""
+    inference mode when not training, the replayed mode under recompute, else the sampled one. ``layer`` (the global
+    layer number, with ``ssa.mode_sampling: per_layer``) makes the sampled mode this layer's own draw."""
 
-    def __init__(self, p_full: float, inference_mode: str, sampler: ModeSampler = MODE_SAMPLER) -> None:
+    def __init__(self, p_full: float, inference_mode: str, sampler: ModeSampler = MODE_SAMPLER,
+                 layer: int | None = None) -> None:
         self.p_full = p_full
         self.inference_mode = inference_mode
         self.sampler = sampler
+        self.layer = layer
         self._recompute_modes = RecomputeModes()
 
     def choose(self, training: bool, microbatch: int) -> str:
@@ -152,7 +163,7 @@ class LayerMode:
             return self.inference_mode
         if is_recomputing():
             return self._recompute_modes.pop()
-        mode = self.sampler.mode_for(microbatch, self.p_full)
+        mode = self.sampler.mode_for(microbatch, self.p_full, self.layer)
         if in_checkpointed_forward():
             self._recompute_modes.push(mode, self.sampler.iteration)
         return mode

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
 
 from ssa_megatron.config import RecipeConfig, RopeScalingConfig
 from ssa_megatron.megatron.attention import check_tp_heads
@@ -67,6 +68,8 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
+        # model.scaled_output_init false: linear_proj and linear_fc2 at init_std too (Megatron: / sqrt(2L))
+        **({} if m.scaled_output_init else {"output_layer_init_method": init_method_normal(m.init_std)}),
         bias_activation_fusion=fused,  # SwiGLU in one kernel (bias_swiglu_impl)
         cross_entropy_loss_fusion=fused,
         cross_entropy_fusion_impl="native",
