@@ -195,6 +195,37 @@ class RopeScalingConfig:
 
 
 @dataclass
+class NSAConfig:
+    """The NSA baseline's attention (``model.attention: nsa``, recipes/nsa.yaml): fla-core's native sparse
+    attention (compressed blocks, selected blocks, sliding window), each branch gated per head (docs/ssa.md).
+
+    fla-core 0.6.0's selection kernel needs ``block_size >= 2 * block_counts`` (block_counts rounded up to a power of
+    two), so the authors' 16 blocks of 16 tokens cannot run on it; the default keeps their 256 selected tokens as 8
+    blocks of 32."""
+
+    block_size: int = 32
+    """Tokens per compressed / selected block (a power of two >= 16)."""
+    block_counts: int = 8
+    """Blocks each query selects (the first, its own and the previous block among them)."""
+    window_size: int = 128
+    """Sliding-window branch: the query and the window_size - 1 tokens before it (0: no window branch)."""
+
+    def validate(self, prefix: str = "nsa") -> None:
+        _reject_non_finite(self, prefix)
+        if not _is_power_of_two(self.block_size) or self.block_size < 16:
+            raise ValueError(f"{prefix}.block_size={self.block_size!r}: must be a power of two >= 16")
+        if self.block_counts < 1:
+            raise ValueError(f"{prefix}.block_counts={self.block_counts!r}: must be >= 1")
+        rounded = 1 << (self.block_counts - 1).bit_length()
+        if self.block_size < 2 * rounded:
+            raise ValueError(f"{prefix}.block_size={self.block_size} < 2 x {prefix}.block_counts={self.block_counts} "
+                             f"(rounded up to {rounded}): fla-core's NSA selection kernel needs block_size >= 2 x "
+                             "block_counts; raise block_size or lower block_counts")
+        if self.window_size < 0:
+            raise ValueError(f"{prefix}.window_size={self.window_size!r}: must be >= 0 (0: no sliding window)")
+
+
+@dataclass
 class ModelConfig:
     """Llama-style decoder shape."""
 
@@ -217,6 +248,9 @@ class ModelConfig:
     """Megatron's default: the output projections of attention (linear_proj) and MLP (linear_fc2) start with
     std init_std / sqrt(2 * num_layers); false: init_std like every other weight (the authors' HF init). The LM head,
     embeddings and the gate use init_std either way."""
+    attention: Literal["ssa", "nsa"] = "ssa"
+    """The core attention: SSA (the ssa section) or the NSA baseline (the nsa section; fla-core, the 'nsa' extra,
+    CUDA only)."""
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     """Modules around the SSA core attention: megatron-core's own (any install, CPU too) or Transformer Engine's
     fused norm+linear layers (CUDA, the 'te' extra). The core attention is SSA's either way."""
@@ -480,6 +514,7 @@ class RecipeConfig:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
     ssa: SSAConfig = field(default_factory=SSAConfig)
+    nsa: NSAConfig = field(default_factory=NSAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -497,11 +532,29 @@ class RecipeConfig:
                 f"2 * parallel.context_parallel * ssa.block_size = "
                 f"{2 * self.parallel.context_parallel * self.ssa.block_size}"
             )
+        if self.model.attention == "nsa":
+            self._check_nsa()
         if self.model.num_query_groups % self.parallel.tensor_parallel:
             raise ValueError(
                 f"parallel.tensor_parallel={self.parallel.tensor_parallel} must divide "
                 f"model.num_query_groups={self.model.num_query_groups} (selection is per KV head and rank-local)"
             )
+
+
+    def _check_nsa(self) -> None:
+        """What fla-core's NSA kernels accept, each in one line naming the keys."""
+        m = self.model
+        group = m.num_attention_heads // m.num_query_groups
+        if group < 16 or not _is_power_of_two(group):
+            raise ValueError(f"model.attention=nsa: fla-core's NSA kernels need num_attention_heads / num_query_groups "
+                             f"to be a power of two >= 16 (query heads per KV head, a kernel tile); got "
+                             f"{m.num_attention_heads} / {m.num_query_groups} = {group}")
+        if m.head_dim > 256:
+            raise ValueError(f"model.attention=nsa: head_dim={m.head_dim} (hidden_size / num_attention_heads); fla-core's "
+                             "NSA kernels take at most 256")
+        if self.parallel.context_parallel > 1:
+            raise ValueError(f"model.attention=nsa: parallel.context_parallel={self.parallel.context_parallel}; the NSA "
+                             "baseline runs without context parallelism")
 
 
 # --------------------------------------------------------------------------------------------------------------
