@@ -27,6 +27,8 @@ if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote
 
 MODES = ("full", "sparse")
 SCORES = ("group_softmax", "dot")
+SELECTIONS = ("exact", "authors_chunked")
+NORMALISERS = ("earlier_blocks", "authors")
 GATES = ("per_head", "none")
 BACKENDS = ("auto", "reference", "triton")
 
@@ -43,6 +45,11 @@ class SSALlamaConfig(LlamaConfig):
     """Blocks each query attends to in sparse mode, its own block included (receptive field top_k·block_size)."""
     ssa_score: str = "group_softmax"
     """Block score: 'group_softmax' or 'dot'."""
+    ssa_selection: str = "exact"
+    """'exact' top-k or 'authors_chunked' (the authors' chunked top-k; docs/ssa.md, deviations)."""
+    ssa_normaliser: str = "earlier_blocks"
+    """group_softmax's normaliser: 'earlier_blocks' or 'authors' (also the own block when the query is its last
+    token)."""
     ssa_sink_blocks: int = 0
     ssa_local_blocks: int = 0
     ssa_gate: str = "per_head"
@@ -59,7 +66,8 @@ class SSALlamaConfig(LlamaConfig):
     def validate_architecture(self):
         super().validate_architecture()
         for name, allowed in (("ssa_mode", MODES), ("ssa_score", SCORES), ("ssa_gate", GATES),
-                              ("ssa_backend", BACKENDS)):
+                              ("ssa_backend", BACKENDS), ("ssa_selection", SELECTIONS),
+                              ("ssa_normaliser", NORMALISERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SSALlamaConfig.{name}={getattr(self, name)!r}: must be one of "
                                  f"{', '.join(map(repr, allowed))}")
@@ -73,7 +81,8 @@ class SSALlamaConfig(LlamaConfig):
         """The :class:`SSAConfig` that ``ssa_attention`` runs with (inference only: no alignment loss). Package
         only."""
         return SSAConfig(
-            block_size=self.ssa_block_size, top_k=self.ssa_top_k, score=self.ssa_score, sink_blocks=self.ssa_sink_blocks,
+            block_size=self.ssa_block_size, top_k=self.ssa_top_k, score=self.ssa_score, selection=self.ssa_selection,
+            normaliser=self.ssa_normaliser, sink_blocks=self.ssa_sink_blocks,
             local_blocks=self.ssa_local_blocks, p_full=1.0 if self.ssa_mode == "full" else 0.0, alpha=0.0,
             gate=self.ssa_gate, document_mask=self.ssa_document_mask, inference_mode=self.ssa_mode,
             backend=self.ssa_backend,
@@ -113,7 +122,8 @@ def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
         tie_word_embeddings=m.tie_embeddings,
         rope_parameters=rope_parameters_from_recipe(m),
         attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
-        ssa_block_size=ssa.block_size, ssa_top_k=ssa.top_k, ssa_score=ssa.score, ssa_sink_blocks=ssa.sink_blocks,
+        ssa_block_size=ssa.block_size, ssa_top_k=ssa.top_k, ssa_score=ssa.score, ssa_selection=ssa.selection,
+        ssa_normaliser=ssa.normaliser, ssa_sink_blocks=ssa.sink_blocks,
         ssa_local_blocks=ssa.local_blocks, ssa_gate=ssa.gate, ssa_mode=ssa.inference_mode,
         ssa_document_mask=ssa.document_mask, megatron_recipe=to_dict(recipe),
         architectures=["SSALlamaForCausalLM"],

@@ -340,7 +340,8 @@ def recipe_for_hf_config(config: SSALlamaConfig, base: RecipeConfig | None = Non
     if base is None:
         recipe = RecipeConfig(name="from_hf", model=ModelConfig(seq_length=config.max_position_embeddings, **shape),
                               ssa=SSAConfig(block_size=config.ssa_block_size, top_k=config.ssa_top_k,
-                                            score=config.ssa_score, sink_blocks=config.ssa_sink_blocks,
+                                            score=config.ssa_score, selection=config.ssa_selection,
+                                            normaliser=config.ssa_normaliser, sink_blocks=config.ssa_sink_blocks,
                                             local_blocks=config.ssa_local_blocks, gate=config.ssa_gate,
                                             document_mask=config.ssa_document_mask, inference_mode=config.ssa_mode))
     else:

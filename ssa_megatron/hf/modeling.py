@@ -50,7 +50,8 @@ def _exported_attention(q, k, v, gate, config: SSALlamaConfig, cu_seqlens, softm
         out, _ = full_attention(q, k, v, docs, None, softmax_scale)
     else:
         idx, _ = select_blocks(q, k, config.ssa_block_size, config.ssa_top_k, config.ssa_score,
-                               config.ssa_sink_blocks, config.ssa_local_blocks, docs, None, softmax_scale)
+                               config.ssa_sink_blocks, config.ssa_local_blocks, docs, None, softmax_scale,
+                               selection=config.ssa_selection, normaliser=config.ssa_normaliser)
         out, _ = sparse_attention(q, k, v, idx, config.ssa_block_size, None, softmax_scale,
                                   starts_on_grid=docs is None)
     return apply_gate(out, gate)
