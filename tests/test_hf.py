@@ -151,6 +151,11 @@ def test_budget_sweep_covering_budget_equals_full(megatron_ckpts, tmp_path):
     assert by_k[4]["ppl"] == pytest.approx(full["ppl"], rel=1e-6)
     assert by_k[1]["ppl"] != pytest.approx(full["ppl"], rel=1e-4)
     assert by_k[4]["sparsity"] == pytest.approx(1.0, abs=1e-6) and by_k[1]["sparsity"] < 1.0
+    # The full row holds the statistics of full inference (against the model's own budget, top_k 2), per layer.
+    # A covering budget runs the same forward as full inference, so the full distribution's entropy is the same.
+    assert len(full["layers"]) == model.config.num_hidden_layers and 0 < full["sparsity"] < 1.0
+    assert full["entropy_bits"] == pytest.approx(by_k[4]["entropy_bits"], rel=1e-5)
+    assert full["sparsity"] != pytest.approx(by_k[2]["sparsity"], rel=1e-9)  # same budget, another forward
     assert model.config.ssa_mode == "sparse" and model.config.ssa_top_k == 2  # restored
     csv_path, json_path = write_table(rows, tmp_path)
     assert csv_path.read_text().startswith("mode,block_size,top_k,receptive_field,loss,ppl")
@@ -195,7 +200,9 @@ def test_cli_sweep_and_eval_on_text(hf_dirs, tmp_path, capsys):
     assert table[2]["ppl"] == pytest.approx(table[0]["ppl"], rel=1e-6)
     out = run("eval_ppl", common + ["--stats", "--out", str(tmp_path / "ppl.json")])
     result = json.loads((tmp_path / "ppl.json").read_text())
-    assert set(result) >= {"full", "sparse", "attention_statistics"} and len(result["attention_statistics"]) == 2
+    assert set(result) >= {"full", "sparse", "attention_statistics"}
+    assert set(result["attention_statistics"]) == {"full", "sparse"}
+    assert all(len(layers) == 2 for layers in result["attention_statistics"].values())
     assert "results: " in out
 
 

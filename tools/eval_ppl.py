@@ -5,7 +5,8 @@
     python tools/eval_ppl.py --model runs/tiny --data builtin:stdlib --mode sparse --top-k 4 --stats
 
 --model is an HF folder (tools/convert_to_hf.py) or a Megatron run/checkpoint directory (converted in memory).
-Prints one line per mode (and per-layer attention statistics with --stats); --out writes the results as JSON.
+Prints one line per mode (and, with --stats, per-layer attention statistics of each mode's forward against
+the sparse budget's selection); --out writes the results as JSON.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     print(f"eval_ppl: {args.model} on {args.data}: {rows} rows x {seq} tokens, modes {', '.join(modes)}, "
           f"sparse budget top_k={top_k} x block_size={block_size} (receptive field {top_k * block_size}), "
           f"device {args.device}", flush=True)
-    steps = len(batches) * (len(modes) + (1 if args.stats else 0))
+    steps = len(batches) * len(modes) * (2 if args.stats else 1)
     results = {"model": str(args.model), "data": args.data, "seq_length": int(seq), "rows": int(rows)}
     with tqdm(total=steps, desc="eval", unit="batch") as bar:
         for mode in modes:
@@ -55,14 +56,15 @@ def main(argv=None) -> int:
             results[mode] = perplexity(model, batches, bar.update)
             if mode == "sparse":
                 results[mode].update(top_k=top_k, block_size=block_size, receptive_field=top_k * block_size)
-        if args.stats:
-            model.set_attention_mode("sparse", top_k=top_k, block_size=block_size)
-            results["attention_statistics"] = attention_statistics(model, batches, bar.update)
+            if args.stats:  # the statistics of this mode's forward, against the selection of the sparse budget
+                results.setdefault("attention_statistics", {})[mode] = attention_statistics(model, batches, bar.update)
     for mode in modes:
         r = results[mode]
         print(f"{mode:>6}: ppl {r['ppl']:.4f}  loss {r['loss']:.4f} nats/token  ({r['tokens']} tokens)")
-    for layer in results.get("attention_statistics", []):
-        print(f"layer {layer['layer']:>3}: " + "  ".join(f"{k} {v:.4f}" for k, v in layer.items() if k != "layer"))
+    for mode, layers in results.get("attention_statistics", {}).items():
+        for layer in layers:
+            print(f"{mode:>6} layer {layer['layer']:>3}: "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in layer.items() if k != "layer"))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

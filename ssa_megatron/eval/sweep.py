@@ -17,8 +17,10 @@ def budget_sweep(model, batches: list[dict], top_ks: list[int], block_sizes: lis
                  stats: bool = False, progress=None) -> list[dict]:
     """Rows of :data:`COLUMNS`: one for full attention, then one per (block_size, top_k) in sparse mode.
 
-    The model's attention mode is restored afterwards. With ``stats`` the sparse rows also hold the attention
-    statistics (mean over layers) of that budget, and the full row those of the model's own budget.
+    The model's attention mode is restored afterwards. With ``stats`` every row also holds the attention
+    statistics (:data:`METRICS`, mean over layers, and ``layers``: the per-layer values) of the forward that row
+    ran: the sparse rows against the selection of their budget, the full row (full inference) against the
+    selection of the model's own budget.
     """
     if not top_ks:
         raise ValueError("budget_sweep: top_ks is empty; give at least one budget (blocks per query)")
@@ -28,22 +30,21 @@ def budget_sweep(model, batches: list[dict], top_ks: list[int], block_sizes: lis
     seq_length = int(batches[0]["tokens"].shape[1])
 
     def stats_row() -> dict:
+        if not stats:
+            return {}
         per_layer = attention_statistics(model, batches, progress)
-        return {k: sum(layer[k] for layer in per_layer) / len(per_layer) for k in METRICS}
+        return {**{k: sum(layer[k] for layer in per_layer) / len(per_layer) for k in METRICS}, "layers": per_layer}
 
     rows = []
     try:
         model.set_attention_mode("full")
         rows.append({"mode": "full", "block_size": None, "top_k": None, "receptive_field": seq_length,
-                     **perplexity(model, batches, progress)})
+                     **perplexity(model, batches, progress), **stats_row()})
         for bs in block_sizes:
             for k in top_ks:
                 model.set_attention_mode("sparse", top_k=k, block_size=bs)
-                row = {"mode": "sparse", "block_size": bs, "top_k": k, "receptive_field": k * bs,
-                       **perplexity(model, batches, progress)}
-                if stats:
-                    row.update(stats_row())
-                rows.append(row)
+                rows.append({"mode": "sparse", "block_size": bs, "top_k": k, "receptive_field": k * bs,
+                             **perplexity(model, batches, progress), **stats_row()})
     finally:
         model.set_attention_mode(saved[0], top_k=saved[1], block_size=saved[2])
     return rows
@@ -51,8 +52,8 @@ def budget_sweep(model, batches: list[dict], top_ks: list[int], block_sizes: lis
 
 def steps_of(top_ks: list[int], block_sizes: list[int], num_batches: int, stats: bool) -> int:
     """Forward passes of a sweep (for a progress bar)."""
-    sparse = len(top_ks) * len(block_sizes)
-    return num_batches * (1 + sparse * (2 if stats else 1))
+    rows = 1 + len(top_ks) * len(block_sizes)
+    return num_batches * rows * (2 if stats else 1)
 
 
 def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] | list[str]) -> None:

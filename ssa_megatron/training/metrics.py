@@ -276,6 +276,17 @@ def format_line(step: int, total: int, v: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
+def format_layers(v: dict[str, float]) -> str | None:
+    """A second console line, per layer in layer order: the alignment loss and the attention sparsity (their
+    per-layer values are in ``v`` on the steps the tracker collected metrics); None when ``v`` holds neither."""
+    parts = []
+    for key, label, fmt in (("loss/align", "align", ".3g"), ("attn/sparsity", "sparsity", ".2f")):
+        layers = sorted(k for k in v if k.startswith(f"{key}/layer_"))
+        if layers:
+            parts.append(f"{label} " + " ".join(format(v[k], fmt) for k in layers))
+    return "  per layer: " + " | ".join(parts) if parts else None
+
+
 def ssa_values(ssa: dict[str, float]) -> dict[str, float]:
     """SSA tracker output → logged names: losses under loss/, attention statistics under attn/, per layer too."""
     out = {}

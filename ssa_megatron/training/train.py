@@ -29,8 +29,8 @@ from ssa_megatron.training.checkpoint import RunCheckpoints
 from ssa_megatron.training.evaluate import HeldOutEval
 from ssa_megatron.training.lr_schedule import WarmupDecayLR
 from ssa_megatron.training import compile_caches
-from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_line, format_steady, memory_gib,
-                                           per_layer, ssa_values)
+from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_layers, format_line, format_steady,
+                                           memory_gib, per_layer, ssa_values)
 from ssa_megatron.training.optimizer import build_optimizer
 from ssa_megatron.training.parallel import init_parallel
 from ssa_megatron.training.run_dir import check_resume, record_recipe
@@ -186,6 +186,8 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                 averaged["progress/consumed_tokens"] = float(consumed_tokens)
                 logger.scalars(step, averaged)
                 logger.write(format_line(step, tr.steps, averaged))
+                if tracker.collect_metrics and (layers := format_layers(averaged)):
+                    logger.write(layers)
                 window.clear()
 
             if evaluator is not None and (step % tr.eval_interval == 0 or step == tr.steps):
