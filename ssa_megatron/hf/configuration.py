@@ -113,6 +113,9 @@ def hf_config_from_recipe(recipe, **extra: Any) -> SSALlamaConfig:
     """
     to_dict = importlib.import_module("ssa_megatron.config").to_dict  # package only (see IN_PACKAGE)
     m = recipe.model
+    if getattr(m, "attention", "ssa") != "ssa":
+        raise ValueError(f"model.attention={m.attention}: the HF model implements SSA attention only; evaluate this run "
+                         "with the training loop's held-out evaluation (train.eval_interval)")
     ssa = recipe.ssa.for_inference()
     fields = dict(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,

@@ -179,13 +179,15 @@ class SSASelfAttention(SelfAttention):
     The gate logits travel to the core attention in the ``attention_mask`` argument, which ``Attention.forward``
     passes on unchanged and, under selective recompute, as a checkpoint input (so the recompute reads a detached
     copy rather than reaching back into this forward's graph). ``compiled_rope`` (a spec param): run Megatron's
-    unfused RoPE compiled (``ssa_megatron.megatron.rope``).
+    unfused RoPE compiled (``ssa_megatron.megatron.rope``). ``gates_per_head`` (a spec param): logits per query head,
+    1 for SSA, 3 for the NSA baseline (``ssa_megatron.megatron.nsa``), laid out head by head so that the
+    column-parallel split keeps each head's logits on its rank.
     """
 
     def __init__(self, config: TransformerConfig, submodules: SSASelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, cp_comm_type: str | None = None,
                  pg_collection: ProcessGroupCollection | None = None, *, compiled_rope: bool = False,
-                 **kwargs) -> None:
+                 gates_per_head: int = 1, **kwargs) -> None:
         tp_size = pg_collection.tp.size() if pg_collection is not None else _mpu_tp_size()
         check_tp_heads(config.num_query_groups or config.num_attention_heads, config.num_attention_heads, tp_size)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
@@ -197,7 +199,7 @@ class SSASelfAttention(SelfAttention):
             self.linear_gate = build_module(
                 submodules.linear_gate,
                 config.hidden_size,
-                config.num_attention_heads,
+                config.num_attention_heads * gates_per_head,
                 config=config,
                 init_method=config.init_method,
                 gather_output=False,

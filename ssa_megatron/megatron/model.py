@@ -169,7 +169,8 @@ def build_gpt_model(
     m = recipe.model
     # The spec first: a missing Transformer Engine is reported before anything is allocated.
     compiled_rope = recipe.train.fused_ops and recipe.train.uses_cuda()
-    layer_spec = get_ssa_layer_spec(m.transformer_impl, recipe.ssa, compiled_rope=compiled_rope)
+    layer_spec = get_ssa_layer_spec(m.transformer_impl, recipe.ssa, compiled_rope=compiled_rope,
+                                    attention=m.attention, nsa=recipe.nsa)
     if m.transformer_impl == "transformer_engine" and not torch.cuda.is_available():
         raise ValueError("model.transformer_impl=transformer_engine: Transformer Engine's layers run on CUDA only "
                            "and this process sees no GPU; set model.transformer_impl=local")

@@ -25,7 +25,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from ssa_megatron.config import SSAConfig
+from ssa_megatron.config import NSAConfig, SSAConfig
 from ssa_megatron.megatron.attention import (
     SSACoreAttention,
     SSASelfAttention,
@@ -52,50 +52,64 @@ def transformer_engine_available() -> bool:
     return bool(HAVE_TE)
 
 
-def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None, compiled_rope: bool = False
-                       ) -> ModuleSpec:
-    """A ``TransformerLayer`` spec with SSA attention.
+def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None, compiled_rope: bool = False,
+                       attention: str = "ssa", nsa: NSAConfig | None = None) -> ModuleSpec:
+    """A ``TransformerLayer`` spec with SSA attention (or the NSA baseline's).
 
     Args:
         backend: 'local' (megatron-core modules) or 'transformer_engine' (Transformer Engine linears/norms).
         ssa: the SSA semantics handed to every core attention (default ``SSAConfig()``).
         compiled_rope: run Megatron's unfused RoPE compiled in the attention layers (``train.fused_ops`` on CUDA;
             ``ssa_megatron.megatron.rope``).
+        attention: ``model.attention``: 'ssa', or 'nsa' for ``NSACoreAttention`` (``ssa_megatron.megatron.nsa``)
+            with three gate logits per head; ``nsa`` its settings (default ``NSAConfig()``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"get_ssa_layer_spec(backend={backend!r}): must be one of {', '.join(BACKENDS)}")
+    if attention not in ("ssa", "nsa"):
+        raise ValueError(f"get_ssa_layer_spec(attention={attention!r}): must be 'ssa' or 'nsa'")
     ssa = copy.deepcopy(ssa) if ssa is not None else SSAConfig()
     ssa.validate()
+    core = ModuleSpec(module=SSACoreAttention, params={"ssa": ssa})
+    gates = 1 if ssa.gate == "per_head" else 0
+    if attention == "nsa":
+        from ssa_megatron.megatron.nsa import GATES, NSACoreAttention
+
+        nsa = copy.deepcopy(nsa) if nsa is not None else NSAConfig()
+        nsa.validate()
+        core, gates = ModuleSpec(module=NSACoreAttention, params={"nsa": nsa}), GATES
     if backend == "local":
-        return _local_spec(ssa, compiled_rope)
-    return _te_spec(ssa, compiled_rope)
+        return _local_spec(core, gates, compiled_rope)
+    return _te_spec(core, gates, compiled_rope)
 
 
-def _attention_spec(ssa: SSAConfig, compiled_rope: bool, linear_qkv, linear_proj, linear_gate) -> ModuleSpec:
+def _attention_spec(core: ModuleSpec, gates: int, compiled_rope: bool, linear_qkv, linear_proj, linear_gate
+                    ) -> ModuleSpec:
     return ModuleSpec(
         module=SSASelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal, "compiled_rope": compiled_rope},
+        params={"attn_mask_type": AttnMaskType.causal, "compiled_rope": compiled_rope,
+                **({"gates_per_head": gates} if gates > 1 else {})},
         submodules=SSASelfAttentionSubmodules(
             linear_qkv=linear_qkv,
-            core_attention=ModuleSpec(module=SSACoreAttention, params={"ssa": ssa}),
+            core_attention=core,
             linear_proj=linear_proj,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,
-            linear_gate=linear_gate if ssa.gate == "per_head" else None,
+            linear_gate=linear_gate if gates else None,
         ),
     )
 
 
-def _local_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
+def _local_spec(core: ModuleSpec, gates: int, compiled_rope: bool) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     stock = spec.submodules.self_attention.submodules
     spec.module = SSATransformerLayer
-    spec.submodules.self_attention = _attention_spec(ssa, compiled_rope, stock.linear_qkv, stock.linear_proj,
+    spec.submodules.self_attention = _attention_spec(core, gates, compiled_rope, stock.linear_qkv, stock.linear_proj,
                                                      ColumnParallelLinear)
     return spec
 
 
-def _te_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
+def _te_spec(core: ModuleSpec, gates: int, compiled_rope: bool) -> ModuleSpec:
     if not transformer_engine_available():
         raise ValueError(
             "model.transformer_impl=transformer_engine: Transformer Engine is not importable here (not installed, "
@@ -111,7 +125,7 @@ def _te_spec(ssa: SSAConfig, compiled_rope: bool) -> ModuleSpec:
     # The gate reads the normalized input, so the input norm is not fused into the QKV GEMM here.
     spec.submodules.input_layernorm = TENorm
     spec.submodules.self_attention = _attention_spec(
-        ssa, compiled_rope, TEColumnParallelLinear, stock.linear_proj, TEColumnParallelLinear
+        core, gates, compiled_rope, TEColumnParallelLinear, stock.linear_proj, TEColumnParallelLinear
     )
     # Same checkpoint keys as the stock TE layer (whose input norm lives inside linear_qkv) and the local spec.
     spec.submodules.sharded_state_dict_keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
