@@ -165,3 +165,40 @@ def test_niah_tool_writes_the_heat_map(tiny, tmp_path, capsys):
     assert (out / "niah.png").is_file()
     code, io = _run_tool("niah", ["--model", str(tiny["hf"]), "--contexts", "8"], capsys)
     assert code == 2 and "shorter than the instruction" in io.err
+
+
+def _local_lm_eval_data(root: Path) -> Path:
+    """Tiny local copies in the hub datasets' fields: PIQA (goal, sol1, sol2, label) and WikiText (page)."""
+    def write(task, split, rows):
+        (root / task).mkdir(parents=True, exist_ok=True)
+        (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    piqa = [{"goal": f"the sky is {w}", "sol1": "blue here we go", "sol2": "green and back again", "label": i % 2}
+            for i, w in enumerate(("blue", "green", "yellow", "red", "grey", "white"))]
+    write("piqa", "train", piqa)
+    write("piqa", "validation", piqa[:4])
+    write("wikitext", "test", [{"page": _text(60)}, {"page": _text(40)}])
+    return root
+
+
+@pytest.mark.slow
+def test_downstream_protocol_runs_offline_on_local_data(tiny, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    data = _local_lm_eval_data(tmp_path / "data")
+    out = tmp_path / "downstream"
+    code, io = _run_tool("downstream_eval", [
+        "--model", str(tiny["hf"]), "--data-dir", str(data), "--out", str(out), "--tasks", "piqa", "wikitext",
+        "--seeds", "1", "12", "--limit", "4", "--batch-size", "2", "--max-length", "256", "--device", "cpu"], capsys)
+    assert code == 0, io.err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for mode in ("full", "sparse"):
+        assert summary[mode]["piqa"]["n"] == 2 and summary[mode]["wikitext"]["n"] == 1
+        assert 0.0 <= summary[mode]["piqa"]["mean"] <= 100.0 and summary[mode]["wikitext"]["mean"] > 1.0
+        run = json.loads((out / mode / "piqa_seed12.json").read_text())
+        assert f"ssa_mode={mode}" in run["model_args"] and run["num_fewshot"] == 3
+    assert "local_piqa.yaml" in {p.name for p in (out / "tasks").iterdir()}
+    # A covering budget is not set, so the tiny model's 2-block budget makes sparse differ from full on WikiText.
+    assert summary["full"]["wikitext"]["mean"] != pytest.approx(summary["sparse"]["wikitext"]["mean"], rel=1e-9)
+    code, io = _run_tool("downstream_eval", ["--model", str(tiny["hf"]), "--data-dir", str(data), "--out",
+                                             str(out), "--tasks", "hellaswag"], capsys)
+    assert code == 2 and "task 'hellaswag': no " in io.err
