@@ -184,6 +184,7 @@ def _local_lm_eval_data(root: Path) -> Path:
 @pytest.mark.slow
 def test_downstream_protocol_runs_offline_on_local_data(tiny, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed")
+    pytest.importorskip("accelerate", reason="accelerate (lm-eval's hf model needs it) is not installed")
     data = _local_lm_eval_data(tmp_path / "data")
     out = tmp_path / "downstream"
     code, io = _run_tool("downstream_eval", [

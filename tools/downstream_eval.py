@@ -50,9 +50,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        print("downstream_eval: error: lm-eval is not installed (pip install lm-eval)", file=sys.stderr)
+        import lm_eval.models.huggingface  # noqa: F401  (its hf model also needs accelerate)
+    except ImportError as err:
+        print(f"downstream_eval: error: lm-eval's hf model cannot load ({err}); pip install 'lm-eval[hf]'",
+              file=sys.stderr)
         return 2
     from ssa_megatron.eval.downstream import TASKS, run_protocol
 
