@@ -141,3 +141,35 @@ def test_scaled_output_init_sets_the_std_of_the_output_projections(megatron_worl
         want = want_out if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
         # the std of n normal samples is within 4 standard errors (want / sqrt(2n)) of the true one
         assert abs(p.detach().float().std().item() - want) < 4 * want / math.sqrt(2 * p.numel()), name
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def test_ssa_300m_is_the_paper_ablation_model():
+    from ssa_megatron.config import load_recipe
+
+    r = load_recipe("ssa_300m")
+    m = r.model
+    assert (m.hidden_size, m.ffn_hidden_size, m.num_layers, m.head_dim) == (1024, 4096, 16, 64)
+    assert m.num_attention_heads // m.num_query_groups == 16  # 16:1 heads
+    assert (r.ssa.block_size, r.ssa.top_k, r.ssa.p_full, r.ssa.alpha) == (16, 16, 0.5, 10.0)
+    assert abs(r.train.global_batch_size * m.seq_length * r.train.steps - 50e9) / 50e9 < 1e-3  # 50B tokens
+    assert not m.scaled_output_init  # the authors' init
+
+
+@pytest.mark.parametrize("overlay, section, key, value", [
+    ("ssa_300m_per_layer_mode", "ssa", "mode_sampling", "per_layer"),
+    ("ssa_300m_sparsity_only", "ssa", "alignment", "sparsity_only"),
+    ("ssa_300m_commitment_only", "ssa", "alignment", "commitment_only"),
+])
+def test_ablation_overlays_change_only_their_switch(overlay, section, key, value):
+    import dataclasses
+
+    from ssa_megatron.config import load_recipe
+
+    base, r = load_recipe("ssa_300m"), load_recipe(overlay)
+    assert getattr(getattr(r, section), key) == value
+    assert dataclasses.replace(getattr(r, section), **{key: getattr(getattr(base, section), key)}) == \
+        getattr(base, section)
+    assert r.model == base.model and r.optim == base.optim and r.train.run_dir != base.train.run_dir

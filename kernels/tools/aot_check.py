@@ -51,7 +51,7 @@ def main():
                                 (8, 128, 32, 64, 1)]:
         gp, kp, _, _ = S.select_tiles(g, kk)
         ptr = {"Q": dt, "KB": dt, "CST": "*i32", "LO": "*i32", "HI": "*i32", "OWN": "*i32", "IDX": "*i32",
-               "CNT": "*i32", "OVF": "*i32"}
+               "CNT": "*i32", "OVF": "*i32", "NLO": "*i32", "NCAP": "*i32", "HN": "*i32"}
         opts = S.select_config(g, kk)  # the launch parameters select_blocks uses
         nw, ns = opts.pop("num_warps"), opts.pop("num_stages")
         launches = [("", opts)]
@@ -59,6 +59,13 @@ def main():
             launches.append((" fixup", {**opts, "BUCKET_R": 0, "FIXUP": True}))
         if g == 16 and kk == 16:  # both streaming top-k variants at this shape too
             launches += [(f" FILTER={f}", {**opts, "BUCKET_R": 0, "FILTER": f}) for f in (False, True)]
+            # the reference's switches: selection='authors_chunked' (its own launch table), normaliser='authors'
+            chunked = S.select_config(g, kk, chunked=True)
+            chunked.pop("num_warps"), chunked.pop("num_stages")
+            launches += [(" authors_chunked", {**chunked, "CHUNKED": True, "HALF": bs // 2}),
+                         (" normaliser=authors", {**opts, "NORM_OWN": True}),
+                         (" authors_chunked+normaliser", {**chunked, "CHUNKED": True, "HALF": bs // 2,
+                                                          "NORM_OWN": True})]
         for label, flags in launches:
             info = compile_kernel(S._select_kernel, ptr, dict(G=g, GP=gp, D=d, BD=d, KP=kp, TOPK=kk,
                                   KO=triton.next_power_of_2(kk), SINK=0, LOCAL=0, SCORE=score, **flags),
