@@ -67,6 +67,11 @@ class SSALlamaAttention(LlamaAttention):
         self.collect_metrics = False
         """When True, each forward stores ``reference.attention_metrics`` (per query head) in ``last_metrics``."""
         self.last_metrics: dict[str, torch.Tensor] | None = None
+        self.ssa_training = None
+        """``(SSAConfig, mode)`` set by ``ssa_megatron.hf.finetune`` for each micro-batch: forwards in train mode
+        then run ``ssa_attention(..., training=True)`` with it (both branches when alpha > 0) and keep the layer's
+        unweighted alignment loss in ``alignment_loss``. Package only."""
+        self.alignment_loss: torch.Tensor | None = None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, cu_seqlens=None, **kwargs):
@@ -87,10 +92,12 @@ class SSALlamaAttention(LlamaAttention):
 
         q, k, v = (t.permute(2, 0, 1, 3) for t in (q, k, v))  # [b, h, s, D] -> [s, b, h, D]
         if IN_PACKAGE:
-            out, _, stats = ssa_attention(q, k, v, gate, self.config.ssa_config(), self.config.ssa_mode, False,
-                                          cu_seqlens=cu_seqlens, softmax_scale=self.scaling,
-                                          with_metrics=self.collect_metrics)
+            train = self.training and self.ssa_training is not None
+            cfg, mode = self.ssa_training if train else (self.config.ssa_config(), self.config.ssa_mode)
+            out, loss, stats = ssa_attention(q, k, v, gate, cfg, mode, train, cu_seqlens=cu_seqlens,
+                                             softmax_scale=self.scaling, with_metrics=self.collect_metrics)
             self.last_metrics = stats.metrics
+            self.alignment_loss = loss if train else None
         else:
             if self.collect_metrics:
                 raise ValueError("collect_attention_metrics needs the ssa_megatron package (import ssa_megatron.hf "
