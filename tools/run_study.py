@@ -269,7 +269,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/study")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--jobs", type=int, default=1, help="trainings (and evaluations) at once on the machine")
-    p.add_argument("--rows", type=int, default=64, help="held-out rows of the training length per evaluation")
+    p.add_argument("--rows", type=int, default=48,
+                   help="held-out rows of the training length per evaluation (default 48)")
     p.add_argument("--device", default=None)
     p.add_argument("--top-k", type=top_ks, default=list(INFERENCE_TOP_KS),
                    help="sparse inference budgets in blocks, comma-separated (default 8,16,32,64: RF 128..1024 at "
@@ -277,7 +278,7 @@ def parse_args(argv=None):
     p = sub.add_parser("evaluate", help="evaluate one trained run (run does this)")
     p.add_argument("--run", required=True)
     p.add_argument("--data", default="data/study")
-    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--rows", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--top-k", type=top_ks, default=list(INFERENCE_TOP_KS))
