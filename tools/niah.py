@@ -4,10 +4,10 @@ with a heat map per mode.
 
     python tools/niah.py --model hf_out/ --contexts 4096 8192 16384 32768 --depths 0 0.25 0.5 0.75 1 \\
         --trials 5 --out runs/ssa_1b/niah
-    python tools/niah.py --model runs/tiny --tokenizer runs/tiny/tokenizer.json --contexts 256 512 --trials 1
+    python tools/niah.py --model runs/tiny --contexts 256 512 --depths 0 0.5 1 --max-new-tokens 4
 
---model is an HF folder or a Megatron run/checkpoint directory (converted in memory); the tokenizer is the HF
-folder's tokenizer.json unless --tokenizer names one. Contexts past the training length test extrapolation (the
+--model is an HF folder or a Megatron run/checkpoint directory (converted in memory); the tokenizer is --tokenizer,
+else the HF folder's tokenizer.json, else the one the run trained with (its recipe's). Contexts past the training length test extrapolation (the
 model's own RoPE scaling applies). Prints the accuracy per mode and context; --out writes niah.json (every answer),
 niah_summary.json and niah.png there (ssa_megatron/eval/niah.py says how prompts are built and scored).
 """
@@ -53,6 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def find_model_tokenizer(model_path: str, given: str | None, model) -> str:
+    """--tokenizer, else the HF folder's tokenizer.json, else the one the run trained with (its recipe)."""
+    from ssa_megatron.hf.convert import find_tokenizer
+
+    if given:
+        return given
+    if (Path(model_path) / "tokenizer.json").is_file():
+        return str(Path(model_path) / "tokenizer.json")
+    found = find_tokenizer(model.config.megatron_recipe)
+    if found is None:
+        raise ValueError(f"--model {model_path}: no tokenizer.json beside it and none found from its recipe; pass "
+                         "--tokenizer")
+    return str(found)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -63,11 +78,10 @@ def main(argv=None) -> int:
     from ssa_megatron.eval.perplexity import load_model
 
     started = time.perf_counter()
-    tokenizer = args.tokenizer or str(Path(args.model) / "tokenizer.json")
     try:
-        tok = Tokenizer(tokenizer)
         model = load_model(args.model, args.device,
                            {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype))
+        tok = Tokenizer(find_model_tokenizer(args.model, args.tokenizer, model))
     except (ValueError, FileNotFoundError) as err:
         print(f"niah: error: {err}", file=sys.stderr)
         return 2
