@@ -147,3 +147,21 @@ def test_model_trains_through_all_three_gates(nsa_model, fla):
     loss.backward()
     grad = model.decoder.layers[0].self_attention.linear_gate.weight.grad.view(16, 3, -1)
     assert (grad.abs().sum(dim=(0, 2)) > 0).all()  # compressed, selected and window gates all learn
+
+
+@pytest.mark.slow
+def test_nsa_trains_through_the_training_loop(tmp_path, fla):
+    """Two steps of ssa-train's loop with model.attention nsa (CPU: the naive path): the loss falls, the checkpoint
+    holds the three-gate projection."""
+    from helpers.training import run_training, tiny_test_recipe
+
+    from ssa_megatron.training.checkpoint import read_model_tensors, resolve_checkpoint
+
+    recipe = tiny_test_recipe(
+        tmp_path, "model.attention=nsa", "model.num_layers=1", "model.hidden_size=256", "model.num_attention_heads=16",
+        "model.num_query_groups=1", "nsa.block_size=16", "nsa.block_counts=2", "nsa.window_size=24", "ssa.alpha=0",
+        "ssa.p_full=1.0", "train.steps=3", "train.metrics_interval=1", "checkpoint.interval=0", "optim.warmup_steps=0")
+    result = run_training(recipe)
+    assert len(result.losses) == 3 and result.losses[-1] < result.losses[0]
+    tensors = read_model_tensors(resolve_checkpoint(tmp_path))
+    assert tensors["decoder.layers.self_attention.linear_gate.weight"].shape == (1, 48, 256)
