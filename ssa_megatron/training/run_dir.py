@@ -39,6 +39,7 @@ SAFE_TO_CHANGE = frozenset({
 PARAMETER_KEYS = frozenset({
     "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
     "model.num_query_groups", "model.vocab_size", "model.tie_embeddings", "ssa.gate",
+    "model.attention",  # nsa has three gate logits per head, ssa one
 })
 """Keys whose change adds, removes or reshapes parameters."""
 
