@@ -550,11 +550,11 @@ class RecipeConfig:
                              f"to be a power of two >= 16 (query heads per KV head, a kernel tile); got "
                              f"{m.num_attention_heads} / {m.num_query_groups} = {group}")
         if m.head_dim > 256:
-            raise ValueError(f"model.attention=nsa: head_dim={m.head_dim} (hidden_size / num_attention_heads); fla-core's "
-                             "NSA kernels take at most 256")
+            raise ValueError(f"model.attention=nsa: head_dim={m.head_dim} (hidden_size / num_attention_heads); "
+                             "fla-core's NSA kernels take at most 256")
         if self.parallel.context_parallel > 1:
-            raise ValueError(f"model.attention=nsa: parallel.context_parallel={self.parallel.context_parallel}; the NSA "
-                             "baseline runs without context parallelism")
+            raise ValueError(f"model.attention=nsa: parallel.context_parallel={self.parallel.context_parallel}; "
+                             "the NSA baseline runs without context parallelism")
 
 
 # --------------------------------------------------------------------------------------------------------------

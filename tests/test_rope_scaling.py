@@ -142,7 +142,8 @@ def test_continual_training_at_a_longer_context_from_another_run(tmp_path):
     assert short.start_step == 0
     long = run_training(tiny_test_recipe(
         tmp_path / "long", "train.steps=1", "checkpoint.interval=0", "model.seq_length=128",
-        "model.rope_scaling.type=llama3", "model.rope_scaling.factor=2", "model.rope_scaling.original_max_position_embeddings=64",
+        "model.rope_scaling.type=llama3", "model.rope_scaling.factor=2",
+        "model.rope_scaling.original_max_position_embeddings=64",
         "optim.lr=1e-12", "optim.min_lr=0", "optim.warmup_steps=0", f"checkpoint.load={tmp_path / 'short'}"))
     assert long.start_step == 0 and all(torch.isfinite(torch.tensor(long.losses)))
     before = read_model_tensors(resolve_checkpoint(tmp_path / "short"))

@@ -7,8 +7,8 @@ with a heat map per mode.
     python tools/niah.py --model runs/tiny --contexts 256 512 --depths 0 0.5 1 --max-new-tokens 4
 
 --model is an HF folder or a Megatron run/checkpoint directory (converted in memory); the tokenizer is --tokenizer,
-else the HF folder's tokenizer.json, else the one the run trained with (its recipe's). Contexts past the training length test extrapolation (the
-model's own RoPE scaling applies). Prints the accuracy per mode and context; --out writes niah.json (every answer),
+else the HF folder's tokenizer.json, else the one the run trained with (its recipe's). Contexts past the training
+length test extrapolation (the model's own RoPE scaling applies). Prints the accuracy per mode and context; --out writes niah.json (every answer),
 niah_summary.json and niah.png there (ssa_megatron/eval/niah.py says how prompts are built and scored).
 """
 
