@@ -89,6 +89,16 @@ class SSALlamaConfig(LlamaConfig):
         )
 
     @property
+    def layer_types(self) -> list[str]:
+        """Each layer's KV-cache kind, read by transformers' ``DynamicCache(config=...)`` and ``StaticCache``:
+        ``ssa_attention``, the cache layers of ``decoding.py`` that keep the pooled block keys."""
+        return ["ssa_attention"] * self.num_hidden_layers
+
+    def validate_layer_type(self):
+        """transformers' check of ``layer_types`` against its own kinds; ``ssa_attention`` is registered by
+        ``decoding.py`` (``CacheLayerMixin._layer_type``) and the property always has one entry per layer."""
+
+    @property
     def receptive_field(self) -> int:
         return self.ssa_top_k * self.ssa_block_size
 

@@ -5,8 +5,8 @@
   ``AutoModelForCausalLM.from_pretrained(folder)`` needs no custom code.
 - Gated (``ssa_gate='per_head'``): ``ssa_llama`` with ``auto_map`` in config.json and the remote code beside the
   weights: :data:`REMOTE_CODE` lists the package files copied verbatim (``hf/configuration.py``,
-  ``hf/modeling.py`` and ``ssa/reference.py``, the SSA math); ``from_pretrained(folder, trust_remote_code=True)``
-  loads them with only torch and transformers installed. Inside the package (``import ssa_megatron.hf``) the
+  ``hf/modeling.py``, ``hf/decoding.py`` and ``ssa/reference.py``, the SSA math);
+  ``from_pretrained(folder, trust_remote_code=True)`` loads them with only torch and transformers installed. Inside the package (``import ssa_megatron.hf``) the
   registered classes are used instead and ``trust_remote_code`` is not needed.
 - Weights: safetensors sharded above ``max_shard_size`` (``model-0000x-of-0000n.safetensors`` plus
   ``model.safetensors.index.json``); one ``model.safetensors`` below it.
@@ -26,10 +26,11 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 REMOTE_CODE = {
     "configuration.py": _PACKAGE / "hf" / "configuration.py",
     "modeling.py": _PACKAGE / "hf" / "modeling.py",
+    "decoding.py": _PACKAGE / "hf" / "decoding.py",
     "reference.py": _PACKAGE / "ssa" / "reference.py",
 }
-"""Export-folder name -> package file. modeling.py imports ``.configuration`` and (outside the package)
-``.reference``; reference.py imports only torch."""
+"""Export-folder name -> package file. modeling.py imports ``.configuration``, ``.decoding`` and (outside the
+package) ``.reference``; decoding.py imports ``.reference`` there; reference.py imports only torch."""
 AUTO_MAP = {
     "AutoConfig": "configuration.SSALlamaConfig",
     "AutoModel": "modeling.SSALlamaModel",

@@ -8,12 +8,15 @@ selection and attention — with ``training=False`` and the configured mode and 
 
 KV cache: supported in both modes. New queries sit at the last positions of the cached key sequence
 (``q_positions`` default), so a decoded token selects among the complete blocks of everything cached before it,
-exactly as in a full-sequence forward. Padding (an ``attention_mask`` with zeros) is not supported: SSA's block
-grid is defined on unpadded rows; batch equal-length rows or run one row at a time.
+exactly as in a full-sequence forward. One new token per row on the SSA cache layers (``decoding.py``; what
+``generate()`` makes, dynamic or static) scores the pooled block keys kept in the cache and attends to the
+selected blocks only; a static cache's step compiles into one graph (CUDA graphs). Padding (an ``attention_mask``
+with zeros) is not supported: SSA's block grid is defined on unpadded rows; batch equal-length rows or run one row
+at a time.
 
-Remote code: this file, ``configuration.py`` and the package's ``ssa/reference.py`` are copied into every gated
-export (``ssa_megatron.hf.export``), where ``trust_remote_code=True`` loads them with only torch and transformers
-installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core is
+Remote code: this file, ``configuration.py``, ``decoding.py`` and the package's ``ssa/reference.py`` are copied
+into every gated export (``ssa_megatron.hf.export``), where ``trust_remote_code=True`` loads them with only torch
+and transformers installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core is
 :func:`_exported_attention`: the inference branch of ``ssa_attention`` (``training=False``: select, attend,
 gate) calling the copied reference, the same functions ``ssa_attention`` calls on CPU. The Triton kernels and
 the attention statistics (``collect_attention_metrics``) need the package.
@@ -35,9 +38,11 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
+from .decoding import decode_attention, valid_keys
 
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     ssa_attention = importlib.import_module("ssa_megatron.ssa").ssa_attention
+    apply_gate = importlib.import_module("ssa_megatron.ssa.reference").apply_gate
 else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
     from .reference import apply_gate, full_attention, select_blocks, sparse_attention
 
@@ -83,12 +88,19 @@ class SSALlamaAttention(LlamaAttention):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        gate = self.g_proj(hidden_states).transpose(0, 1) if self.g_proj is not None else None  # [s, b, HQ]
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
+            layer = cache.layers[self.layer_idx]
+            if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
+                out = decode_attention(q, layer, self.config, self.scaling)
+                if out is not None:
+                    out = apply_gate(out.permute(2, 0, 1, 3), gate)  # [1, b, HQ, D]
+                    return self.o_proj(out.permute(1, 0, 2, 3).reshape(b, s, -1)), None
+            k, v = valid_keys(layer, k, v)
             if cu_seqlens is not None and k.shape[2] != s:
                 raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
                                  "KV cache holding earlier tokens")
-        gate = self.g_proj(hidden_states).transpose(0, 1) if self.g_proj is not None else None  # [s, b, HQ]
 
         q, k, v = (t.permute(2, 0, 1, 3) for t in (q, k, v))  # [b, h, s, D] -> [s, b, h, D]
         if IN_PACKAGE:
@@ -138,7 +150,10 @@ class SSALlamaForCausalLM(SSALlamaPreTrainedModel, LlamaForCausalLM):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        # Not inside a compiled decode step (generate() compiles them on CUDA): reading the mask there would be a
+        # host synchronisation and a graph break; the uncompiled prefill has checked the prompt's mask.
+        if (attention_mask is not None and attention_mask.dim() == 2 and not torch.compiler.is_compiling()
+                and not bool(attention_mask.all())):
             raise ValueError("SSALlamaForCausalLM: attention_mask has padded (zero) positions; SSA has no padding "
                              "support (its block grid starts at each row's first token). Use equal-length rows.")
         return super().forward(input_ids, attention_mask, *args, **kwargs)

@@ -1,0 +1,275 @@
+"""Cached decoding for ``SSALlamaForCausalLM``: KV-cache layers that keep SSA's pooled block keys, and the attention
+of one new token that reads them (docs/hf_eval.md, "Fast decoding").
+
+**Cache layers.** ``SSALlamaConfig.layer_types`` names every layer ``ssa_attention``, and the two classes here
+register themselves under that name with transformers (``CacheLayerMixin._layer_type``), so that
+``DynamicCache(config=...)`` (what ``generate()`` and the forward make by default) holds :class:`SSADynamicLayer`
+and ``StaticCache(config=..., max_cache_len=...)`` (``generate(cache_implementation="static")``) holds
+:class:`SSAStaticLayer`. Both store keys and values as transformers' layers do, plus ``pooled [b, HKV, blocks, D]``:
+the pooled key of every block (docs/ssa.md rule 1, pooled as ``reference.pool_block_keys`` does: a direct sum in
+``scoring_dtype``, divided by the block size, rounded to the key dtype). A block's pooled key is written when the
+``update`` that completes it runs, so a new token scores O(T / block_size) cached pooled keys instead of re-pooling
+all T cached keys.
+
+**One-token attention** (:func:`decode_attention`, a query at position t = length - 1 of its row):
+- sparse: the candidates are the blocks before the token's own block (all complete, one document per row); each
+  is scored by ``reference.block_scores`` on the cached pooled keys; the own block (partial, attended causally),
+  the ``sink_blocks`` first and ``local_blocks`` preceding blocks are kept first; the best-scoring rest fills
+  ``top_k``, ties to the later block (rule 3, as ``reference.select_blocks`` ranks). Only the selected blocks'
+  keys and values are gathered and attended: O(top_k · block_size) reads per KV head;
+- full: causal attention over the first ``length`` cached keys. On a static cache this is FlexAttention with a
+  block mask built from the cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
+
+Everything in the static path is a fixed-shape tensor operation with no host synchronisation, so a decode step
+compiles with ``fullgraph=True`` and can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``,
+which ``generate()`` applies on CUDA with a static cache). Prefill and every other call go through the model's
+general path (``ssa_attention``), which reads the valid keys of the cache.
+
+This file is copied into every gated export beside ``modeling.py`` (``ssa_megatron.hf.export.REMOTE_CODE``); like
+it, it imports the package only when it is ``ssa_megatron.hf.decoding``, else the copied ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers.cache_utils import DynamicLayer, StaticLayer
+
+IN_PACKAGE = __name__.startswith("ssa_megatron.")
+if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
+    _reference = importlib.import_module("ssa_megatron.ssa.reference")
+    block_scores, scoring_dtype = _reference.block_scores, _reference.scoring_dtype
+else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
+    from .reference import block_scores, scoring_dtype
+
+LAYER_TYPE = "ssa_attention"
+KV_TILE = 128
+"""Key tile of the full-mode block mask; static buffers are a multiple of it (and of the block size)."""
+
+
+def pool_blocks(keys: Tensor, block_size: int) -> Tensor:
+    """``[b, HKV, n·block_size, D] -> [b, HKV, n, D]``: each block's pooled key (``reference.pool_block_keys``'s
+    rule: direct sum in ``scoring_dtype``, divided by the block size, rounded to the key dtype)."""
+    blocks = keys.unflatten(2, (-1, block_size))
+    return (blocks.sum(3, dtype=scoring_dtype(keys.dtype)) / block_size).to(keys.dtype)
+
+
+def _check_block_size(layer, block_size: int | None) -> int:
+    if block_size is None:
+        raise ValueError(f"{type(layer).__name__}.update: ssa_block_size must be given (the attention passes it)")
+    if layer.block_size is not None and block_size != layer.block_size:
+        raise ValueError(f"{type(layer).__name__}: ssa_block_size={block_size} differs from the {layer.block_size} "
+                         "this cache was filled with; start a new cache after set_attention_mode(block_size=...)")
+    return block_size
+
+
+class SSADynamicLayer(DynamicLayer):
+    """A growing KV-cache layer (transformers' ``DynamicLayer``) that also keeps the pooled keys of its complete
+    blocks, ``pooled [b, HKV, length // block_size, D]``."""
+
+    _layer_type = LAYER_TYPE
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pooled: Tensor | None = None
+        self.block_size: int | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, ssa_block_size: int | None = None, **kwargs
+               ) -> tuple[Tensor, Tensor]:
+        block_size = _check_block_size(self, ssa_block_size)
+        keys, values = super().update(key_states, value_states)
+        if self.pooled is None:
+            self.block_size = block_size
+            self.pooled = keys.new_zeros(*keys.shape[:2], 0, keys.shape[3])
+        have, complete = self.pooled.shape[2], keys.shape[2] // block_size
+        if complete > have:  # the blocks this update completed
+            new = pool_blocks(keys[:, :, have * block_size:complete * block_size], block_size)
+            self.pooled = torch.cat([self.pooled, new], dim=2)
+        return keys, values
+
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        super().reset()
+        self.pooled, self.block_size = None, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.pooled is not None:
+            self.pooled = self.pooled[:, :, :self.keys.shape[2] // self.block_size]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.pooled is not None:
+            self.pooled = self.pooled.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.pooled is not None:
+            self.pooled = self.pooled[indices]
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.pooled is not None:
+            self.pooled = self.pooled.index_select(0, beam_idx.to(self.pooled.device))
+
+
+class SSAStaticLayer(StaticLayer):
+    """A preallocated KV-cache layer (transformers' ``StaticLayer``, written in place, static addresses for CUDA
+    graphs) with ``pooled [b, HKV, max_cache_len // block_size, D]``. ``max_cache_len`` is rounded up to a multiple
+    of the block size and of :data:`KV_TILE` when the buffers are allocated.
+
+    Each ``update`` re-pools every block its new tokens touch, from the cache; a block's entry is final once the
+    update that completes it has run, and entries of incomplete blocks are never scored (a token scores only the
+    blocks before its own). This needs no branch on the length, so a decode step stays one fixed graph.
+    """
+
+    _layer_type = LAYER_TYPE
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        self.pooled: Tensor | None = None
+        self.block_size: int | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        tile = math.lcm(KV_TILE, self.block_size)
+        self.max_cache_len = -(-self.max_cache_len // tile) * tile
+        super().lazy_initialization(key_states, value_states)
+        b, hkv, _, d = self.keys.shape
+        self.pooled = self.keys.new_zeros(b, hkv, self.max_cache_len // self.block_size, d)
+        if not torch.compiler.is_compiling():  # as StaticLayer does for its buffers: cudagraphs need fixed addresses
+            torch._dynamo.mark_static_address(self.pooled)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, ssa_block_size: int | None = None, **kwargs
+               ) -> tuple[Tensor, Tensor]:
+        self.block_size = _check_block_size(self, ssa_block_size)
+        keys, values = super().update(key_states, value_states)
+        s, bs = key_states.shape[2], self.block_size
+        start = self.cumulative_length - s  # position of the first new token (a 0-d tensor: no host sync)
+        touched = (s - 1 + bs - 1) // bs + 1  # most blocks s consecutive tokens can touch
+        blocks = (start // bs + torch.arange(touched, device=keys.device)).clamp(max=self.pooled.shape[2] - 1)
+        positions = (blocks[:, None] * bs + torch.arange(bs, device=keys.device)).flatten()
+        self.pooled.index_copy_(2, blocks, pool_blocks(keys.index_select(2, positions), bs))
+        return keys, values
+
+    def length(self) -> Tensor:
+        return self.cumulative_length
+
+    def reset(self) -> None:
+        super().reset()
+        if self.pooled is not None:
+            self.pooled.zero_()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.pooled is not None:
+            self.pooled.copy_(self.pooled.index_select(0, beam_idx.to(self.pooled.device)))
+
+
+SSA_LAYERS = (SSADynamicLayer, SSAStaticLayer)
+
+
+def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
+    """Exact top-k along the last dim among ``selectable`` entries, ties to the later index (``select_blocks``'s
+    ranking). Returns the chosen indices ``[..., top_k]`` ascending, -1 where fewer are selectable."""
+    n = scores.shape[-1]
+    order = torch.sort(torch.flip(scores, dims=[-1]), dim=-1, descending=True, stable=True).indices[..., :top_k]
+    chosen = n - 1 - order  # a stable sort over reversed indices keeps the later one first on ties
+    valid = torch.gather(torch.flip(selectable, dims=[-1]), -1, order)
+    chosen = torch.sort(torch.where(valid, chosen, torch.full_like(chosen, n)), dim=-1).values
+    if chosen.shape[-1] < top_k:
+        chosen = F.pad(chosen, (0, top_k - chosen.shape[-1]), value=n)
+    return torch.where(chosen < n, chosen, torch.full_like(chosen, -1))
+
+
+def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config, scale: float) -> Tensor:
+    """The blocks one new token attends to in sparse mode, ``[b, HKV, top_k]`` block numbers (ascending, -1 padded).
+
+    ``q [b, HQ, 1, D]`` at position ``length - 1``; ``pooled [b, HKV, n, D]`` with ``n`` above the token's own block
+    number; entries from the own block on are ignored."""
+    b, hkv, n, _ = pooled.shape
+    bs = config.ssa_block_size
+    own = (length - 1) // bs
+    j = torch.arange(n, device=pooled.device)
+    candidates = j < own  # complete blocks strictly before the own block
+    scores = block_scores(q.permute(2, 0, 1, 3), pooled, candidates.expand(b, 1, n), config.ssa_score, scale)
+    forced = candidates & ((j < config.ssa_sink_blocks) | (j >= own - config.ssa_local_blocks))
+    scores = torch.where(forced | (j == own), math.inf, scores)  # [b, HKV, 1, n]
+    selectable = (candidates | (j == own)).expand_as(scores)
+    return top_k_later_first(scores, selectable, config.ssa_top_k)[:, :, 0]
+
+
+def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
+                  scale: float) -> Tensor:
+    """Sparse attention of one new token per row over the cache. ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L,
+    D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
+    b, hq, _, d = q.shape
+    hkv, bs = keys.shape[1], config.ssa_block_size
+    idx = select_decode_blocks(q, pooled, length, config, scale)  # [b, HKV, K]
+    pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
+    valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
+    pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k_sel, v_sel = torch.gather(keys, 2, pos).to(acc), torch.gather(values, 2, pos).to(acc)  # [b, HKV, K·bs, D]
+    qg = q.reshape(b, hkv, hq // hkv, d).to(acc)  # query head h reads KV head h // G
+    logits = (scale * qg @ k_sel.transpose(-1, -2)).masked_fill(~valid[:, :, None], -math.inf)
+    out = torch.softmax(logits, dim=-1) @ v_sel  # [b, HKV, G, D]
+    return out.reshape(b, hq, 1, d).to(q.dtype)
+
+
+def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float) -> Tensor:
+    """Causal attention of one new token per row over the first ``length`` keys of a static buffer, through
+    FlexAttention: the block mask lists the :data:`KV_TILE`-key tiles up to ``length`` (fixed shapes, values from
+    the 0-d ``length`` tensor), so the compiled kernel reads only those. ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``."""
+    tiles = keys.shape[2] // KV_TILE
+    kv_num_blocks = ((length + KV_TILE - 1) // KV_TILE).to(torch.int32).view(1, 1, 1)
+    kv_indices = torch.arange(tiles, device=q.device, dtype=torch.int32).view(1, 1, 1, tiles)
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx < length
+
+    mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=KV_TILE, mask_mod=causal,
+                                    seq_lengths=(1, keys.shape[2]))
+    q = q.contiguous()  # a view of the projection's [b, 1, HQ·D] output; Inductor's CPU template wants it dense
+    if torch.compiler.is_compiling():
+        return flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+    with warnings.catch_warnings():  # eager (tests, an uncompiled static cache): the unfused path is intended
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+
+
+def decode_attention(q: Tensor, layer, config, scale: float) -> Tensor | None:
+    """The attention of one new token per row, ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, from an SSA cache layer
+    that already holds the token's key and value; None where the general path must run instead: a cache layer
+    of another kind, full mode on a dynamic cache (the backend's full attention is already one pass over the keys),
+    or a non-default selection rule (``ssa_selection`` / ``ssa_normaliser``, when the configuration has them)."""
+    if not isinstance(layer, SSA_LAYERS) or q.shape[2] != 1:
+        return None
+    if (getattr(config, "ssa_selection", "exact"), getattr(config, "ssa_normaliser", "earlier_blocks")) != (
+            "exact", "earlier_blocks"):
+        return None
+    length = layer.length()
+    if config.ssa_mode == "full":
+        if not isinstance(layer, SSAStaticLayer):
+            return None
+        return full_decode(q, layer.keys, layer.values, length, scale)
+    pooled = layer.pooled
+    if isinstance(layer, SSADynamicLayer):  # room for the own block's (unused) entry
+        pooled = F.pad(pooled, (0, 0, 0, 1))
+    return sparse_decode(q, layer.keys, layer.values, pooled, length, config, scale)
+
+
+def valid_keys(layer, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """The cached keys and values that hold tokens: a static layer returns its whole buffer, of which the first
+    ``cumulative_length`` are filled (one host synchronisation; the general path only)."""
+    if isinstance(layer, StaticLayer):
+        n = int(layer.cumulative_length)
+        return keys[:, :, :n], values[:, :, :n]
+    return keys, values

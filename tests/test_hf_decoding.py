@@ -1,0 +1,191 @@
+"""Cached decoding (ssa_megatron/hf/decoding.py): token-by-token logits on the SSA cache layers, dynamic and static,
+equal one full forward over the same tokens in both modes (float64), the new token's selection reads the pooled
+keys kept in the cache (the general path is not called), those pooled keys are the reference's, and a static
+decode step compiles into one graph."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import ssa_megatron.hf  # noqa: F401  (registers ssa_llama)
+from ssa_megatron.hf import modeling
+from ssa_megatron.hf.configuration import SSALlamaConfig
+from ssa_megatron.hf.decoding import SSADynamicLayer, SSAStaticLayer
+from ssa_megatron.ssa import reference
+
+PROMPT, TOTAL = 21, 60  # the prompt ends inside block 1; decoding crosses two block boundaries (block 16)
+
+
+def _model(heads=4, kv_heads=1, top_k=3, score="group_softmax", sink=1, local=0, gate="per_head"):
+    config = SSALlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+                            ssa_block_size=16, ssa_top_k=top_k, ssa_score=score, ssa_sink_blocks=sink,
+                            ssa_local_blocks=local, ssa_gate=gate, ssa_mode="sparse")
+    torch.manual_seed(3)
+    model = modeling.SSALlamaForCausalLM(config).double().eval()
+    with torch.no_grad():  # a gate away from 0.5 everywhere, so a gate applied twice or not at all would show
+        for attn in model.ssa_attention_modules():
+            if attn.g_proj is not None:
+                attn.g_proj.weight.normal_(0, 0.5)
+    return model, config
+
+
+def _cache(kind, config):
+    return DynamicCache(config=config) if kind == "dynamic" else StaticCache(config=config, max_cache_len=TOTAL)
+
+
+def _general_path_calls(monkeypatch):
+    """Counts calls of the general path (``ssa_attention``) with one query token."""
+    calls = []
+    original = modeling.ssa_attention
+
+    def counting(q, *args, **kwargs):
+        if q.shape[0] == 1:
+            calls.append(q.shape)
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "ssa_attention", counting)
+    return calls
+
+
+# Budget 3 blocks: more than the first decoded tokens can fill (own + 1 earlier block); from position 48 on, own + a
+# forced block + the best of two scored ones.
+GROUP4_SINK = dict()
+GROUP2_LOCAL_DOT = dict(heads=4, kv_heads=2, score="dot", sink=0, local=1, gate="none")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("mode, shape", [("sparse", GROUP4_SINK), ("sparse", GROUP2_LOCAL_DOT), ("full", GROUP4_SINK)],
+                         ids=["sparse-group4-sink", "sparse-group2-local-dot", "full-group4"])
+def test_cached_decoding_equals_full_forward(monkeypatch, kind, mode, shape):
+    model, config = _model(**shape)
+    model.set_attention_mode(mode)
+    tokens = torch.randint(0, config.vocab_size, (3, TOTAL), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = _cache(kind, config)
+        out = model(tokens[:, :PROMPT], cache=cache, use_cache=True)
+        torch.testing.assert_close(out.logits, full[:, :PROMPT], rtol=0, atol=1e-10)
+        calls = _general_path_calls(monkeypatch)
+        for t in range(PROMPT, TOTAL):
+            out = model(tokens[:, t:t + 1], cache=cache, use_cache=True)
+            torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=0, atol=1e-10)
+    layer = cache.layers[0]
+    assert isinstance(layer, SSADynamicLayer if kind == "dynamic" else SSAStaticLayer)
+    # Sparse decoding always reads the cache's pooled keys; full mode runs the backend's one pass over a growing
+    # cache, and FlexAttention over a static one.
+    assert len(calls) == (TOTAL - PROMPT) * config.num_hidden_layers * (mode == "full" and kind == "dynamic")
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_pooled_keys_in_the_cache_are_the_reference_pooling(kind):
+    model, config = _model()
+    tokens = torch.randint(0, config.vocab_size, (2, TOTAL), generator=torch.Generator().manual_seed(1))
+    cache = _cache(kind, config)
+    with torch.no_grad():
+        model(tokens[:, :PROMPT], cache=cache, use_cache=True)
+        for t in range(PROMPT, TOTAL):
+            model(tokens[:, t:t + 1], cache=cache, use_cache=True)
+    for layer in cache.layers:
+        keys = layer.keys[:, :, :TOTAL].permute(2, 0, 1, 3)  # [s, b, HKV, D]
+        k_bar, is_start = reference.pool_block_keys(keys, torch.zeros(2, TOTAL, dtype=torch.long), 16)
+        complete = TOTAL // 16
+        torch.testing.assert_close(layer.pooled[:, :, :complete], k_bar[:, :, is_start[0]], rtol=0, atol=0)
+
+
+def test_generate_static_and_dynamic_match_greedy_full_forwards():
+    model, config = _model()
+    prompt = torch.randint(0, config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **kwargs)
+        static = model.generate(prompt, cache_implementation="static", **kwargs)
+        greedy = prompt
+        for _ in range(20):
+            greedy = torch.cat([greedy, model(greedy).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(dynamic, greedy) and torch.equal(static, greedy)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "full"])
+def test_static_decode_step_compiles_into_one_graph(mode):
+    """fullgraph=True: no graph break and no host synchronisation in a step (what CUDA-graph capture needs); the
+    same graph serves every step (no recompilation as the cache grows)."""
+    from torch._dynamo.utils import counters
+
+    model, config = _model()
+    model = model.float()
+    model.set_attention_mode(mode)
+    tokens = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = _cache("static", config)
+        model(tokens[:, :PROMPT], cache=cache, use_cache=True)
+        for t in range(PROMPT, 40):
+            out = step(tokens[:, t:t + 1], cache=cache, use_cache=True)
+            torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_block_size_change_needs_a_new_cache():
+    model, config = _model()
+    tokens = torch.randint(0, config.vocab_size, (1, 40))
+    cache = _cache("static", config)
+    with torch.no_grad():
+        model(tokens[:, :PROMPT], cache=cache, use_cache=True)
+        model.set_attention_mode("sparse", block_size=32, top_k=2)
+        with pytest.raises(ValueError, match="ssa_block_size=32 differs from the 16"):
+            model(tokens[:, PROMPT:PROMPT + 1], cache=cache, use_cache=True)
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
+
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    for mode in ("sparse", "full"):
+        model.set_attention_mode(mode)
+        for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=40)):
+            with torch.no_grad():
+                full = model(tokens).logits
+                model(tokens[:, :21], cache=cache, use_cache=True)
+                err = max((model(tokens[:, t:t + 1], cache=cache, use_cache=True).logits[:, 0] - full[:, t]).abs().max()
+                          for t in range(21, 40))
+            print(mode, type(cache.layers[0]).__module__, type(cache.layers[0]).__name__, float(err))
+    print("ssa_megatron imported:", any(m == "ssa_megatron" or m.startswith("ssa_megatron.") for m in sys.modules))
+""")
+
+
+@pytest.mark.slow
+def test_exported_folder_decodes_without_ssa_megatron(tmp_path):
+    """The copied decoding.py serves trust_remote_code loading: its cache layers are registered and used, and cached
+    decoding equals the full forward, in a fresh ``python -I`` that never imports ssa_megatron."""
+    from ssa_megatron.hf.export import write_export
+
+    model, config = _model()
+    folder = tmp_path / "export"
+    assert write_export(folder, config, {k: v.float() for k, v in model.state_dict().items()}) == "ssa_llama"
+    (tmp_path / "child.py").write_text(_CHILD)
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf_home"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-I", "child.py", str(folder)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "ssa_megatron imported: False", result.stdout
+    layers = [line.split() for line in lines[:-1]]
+    assert [(mode, name) for mode, _, name, _ in layers] == [
+        ("sparse", "SSADynamicLayer"), ("sparse", "SSAStaticLayer"), ("full", "SSADynamicLayer"),
+        ("full", "SSAStaticLayer")]
+    for _, module, _, err in layers:
+        assert module.startswith("transformers_modules.") and module.endswith(".decoding"), module
+        assert float(err) < 1e-5
