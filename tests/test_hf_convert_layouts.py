@@ -18,9 +18,9 @@ TIES = (True, False)  # tied embeddings put a shared copy of the embedding on th
 
 
 def _build_and_save(rank, world_size, root):
-    from ssa_megatron.config import to_dict
     from megatron.core import parallel_state
 
+    from ssa_megatron.config import to_dict
     from ssa_megatron.megatron.cpu_compat import cuda_to_cpu
     from ssa_megatron.megatron.model import build_gpt_model
     from ssa_megatron.training.checkpoint import Checkpointer, load_model_chunks

@@ -6,8 +6,9 @@
 - Gated (``ssa_gate='per_head'``): ``ssa_llama`` with ``auto_map`` in config.json and the remote code beside the
   weights: :data:`REMOTE_CODE` lists the package files copied verbatim (``hf/configuration.py``,
   ``hf/modeling.py``, ``hf/decoding.py`` and ``ssa/reference.py``, the SSA math);
-  ``from_pretrained(folder, trust_remote_code=True)`` loads them with only torch and transformers installed. Inside the package (``import ssa_megatron.hf``) the
-  registered classes are used instead and ``trust_remote_code`` is not needed.
+  ``from_pretrained(folder, trust_remote_code=True)`` loads them with only torch and transformers installed.
+  Inside the package (``import ssa_megatron.hf``) the registered classes are used instead and
+  ``trust_remote_code`` is not needed.
 - Weights: safetensors sharded above ``max_shard_size`` (``model-0000x-of-0000n.safetensors`` plus
   ``model.safetensors.index.json``); one ``model.safetensors`` below it.
 """

@@ -16,8 +16,8 @@ at a time.
 
 Remote code: this file, ``configuration.py``, ``decoding.py`` and the package's ``ssa/reference.py`` are copied
 into every gated export (``ssa_megatron.hf.export``), where ``trust_remote_code=True`` loads them with only torch
-and transformers installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core is
-:func:`_exported_attention`: the inference branch of ``ssa_attention`` (``training=False``: select, attend,
+and transformers installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core
+is :func:`_exported_attention`: the inference branch of ``ssa_attention`` (``training=False``: select, attend,
 gate) calling the copied reference, the same functions ``ssa_attention`` calls on CPU. The Triton kernels and
 the attention statistics (``collect_attention_metrics``) need the package.
 """
