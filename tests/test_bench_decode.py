@@ -1,0 +1,49 @@
+"""tools/bench_decode.py on CPU with the tiny shape: every path and mode runs, the bounds and ratios are computed
+from the model and the arguments, the JSON holds one row per (batch, context, mode, path), bad values are named."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_decode.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("bench_decode", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_decode_tiny_cpu(tmp_path, capsys):
+    bench = _tool()
+    out = tmp_path / "bench.json"
+    args = ["--shape", "tiny", "--device", "cpu", "--context", "40", "--batch", "1", "2", "--top-k", "2",
+            "--paths", "eager-static", "eager-dynamic", "baseline", "--steps", "2", "--baseline-steps", "1",
+            "--warmup", "1", "--out", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["batch"], r["mode"], r["path"]) for r in rows} == {
+        (b, m, p) for b in (1, 2) for m in ("full", "sparse") for p in ("eager-static", "eager-dynamic", "baseline")}
+    model, config = bench.build_model(bench.parse_args(args))
+    weights = bench.weight_bytes(model)
+    # tiny: 2 layers x (q 64x64, k/v 32x64 each, o 64x64, gate 4x64, MLP 3 x 64x128, 2 norms) + norm + LM head 256x64
+    assert weights == 4 * (2 * (64 * 64 * 2 + 32 * 64 * 2 + 4 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 256 * 64)
+    for r in rows:
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3)
+        assert r["weights_bound_ms"] == pytest.approx(weights / 4.8e12 * 1e3)
+        per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
+        read = 40 * per_token if r["mode"] == "full" else 2 * 16 * per_token + 40 // 16 * 2 * 16 * 4
+        assert r["kv_bound_ms"] == pytest.approx(r["batch"] * 2 * read / 4.8e12 * 1e3)
+    printed = capsys.readouterr().out
+    assert "eager-static: sparse/full tokens/s" in printed and "x baseline" in printed
+    assert f"rows written to {out}" in printed
+
+
+def test_bench_decode_bad_values_are_named(capsys):
+    bench = _tool()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--context", "0"])
+    assert "--context 0: must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Decode tokens/s of ``SSALlamaForCausalLM`` in full and sparse mode, against its memory bounds and a baseline.
+
+Random weights; the cache is filled with random keys and values of ``--context`` tokens (a prefill is not what is
+measured, and the LM head of a 32k x 32 prefill would not fit), then ``--steps`` greedy decode steps are timed. Paths
+(``--paths``):
+
+- ``compiled-static``: the SSA static cache (``StaticCache(config)``, pooled block keys kept in it), each step one
+  ``torch.compile(mode=--compile-mode, fullgraph=True)`` graph, CUDA graphs with ``reduce-overhead`` on a GPU;
+- ``eager-static``, ``eager-dynamic``: the same decoding path uncompiled, on the static or growing SSA cache;
+- ``baseline``: transformers' plain ``DynamicCache()`` (no SSA layers), so every step runs the general path
+  (``ssa_attention`` over all cached keys, re-pooling them in sparse mode): the decoding of before issue 16.
+
+Bounds per step: ``weights`` = bytes of every weight a step reads (decoder layers, final norm, LM head) / HBM
+bandwidth; ``kv`` = bytes of cached keys/values it must read (full: all ``context`` tokens; sparse: ``top_k`` blocks
+plus the pooled keys) / HBM bandwidth. ``--check`` compares the first compiled step's logits with an eager step on
+the same cache. 1B shape on one H200 (the default set takes about 4 minutes, mostly compilation):
+
+    python tools/bench_decode.py --out bench_decode.json
+
+Tiny CPU run: ``python tools/bench_decode.py --shape tiny --device cpu --context 64 200 --batch 1 2
+--paths eager-static eager-dynamic baseline --steps 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PATHS = ("compiled-static", "eager-static", "eager-dynamic", "baseline")
+SHAPES = {  # SSALlamaConfig fields
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=2, head_dim=64),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--context", type=int, nargs="+", default=[8192, 32768], help="cached tokens before decoding")
+    p.add_argument("--modes", nargs="+", choices=["full", "sparse"], default=["full", "sparse"])
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=["compiled-static", "baseline"])
+    p.add_argument("--top-k", type=int, default=16, help="sparse budget in blocks")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per configuration")
+    p.add_argument("--baseline-steps", type=int, default=5, help="timed steps of the (slow) baseline path")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, CUDA-graph recording)")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of compiled-static")
+    p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the bounds (H200: 4.8 TB/s)")
+    p.add_argument("--check", action="store_true", help="compare the first compiled step with an eager one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    for name in ("batch", "context"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            p.error(f"--{name} {bad[0]}: must be >= 1")
+    for name in ("steps", "baseline_steps", "top_k", "block_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+def build_model(args):
+    import ssa_megatron.hf  # noqa: F401  (registers ssa_llama and the SSA cache layers)
+    from ssa_megatron.hf.configuration import SSALlamaConfig
+    from ssa_megatron.hf.modeling import SSALlamaForCausalLM
+
+    config = SSALlamaConfig(**SHAPES[args.shape], tie_word_embeddings=True, ssa_block_size=args.block_size,
+                            ssa_top_k=args.top_k, ssa_gate="per_head",
+                            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    torch.manual_seed(args.seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[args.dtype])  # built in its dtype on its device: no fp32 copy of 1B weights
+    try:
+        with torch.device(args.device):
+            model = SSALlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return model, config
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decode step reads: decoder layers, final norm and the LM head (the embedding
+    table is read one row per token)."""
+    inner = model.model
+    params = [*inner.layers.parameters(), *inner.norm.parameters(), model.lm_head.weight]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def kv_bytes(config, batch: int, context: int, mode: str, elem: int) -> int:
+    """Bytes of cached keys/values (and pooled keys) one decode step reads at ``context`` cached tokens."""
+    per_token = 2 * config.num_key_value_heads * config.head_dim * elem  # K and V of one token, all KV heads
+    if mode == "full":
+        read = context * per_token
+    else:
+        read = (min(config.ssa_top_k * config.ssa_block_size, context + 1) * per_token
+                + context // config.ssa_block_size * config.num_key_value_heads * config.head_dim * elem)
+    return batch * config.num_hidden_layers * read
+
+
+def fill_cache(model, config, path: str, batch: int, context: int, capacity: int, device, dtype, seed: int):
+    """A cache of ``path``'s kind holding ``context`` random tokens in every layer (pooled keys included)."""
+    from transformers import DynamicCache, StaticCache
+
+    if path.endswith("static"):
+        cache = StaticCache(config=config, max_cache_len=capacity)
+    elif path == "eager-dynamic":
+        cache = DynamicCache(config=config)
+    else:
+        cache = DynamicCache()  # plain transformers layers: the general path
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, config.num_key_value_heads, context, config.head_dim)
+    for i in range(config.num_hidden_layers):
+        k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        cache.update(k, v, i, ssa_block_size=config.ssa_block_size)
+    return cache
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> tuple[float, torch.Tensor]:
+    """Mean seconds per greedy decode step over ``steps`` after ``warmup``; returns the last logits too."""
+    logits = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        if compiled and str(device).startswith("cuda"):
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = step(tokens).logits[:, -1]
+        tokens = logits.argmax(-1, keepdim=True)  # read before the next replay overwrites the graph's output
+    sync(device)
+    return (time.perf_counter() - start) / steps, logits
+
+
+def run_config(model, config, args, compiled_forward, batch: int, context: int, mode: str) -> list[dict]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model.set_attention_mode(mode, top_k=args.top_k, block_size=args.block_size)
+    elem = torch.finfo(dtype).bits // 8
+    bound_w = weight_bytes(model) / (args.hbm_tbps * 1e12)
+    bound_kv = kv_bytes(config, batch, context, mode, elem) / (args.hbm_tbps * 1e12)
+    rows = []
+    for path in args.paths:
+        steps = args.baseline_steps if path == "baseline" else args.steps
+        capacity = context + args.warmup + steps + 2
+        cache = fill_cache(model, config, path, batch, context, capacity, device, dtype, args.seed)
+        first = torch.randint(0, config.vocab_size, (batch, 1), device=device,
+                              generator=torch.Generator(device=device).manual_seed(args.seed))
+        compiled = path == "compiled-static"
+        forward = compiled_forward if compiled else model
+        check = None
+        with torch.no_grad():
+            if compiled and args.check:  # one eager step, rolled back, against the compiled one on the same cache
+                eager = model(first, cache=cache, use_cache=True).logits[:, -1].float()
+                for layer in cache.layers:
+                    layer.cumulative_length.sub_(1)
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                got = forward(first, cache=cache, use_cache=True).logits[:, -1].float()
+                check = float((got - eager).abs().max() / eager.abs().max())
+                for layer in cache.layers:
+                    layer.cumulative_length.sub_(1)
+            seconds, _ = time_steps(lambda t: forward(t, cache=cache, use_cache=True), first, steps, args.warmup,
+                                    device, compiled)
+        del cache
+        row = dict(batch=batch, context=context, mode=mode, path=path, ms_per_step=seconds * 1e3,
+                   tokens_per_s=batch / seconds, weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
+                   step_over_bound=seconds / (bound_w + bound_kv), steps=steps)
+        if check is not None:
+            row["check_rel_diff"] = check
+        rows.append(row)
+        print(f"  batch {batch:>3} context {context:>6} {mode:>6} {path:>15}: {row['ms_per_step']:8.3f} ms/step "
+              f"{row['tokens_per_s']:10.1f} tok/s  bound {row['weights_bound_ms']:.3f}+{row['kv_bound_ms']:.3f} ms "
+              f"(x{row['step_over_bound']:.2f})" + (f"  check {check:.1e}" if check is not None else ""), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[str]:
+    """Ratios: each path against the baseline, and sparse against full tokens/s on the same path."""
+    lines = []
+    key = {(r["batch"], r["context"], r["mode"], r["path"]): r for r in rows}
+    for (b, c, m, p), r in key.items():
+        base = key.get((b, c, m, "baseline"))
+        if base is not None and p != "baseline":
+            lines.append(f"batch {b} context {c} {m} {p}: {r['tokens_per_s'] / base['tokens_per_s']:.1f}x baseline")
+        full = key.get((b, c, "full", p))
+        if m == "sparse" and full is not None:
+            lines.append(f"batch {b} context {c} {p}: sparse/full tokens/s = "
+                         f"{r['tokens_per_s'] / full['tokens_per_s']:.2f}")
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configs = [(b, c, m) for c in args.context for b in args.batch for m in args.modes]
+    print(f"bench_decode: {args.shape} shape, {args.dtype} on {args.device}, {len(configs)} configurations "
+          f"(batch {args.batch}, context {args.context}, modes {args.modes}) x paths {args.paths}, "
+          f"{args.steps} timed steps ({args.baseline_steps} for the baseline), top_k {args.top_k} x block "
+          f"{args.block_size}", flush=True)
+    model, config = build_model(args)
+    # Each (batch, context, mode) is its own graph; dynamo's default limit (8) would send later ones to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(configs) + 8)
+    compiled_forward = (torch.compile(model, mode=args.compile_mode, fullgraph=True)
+                        if "compiled-static" in args.paths else None)
+    rows = []
+    started = time.perf_counter()
+    for i, (batch, context, mode) in enumerate(configs):
+        print(f"[{i + 1}/{len(configs)}] {time.perf_counter() - started:.0f}s", flush=True)
+        rows += run_config(model, config, args, compiled_forward, batch, context, mode)
+    for line in summarise(rows):
+        print(line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    print(f"bench_decode: done in {time.perf_counter() - started:.0f}s; "
+          + (f"rows written to {args.out}" if args.out else "rows printed above (--out to save them)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
