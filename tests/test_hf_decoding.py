@@ -189,3 +189,24 @@ def test_exported_folder_decodes_without_ssa_megatron(tmp_path):
     for _, module, _, err in layers:
         assert module.startswith("transformers_modules.") and module.endswith(".decoding"), module
         assert float(err) < 1e-5
+
+
+def test_float32_top_k_breaks_ties_to_the_later_block_like_the_sort():
+    """The float32 ranking (one topk over packed int64 keys) against the float64 one (stable sort), with exact ties,
+    signed zeros, infinities and fewer selectable entries than the budget."""
+    from ssa_megatron.hf.decoding import top_k_later_first
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (64, 20), generator=gen).float()  # many exact ties
+    scores[:, 0] = -0.0
+    scores[:, 1] = 0.0
+    scores[::3, 5] = float("inf")
+    selectable = torch.rand(64, 20, generator=gen) < 0.7
+    selectable[0] = False
+    selectable[1, :3] = True
+    selectable[1, 3:] = False
+    scores = scores.masked_fill(~selectable, float("-inf"))  # as block_scores leaves the non-candidates
+    for k in (1, 6, 25):
+        fast = top_k_later_first(scores, selectable, k).sort(-1).values
+        exact = top_k_later_first(scores.double(), selectable, k).sort(-1).values
+        assert torch.equal(fast, exact), k

@@ -13,10 +13,12 @@ all T cached keys.
 
 **One-token attention** (:func:`decode_attention`, a query at position t = length - 1 of its row):
 - sparse: the candidates are the blocks before the token's own block (all complete, one document per row); each
-  is scored by ``reference.block_scores`` on the cached pooled keys; the own block (partial, attended causally),
-  the ``sink_blocks`` first and ``local_blocks`` preceding blocks are kept first; the best-scoring rest fills
-  ``top_k``, ties to the later block (rule 3, as ``reference.select_blocks`` ranks). Only the selected blocks'
-  keys and values are gathered and attended: O(top_k · block_size) reads per KV head;
+  is scored on the cached pooled keys as ``reference.block_scores`` scores; the own block (partial, attended
+  causally), the ``sink_blocks`` first and ``local_blocks`` preceding blocks are kept first; the best-scoring rest
+  fills ``top_k``, ties to the later block (rule 3, as ``reference.select_blocks`` ranks). Only the selected
+  blocks' keys and values are gathered and attended: O(top_k · block_size) reads per KV head. This is the
+  reference's selection restated for one query in block units and written for speed (fused products, one
+  ``topk``); tests/test_hf_decoding.py holds it to the full forward through the reference;
 - full: causal attention over the first ``length`` cached keys. On a static cache this is FlexAttention with a
   block mask built from the cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
 
@@ -44,9 +46,9 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 IN_PACKAGE = __name__.startswith("ssa_megatron.")
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     _reference = importlib.import_module("ssa_megatron.ssa.reference")
-    block_scores, scoring_dtype = _reference.block_scores, _reference.scoring_dtype
+    scoring_dtype = _reference.scoring_dtype
 else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
-    from .reference import block_scores, scoring_dtype
+    from .reference import scoring_dtype
 
 LAYER_TYPE = "ssa_attention"
 KV_TILE = 128
@@ -178,32 +180,64 @@ SSA_LAYERS = (SSADynamicLayer, SSAStaticLayer)
 
 def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
     """Exact top-k along the last dim among ``selectable`` entries, ties to the later index (``select_blocks``'s
-    ranking). Returns the chosen indices ``[..., top_k]`` ascending, -1 where fewer are selectable."""
+    ranking). Returns ``[..., top_k]`` indices (in no particular order), -1 where fewer are selectable.
+
+    Float32 scores (the scoring precision of every input dtype but float64) are ranked by one ``topk`` over int64
+    keys ``(order-preserving int32 of the score) << 32 | index``: unique keys, so ties go to the later index with no
+    sort. Float64 scores take a stable sort over the reversed indices. Selectable entries score above -inf (as
+    ``block_scores`` leaves the candidates)."""
     n = scores.shape[-1]
+    if scores.dtype == torch.float32:
+        bits = (scores + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes +0.0, which it equals
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float
+        keys = (ordered << 32) + torch.arange(n, device=scores.device)
+        keys = keys.masked_fill(~selectable, torch.iinfo(torch.int64).min)
+        if n < top_k:
+            keys = F.pad(keys, (0, top_k - n), value=torch.iinfo(torch.int64).min)
+        best = torch.topk(keys, top_k, dim=-1).values
+        return torch.where(best == torch.iinfo(torch.int64).min, -1, best & 0xFFFFFFFF)
+    scores = scores.masked_fill(~selectable, -math.inf)
     order = torch.sort(torch.flip(scores, dims=[-1]), dim=-1, descending=True, stable=True).indices[..., :top_k]
     chosen = n - 1 - order  # a stable sort over reversed indices keeps the later one first on ties
-    valid = torch.gather(torch.flip(selectable, dims=[-1]), -1, order)
-    chosen = torch.sort(torch.where(valid, chosen, torch.full_like(chosen, n)), dim=-1).values
-    if chosen.shape[-1] < top_k:
-        chosen = F.pad(chosen, (0, top_k - chosen.shape[-1]), value=n)
-    return torch.where(chosen < n, chosen, torch.full_like(chosen, -1))
+    chosen = torch.where(torch.gather(torch.flip(selectable, dims=[-1]), -1, order), chosen, -1)
+    return F.pad(chosen, (0, top_k - chosen.shape[-1]), value=-1) if chosen.shape[-1] < top_k else chosen
+
+
+def _products(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` over the last dim, in ``a``'s dtype (``b`` is cast): ``a [..., M, D]``, ``b [..., N, D]``.
+
+    Compiled, it is written as products and a sum, which Inductor fuses with the cast (and with a gather that
+    produced ``b``) into one pass over ``b``: at M = G = 16 rows the step is bound by reading ``b``, and a matmul
+    would first write ``b`` out in the accumulation dtype. Eager, the matmul is far cheaper than the products."""
+    if torch.compiler.is_compiling():
+        return (a[..., :, None, :] * b[..., None, :, :].to(a.dtype)).sum(-1)
+    return a @ b.to(a.dtype).transpose(-1, -2)
 
 
 def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config, scale: float) -> Tensor:
-    """The blocks one new token attends to in sparse mode, ``[b, HKV, top_k]`` block numbers (ascending, -1 padded).
+    """The blocks one new token attends to in sparse mode, ``[b, HKV, top_k]`` block numbers (-1 padded).
 
     ``q [b, HQ, 1, D]`` at position ``length - 1``; ``pooled [b, HKV, n, D]`` with ``n`` above the token's own block
-    number; entries from the own block on are ignored."""
-    b, hkv, n, _ = pooled.shape
+    number; entries from the own block on are ignored. The scores are ``reference.block_scores``'s (docs/ssa.md
+    rule 2 and "Precision of the selection": input-dtype operands, float32 products and sums): ``group_softmax``
+    sums each group head's softmax of ``scale · q·k̄`` over the candidates, ``dot`` averages ``q·k̄``."""
+    b, hkv, n, d = pooled.shape
     bs = config.ssa_block_size
+    acc = scoring_dtype(q.dtype)
     own = (length - 1) // bs
     j = torch.arange(n, device=pooled.device)
     candidates = j < own  # complete blocks strictly before the own block
-    scores = block_scores(q.permute(2, 0, 1, 3), pooled, candidates.expand(b, 1, n), config.ssa_score, scale)
+    logits = _products(q.reshape(b, hkv, -1, d).to(acc), pooled)  # [b, HKV, G, n]
+    if config.ssa_score == "group_softmax":
+        probs = torch.softmax((scale * logits).masked_fill(~candidates, -math.inf), dim=-1)
+        scores = torch.where(candidates, probs, 0.0).sum(dim=2)
+    else:  # "dot"
+        scores = logits.mean(dim=2)
+    scores = scores.masked_fill(~candidates, -math.inf)  # [b, HKV, n]
     forced = candidates & ((j < config.ssa_sink_blocks) | (j >= own - config.ssa_local_blocks))
-    scores = torch.where(forced | (j == own), math.inf, scores)  # [b, HKV, 1, n]
+    scores = torch.where(forced | (j == own), math.inf, scores)
     selectable = (candidates | (j == own)).expand_as(scores)
-    return top_k_later_first(scores, selectable, config.ssa_top_k)[:, :, 0]
+    return top_k_later_first(scores, selectable, config.ssa_top_k)
 
 
 def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
@@ -217,10 +251,10 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
     acc = torch.promote_types(q.dtype, torch.float32)
-    k_sel, v_sel = torch.gather(keys, 2, pos).to(acc), torch.gather(values, 2, pos).to(acc)  # [b, HKV, K·bs, D]
     qg = q.reshape(b, hkv, hq // hkv, d).to(acc)  # query head h reads KV head h // G
-    logits = (scale * qg @ k_sel.transpose(-1, -2)).masked_fill(~valid[:, :, None], -math.inf)
-    out = torch.softmax(logits, dim=-1) @ v_sel  # [b, HKV, G, D]
+    logits = (scale * _products(qg, torch.gather(keys, 2, pos))).masked_fill(~valid[:, :, None], -math.inf)
+    probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
+    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2))  # [b, HKV, G, D]
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
