@@ -198,12 +198,14 @@ def test_cli_sweep_and_eval_on_text(hf_dirs, tmp_path, capsys):
         assert (tmp_path / "sweep" / name).is_file()
     table = json.loads((tmp_path / "sweep" / "budget_sweep.json").read_text())
     assert table[2]["ppl"] == pytest.approx(table[0]["ppl"], rel=1e-6)
+    assert all(row["word_ppl"] > 0 and row["words"] > 0 for row in table)  # text + tokenizer: word counts known
+    assert "word_ppl" in (tmp_path / "sweep" / "budget_sweep.csv").read_text().splitlines()[0]
     out = run("eval_ppl", common + ["--stats", "--out", str(tmp_path / "ppl.json")])
     result = json.loads((tmp_path / "ppl.json").read_text())
     assert set(result) >= {"full", "sparse", "attention_statistics"}
     assert set(result["attention_statistics"]) == {"full", "sparse"}
     assert all(len(layers) == 2 for layers in result["attention_statistics"].values())
-    assert "results: " in out
+    assert "results: " in out and "word ppl " in out
 
 
 def test_bad_inputs_are_named(megatron_ckpts, hf_dirs, tmp_path):

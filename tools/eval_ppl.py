@@ -60,7 +60,8 @@ def main(argv=None) -> int:
                 results.setdefault("attention_statistics", {})[mode] = attention_statistics(model, batches, bar.update)
     for mode in modes:
         r = results[mode]
-        print(f"{mode:>6}: ppl {r['ppl']:.4f}  loss {r['loss']:.4f} nats/token  ({r['tokens']} tokens)")
+        words = f", word ppl {r['word_ppl']:.4f} ({r['words']} words)" if "word_ppl" in r else ""
+        print(f"{mode:>6}: ppl {r['ppl']:.4f}  loss {r['loss']:.4f} nats/token  ({r['tokens']} tokens){words}")
     for mode, layers in results.get("attention_statistics", {}).items():
         for layer in layers:
             print(f"{mode:>6} layer {layer['layer']:>3}: "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ssa_megatron.eval.perplexity import METRICS, attention_statistics, perplexity
 
-COLUMNS = ("mode", "block_size", "top_k", "receptive_field", "loss", "ppl", "tokens", *METRICS)
+COLUMNS = ("mode", "block_size", "top_k", "receptive_field", "loss", "ppl", "tokens", "word_ppl", "words", *METRICS)
 
 
 def budget_sweep(model, batches: list[dict], top_ks: list[int], block_sizes: list[int] | None = None, *,
