@@ -9,13 +9,13 @@ text through ssa-train, evaluated under full and sparse inference, and reported.
 prepare: tools/build_corpus.py (the offline corpus and its held-out squad_shifts paragraphs), a 16k byte-level BPE
 (tools/train_tokenizer.py), 2048-token shards with 1 % of the documents held out (tools/prepare_data.py), and
 heldout_wiki_nyt.txt: the Wikipedia and New York Times paragraphs of squad_shifts, a source the training text does
-not contain. Only shards/, tokenizer.json and heldout_wiki_nyt.txt are needed to train and evaluate (about 60 MB);
+not contain. Only shards/, tokenizer.json and heldout_wiki_nyt.txt are needed to train and evaluate (53 MB);
 the raw text stays in <out>/raw.
 
 run: for each model (recipes/study_<model>.yaml), `ssa-train study_<model> data.train_shards=<data>/shards
-train.run_dir=<out>/<model>` with its console in <out>/<model>/train.log; ``--jobs 3`` trains the three at once
-on one GPU (small models leave most of an H200 idle). Then `run_study.py evaluate` per run, which writes
-<run>/study_eval.json:
+train.run_dir=<out>/<model>` with its console in <out>/<model>/train.log; by default the three train at once on one
+GPU (``--jobs 3``: these small models leave most of an H200 idle; ``--jobs 1`` trains one after the other).
+Then `run_study.py evaluate` per run, which writes <run>/study_eval.json:
 - held-out perplexity under full inference and under sparse inference at RF 128, 256, 512, 1024 (block 16, top_k
   8..64), on heldout_wiki_nyt.txt at the training length;
 - attention statistics per layer (ssa_megatron.ssa.reference.attention_metrics: sparsity as the paper's
@@ -268,7 +268,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="data/study")
     p.add_argument("--out", default="runs/study")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--jobs", type=int, default=1, help="trainings (and evaluations) at once on the machine")
+    p.add_argument("--jobs", type=int, default=3,
+                   help="trainings (and evaluations) at once on the machine (default 3: the three share one GPU)")
     p.add_argument("--rows", type=int, default=48,
                    help="held-out rows of the training length per evaluation (default 48)")
     p.add_argument("--device", default=None)
