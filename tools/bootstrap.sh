@@ -32,5 +32,6 @@ if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   echo "bootstrap: installing torch 2.11.0 (first run only, ~4.7 GB)"
   "${pip[@]}" install "torch==2.11.0"
 fi
-"${pip[@]}" install -e ".[dev,hf]"
+# eval: lm-eval for tests/test_hf_lm_eval.py (about 1 min of CPU, 1.5-2 min on 2 busy cores, on top of the rest).
+"${pip[@]}" install -e ".[dev,hf,eval]"
 echo "bootstrap: ready ($(.venv/bin/python -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}")'))"
