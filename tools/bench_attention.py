@@ -10,11 +10,15 @@ gradient), B=1, bf16, random normal inputs:
              alignment loss (mode sparse, alpha 10)
   layer:serial  the same layer with both branches on one CUDA stream (ssa.overlap_branches off)
   select     ssa_kernels.select_blocks (group_softmax) alone
+  fla_nsa    fla-core's selected-block attention (fla.ops.nsa.parallel.ParallelNSAFunction: no compression or
+             window branch) on the sparse row's table converted to fla's layout (fla_table), when fla is importable
+             and the shape is inside fla's limits (fla_limits); ratios ours/fla = sparse time / fla time
   --compare: select:stream / layer:stream = the selection with the streaming top-k only (the v3 algorithm of
              docs/kernels_notes.md, pass 1 in BN-block chunks; heavy tiles first, as in production) alone and in
              the layer; gate:torch / gate:fused = the gate of both branches + alignment loss alone
 Ratios: vs SDPA full of the same shape/T; "dens" = density-scaled SDPA time (SDPA × selected pairs / causal
-pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long]
+pairs). Usage: python tools/bench_attention.py [--quick] [--json out.json] [--no-flex] [--no-long] [--no-fla]
+[--sparse-only]
 """
 
 from __future__ import annotations
@@ -119,6 +123,80 @@ def flex_call(q, k, v, mask):
     fn = flex_setup()
     o = fn(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), block_mask=mask, enable_gqa=True)
     return o.permute(2, 0, 1, 3)
+
+
+def fla_limits(hq: int, hkv: int, d: int) -> str | None:
+    """Why fla-core 0.6.0's NSA selection kernels cannot run heads ``hq``/``hkv`` at head dim ``d`` (one line), or
+    None. The G query heads of a group are a tile dimension of every kernel (``tl.arange(0, G)``, the M of
+    ``tl.dot``), hence a power of two >= 16; the forward holds the whole head dim in one tile of at most 256."""
+    g = hq // hkv
+    if hq % hkv or g < 16 or g & (g - 1):
+        return f"HQ/HKV = {hq}/{hkv}: fla-core's NSA kernels need a group of a power of two >= 16 query heads"
+    if d > 256:
+        return f"D = {d}: fla-core's NSA forward takes head dims up to 256"
+    return None
+
+
+def fla_table(block_idx: torch.Tensor, counts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our selection table in fla's NSA layout, the same blocks per (query token, KV head).
+
+    ``block_idx [b, HKV, sq, K]`` int32 block starts (ascending, -1 padded) and ``counts [b, HKV, sq]`` (as
+    ``select_blocks`` returns them) -> ``block_indices [b, sq, HKV, S]`` int32 block numbers (start //
+    block_size), -1 padded, and ``block_counts [b, sq, HKV]`` int32. ``S`` is ``K`` rounded up to a power of two,
+    because fla's backward builds its reverse index with ``tl.arange(0, S)``; fla skips -1 slots. fla's table holds
+    block numbers, so every start must lie on the block grid (no documents)."""
+    used = block_idx >= 0
+    off_grid = used & (block_idx % block_size != 0)
+    if bool(off_grid.any()):
+        raise ValueError(f"block_idx: start {int(block_idx[off_grid][0])} is not a multiple of block_size="
+                         f"{block_size}; fla's table holds block numbers, so starts must be on the block grid")
+    blocks = torch.where(used, block_idx // block_size, -1).to(torch.int32)
+    top_k = blocks.shape[-1]
+    s = 1 << (top_k - 1).bit_length()
+    blocks = F.pad(blocks, (0, s - top_k), value=-1)
+    return blocks.permute(0, 2, 1, 3).contiguous(), counts.permute(0, 2, 1).to(torch.int32).contiguous()
+
+
+def fla_selected_attention():
+    """fla-core's selected-block attention (``ParallelNSAFunction``), or None, saying why in one line, when there is
+    no CUDA device (fla's NSA ops are Triton GPU kernels) or fla-core is not installed (an optional extra)."""
+    if not torch.cuda.is_available():
+        print("fla_nsa: no rows: fla-core's NSA kernels need a CUDA device", flush=True)
+        return None
+    try:
+        from fla.ops.nsa.parallel import ParallelNSAFunction
+    except ImportError as err:
+        print(f"fla_nsa: no rows: fla-core is not installed ({err}); pip install -e \".[nsa]\"", flush=True)
+        return None
+    return ParallelNSAFunction
+
+
+def fla_peer(add, fla_fn, sname, t, cfg, q, k, v, do, idx, counts, bs, ours):
+    """fla's selected-block attention on the identical table, fwd and fwd+bwd, beside ours (``ours`` = the sparse
+    row's (fwd, fwd+bwd) ms). fla's layout is [B, T, H, D]: at B = 1 that is a view of ours, so no copy is timed."""
+    hq, d = q.shape[2], q.shape[3]
+    table, nblk = fla_table(idx, counts, bs)
+    qf, kf, vf = (x.detach().view(1, t, x.shape[2], d).requires_grad_() for x in (q, k, v))
+    dof = do.view(1, t, hq, d)
+    scale = d ** -0.5  # ours defaults to the same
+
+    def call():
+        return fla_fn.apply(qf, kf, vf, table, nblk, bs, scale, None)
+
+    # the same table must give the same attention: check once before timing (bf16 rounding only)
+    o_ours = K.sparse_attention(q, k, v, idx, bs)[0]
+    g_ours = torch.autograd.grad(o_ours, (q, k, v), do)
+    o_fla = call()
+    g_fla = torch.autograd.grad(o_fla, (qf, kf, vf), dof)
+    errs = [((a.float().reshape(-1) - b.float().reshape(-1)).norm() / a.float().norm()).item()
+            for a, b in zip((o_ours, *g_ours), (o_fla, *g_fla))]
+    print(f"   fla_nsa check {cfg}: rel err vs ours out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} "
+          f"dv {errs[3]:.1e}", flush=True)
+    del o_ours, g_ours, o_fla, g_fla
+    fl_f = bench(call)
+    fl_fb = bench(fwd_bwd(call, (qf, kf, vf), dof))
+    add(shape=sname, T=t, what="fla_nsa", cfg=cfg, fwd=fl_f, fb=fl_fb,
+        ratios={"ours/fla_f": ours[0] / fl_f, "ours/fla_fb": ours[1] / fl_fb})
 
 
 def gate_micro(add, sname, t, hq, d):
@@ -239,6 +317,10 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-long", action="store_true")
+    ap.add_argument("--no-fla", action="store_true", help="skip fla-core's NSA selection kernel (the fla_nsa rows)")
+    ap.add_argument("--sparse-only", action="store_true",
+                    help="time only the sparse kernel and its fla_nsa peer per shape, T and block x top-k (no SDPA, "
+                         "full, flex, layer, small-group or 128k rows)")
     ap.add_argument("--profile", action="store_true", help="also a per-kernel breakdown at 32k")
     ap.add_argument("--profile-only", action="store_true")
     ap.add_argument("--shapes", default="32/2/64,32/8/128", help="HQ/HKV/D list")
@@ -269,26 +351,37 @@ def main():
     shapes = [(x, *map(int, x.split("/"))) for x in args.shapes.split(",")]
     ts = [8192] if args.quick else [int(x) for x in args.ts.split(",")]
     sparse_cfgs = [(16, 16), (64, 32)]
+    fla_fn = None if args.no_fla else fla_selected_attention()
     for sname, hq, hkv, d in shapes:
+        fla_why = fla_limits(hq, hkv, d)
+        if fla_fn is not None and fla_why:
+            print(f"fla_nsa: no rows at {sname}: {fla_why}", flush=True)
         for t in ts:
             q, k, v = make(t, hq, hkv, d)
             do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
-            s_f = bench(lambda: sdpa(q, k, v))
-            s_fb = bench(fwd_bwd(lambda: sdpa(q, k, v), (q, k, v), do))
-            add(shape=sname, T=t, what="sdpa", fwd=s_f, fb=s_fb)
-            f_f = bench(lambda: K.full_attention(q, k, v)[0])
-            f_fb = bench(fwd_bwd(lambda: K.full_attention(q, k, v)[0], (q, k, v), do))
-            add(shape=sname, T=t, what="full", fwd=f_f, fb=f_fb, ratios={"xSDPA_fb": f_fb / s_fb})
+            if not args.sparse_only:
+                s_f = bench(lambda: sdpa(q, k, v))
+                s_fb = bench(fwd_bwd(lambda: sdpa(q, k, v), (q, k, v), do))
+                add(shape=sname, T=t, what="sdpa", fwd=s_f, fb=s_fb)
+                f_f = bench(lambda: K.full_attention(q, k, v)[0])
+                f_fb = bench(fwd_bwd(lambda: K.full_attention(q, k, v)[0], (q, k, v), do))
+                add(shape=sname, T=t, what="full", fwd=f_f, fb=f_fb, ratios={"xSDPA_fb": f_fb / s_fb})
             for bs, kk in sparse_cfgs:
                 cfg = f"{bs}x{kk}"
-                idx, _ = K.select_blocks(q.detach(), k.detach(), bs, kk)
-                sel = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk))
+                idx, counts = K.select_blocks(q.detach(), k.detach(), bs, kk)
                 pairs = selected_pairs(idx, bs, t)
                 dens = pairs / (t * (t + 1) / 2)
                 sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0])
                 sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, bs)[0], (q, k, v), do))
-                add(shape=sname, T=t, what="sparse", cfg=cfg, fwd=sp_f, fb=sp_fb,
-                    ratios={"xSDPA_fb": sp_fb / s_fb, "xDens_fb": sp_fb / (s_fb * dens), "density": dens})
+                ratios = {"density": dens}
+                if not args.sparse_only:
+                    ratios = {"xSDPA_fb": sp_fb / s_fb, "xDens_fb": sp_fb / (s_fb * dens), **ratios}
+                add(shape=sname, T=t, what="sparse", cfg=cfg, fwd=sp_f, fb=sp_fb, ratios=ratios)
+                if fla_fn is not None and not fla_why:
+                    fla_peer(add, fla_fn, sname, t, cfg, q, k, v, do, idx, counts, bs, (sp_f, sp_fb))
+                if args.sparse_only:
+                    continue
+                sel = bench(lambda: K.select_blocks(q.detach(), k.detach(), bs, kk))
                 add(shape=sname, T=t, what="select", cfg=cfg, fwd=sel, ratios={"xSparse_fb": sel / sp_fb})
                 if not args.no_flex and t == 32768:
                     try:
@@ -335,13 +428,13 @@ def main():
                         K.select_blocks = KSEL.select_blocks
                     add(shape=sname, T=t, what="layer:stream", cfg=cfg, fwd=o_f, fb=o_fb,
                         ratios={"xSDPA_fb": o_fb / s_fb, "new/old_fb": l_fb / o_fb})
-            if args.compare:
+            if args.compare and not args.sparse_only:
                 gate_micro(add, sname, t, hq, d)
             del q, k, v, do
             gc.collect()
             torch.cuda.empty_cache()
 
-    if not args.quick and not args.no_small_groups:
+    if not args.quick and not args.no_small_groups and not args.sparse_only:
         # small groups at one setting: T=8k, HQ=32, D=64, 16x16; per query head (HQ fixed) vs G=16
         t, hq, d = 8192, 32, 64
         base = None
@@ -356,7 +449,7 @@ def main():
             base = base or sp_fb
             add(shape=f"G={g} ({hq}/{hkv}/{d})", T=t, what="sparse", cfg="16x16", fwd=sp_f, fb=sp_fb,
                 ratios={"xG16_fb": sp_fb / base, "select_ms": sel})
-    if not args.quick and not args.no_long:
+    if not args.quick and not args.no_long and not args.sparse_only:
         t = 131072
         for sname, hq, hkv, d in shapes:
             q, k, v = make(t, hq, hkv, d, grad=False)
