@@ -12,7 +12,8 @@ import torch
 if torch.cuda.is_available():
     # Compiled, a float32 tl.dot runs in TF32 by default (10-bit mantissa), which flips near-tied block scores against
     # the brute force's float32; IEEE float32 dots make the set comparison exact on a GPU as in the interpreter.
-    # (On an H200 without this line, 2 of 11 authors_chunked cases differed; not yet re-run with it.)
+    # (On an H200 without this line, 2 of 11 authors_chunked cases differed. Rounding q and the pooled keys to TF32
+    # changes the brute force's own selection for 16 of 360 random draws of these cases; not yet re-run with it.)
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 from brute_force import brute_force

@@ -4,6 +4,7 @@ top-k) and ``normaliser: authors`` (their group-softmax normaliser), in the refe
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ SWITCHES = [("authors_chunked", "earlier_blocks"), ("exact", "authors"), ("autho
 
 def _inputs(case, dtype=torch.float64):
     s, b, hq, hkv, d, bs, top_k, score, docs, n_queries = case
-    rng = random.Random(sum(map(hash, map(str, case))) % 1000)
+    rng = random.Random(zlib.crc32(str(case).encode()))  # not hash(): str hashes change with every process
     torch.manual_seed(rng.randint(0, 10**6))
     k = torch.randn(s, b, hkv, d, dtype=dtype)
     q_positions, sq = None, s
