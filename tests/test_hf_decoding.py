@@ -1,9 +1,12 @@
 """Cached decoding (ssa_megatron/hf/decoding.py): token-by-token logits on the SSA cache layers, dynamic and static,
 equal one full forward over the same tokens in both modes (float64), the new token's selection reads the pooled
-keys kept in the cache (the general path is not called), those pooled keys are the reference's, and a static
-decode step compiles into one graph."""
+keys kept in the cache (the general path is not called), those pooled keys are the reference's, a static decode
+step compiles into one graph, and in bf16 a selection compiled by Inductor equals the eager one and the float64
+reference's on the same inputs up to float32 rounding."""
 
+import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,8 +18,9 @@ from transformers import DynamicCache, StaticCache
 import ssa_megatron.hf  # noqa: F401  (registers ssa_llama)
 from ssa_megatron.hf import modeling
 from ssa_megatron.hf.configuration import SSALlamaConfig
-from ssa_megatron.hf.decoding import SSADynamicLayer, SSAStaticLayer
+from ssa_megatron.hf.decoding import SSADynamicLayer, SSAStaticLayer, round_to, select_decode_blocks
 from ssa_megatron.ssa import reference
+from helpers.decoding import TIE_RTOL, selection_gaps
 
 PROMPT, TOTAL = 21, 60  # the prompt ends inside block 1; decoding crosses two block boundaries (block 16)
 
@@ -210,3 +214,52 @@ def test_float32_top_k_breaks_ties_to_the_later_block_like_the_sort():
         fast = top_k_later_first(scores, selectable, k).sort(-1).values
         exact = top_k_later_first(scores.double(), selectable, k).sort(-1).values
         assert torch.equal(fast, exact), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_to_is_the_cast(dtype):
+    """``round_to`` (integer operations, which Inductor keeps) equals ``x.to(dtype).float()`` over the whole exponent
+    range, on the midpoints between neighbouring values (ties to even), subnormals, the overflow edge, infinities."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=gen) * torch.exp2(torch.randint(-30, 20, (100_000,), generator=gen).float())
+    low = x.to(dtype)
+    high = (low.view(torch.int16) + 1).view(dtype)  # the next value away from zero
+    mid = (low.double() + high.double()) / 2
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -25, 3.3e38,
+                          3.4e38, math.inf, -math.inf])
+    x = torch.cat([x, mid[mid.float().double() == mid].float(), edges])  # midpoints that float32 holds exactly
+    assert torch.equal(round_to(x, dtype), x.to(dtype).float())
+
+
+@pytest.mark.slow  # Inductor builds C++ kernels: about 25 s on two cores
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor on CPU needs a C++ compiler")
+def test_inductor_bf16_selection_equals_eager_and_float64():
+    """bf16, Inductor (CPU, fullgraph) against eager on the same inputs: both select what the float64 reference
+    selects from those inputs, up to float32 rounding (``TIE_RTOL``), and exact ties go to the later block. The query
+    is computed inside the compiled function, as RoPE computes it in a decode step, so Inductor fuses it into the
+    scoring and would score it unrounded (in float32) without ``round_to``; on these inputs that changes selections
+    by more than ``TIE_RTOL`` (counted below), so the check can see it."""
+    config = SSALlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=64, ssa_block_size=16,
+                            ssa_top_k=8, ssa_sink_blocks=1, ssa_local_blocks=1)
+    scale = 0.125
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, 1, 64, generator=gen).bfloat16()
+    rotation = (1 + torch.rand(128, 8, 1, 64, generator=gen)).bfloat16()
+    pooled = (0.05 * torch.randn(128, 2, 128, 64, generator=gen)).bfloat16()  # near-flat scores: many near-ties
+    pooled[0] = pooled[0, :, :1]  # row 0: one block repeated, all scores tie exactly
+
+    def step(x, rotation, pooled, length):
+        return select_decode_blocks(x * rotation, pooled, length, config, scale)
+
+    compiled = torch.compile(step, fullgraph=True)
+    q = x * rotation  # rounded to bf16, as the compiled step now scores it
+    unrounded_changes = 0
+    for length in (40, 1024, 2047):  # fewer candidates than the budget; half the blocks; all
+        length = torch.tensor(length)
+        for name, idx in (("eager", step(x, rotation, pooled, length)),
+                          ("compiled", compiled(x, rotation, pooled, length))):
+            gaps = selection_gaps(idx, q, pooled, length, config, scale)
+            assert gaps.max() <= TIE_RTOL, (name, int(length), gaps.max().item())
+        unrounded = select_decode_blocks(x.float() * rotation.float(), pooled, length, config, scale)
+        unrounded_changes += int((selection_gaps(unrounded, q, pooled, length, config, scale) > TIE_RTOL).sum())
+    assert unrounded_changes >= 3, unrounded_changes  # 6 of 768 selections on this seed

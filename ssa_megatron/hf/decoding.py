@@ -203,6 +203,32 @@ def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
     return F.pad(chosen, (0, top_k - chosen.shape[-1]), value=-1) if chosen.shape[-1] < top_k else chosen
 
 
+def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Float32 ``x`` rounded to the nearest ``dtype`` value (bfloat16 or float16, ties to even), returned in float32:
+    ``x.to(dtype).float()``, computed with integer operations on the bits.
+
+    Why: compiled, Inductor fuses the op that produced a bf16 tensor (RoPE for the query) into the one that reads
+    it and computes both in float32, dropping the rounding to bf16 between them (on CPU, torch 2.11, also with
+    ``emulate_precision_casts``). A query cast by ``.to`` would then score in float32 when compiled and in bf16
+    eagerly. Integer operations are not elided. NaN inputs may come out as infinities."""
+    drop = 16 if dtype == torch.bfloat16 else 13  # the mantissa bits float32 has beyond dtype's
+    bits = x.view(torch.int32)
+    bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)
+    out = bits.view(torch.float32)
+    if dtype == torch.float16:  # float16's narrower exponent: subnormals below 2^-14, infinity above 65504
+        out = torch.where(x.abs() < 2.0 ** -14, torch.round(x * 2.0 ** 24) * 2.0 ** -24, out)
+        out = torch.where(out.abs() > 65504, out.sign() * math.inf, out)
+    return out
+
+
+def _operand(x: Tensor) -> Tensor:
+    """``x`` in ``scoring_dtype``, holding exactly ``x.dtype`` values also when compiled (:func:`round_to`): the
+    precision contract's input-dtype operands (docs/ssa.md "Precision of the selection")."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return round_to(x.to(torch.float32), x.dtype)
+    return x.to(scoring_dtype(x.dtype))
+
+
 def _products(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` over the last dim, in ``a``'s dtype (``b`` is cast): ``a [..., M, D]``, ``b [..., N, D]``.
 
@@ -223,11 +249,10 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     sums each group head's softmax of ``scale · q·k̄`` over the candidates, ``dot`` averages ``q·k̄``."""
     b, hkv, n, d = pooled.shape
     bs = config.ssa_block_size
-    acc = scoring_dtype(q.dtype)
     own = (length - 1) // bs
     j = torch.arange(n, device=pooled.device)
     candidates = j < own  # complete blocks strictly before the own block
-    logits = _products(q.reshape(b, hkv, -1, d).to(acc), pooled)  # [b, HKV, G, n]
+    logits = _products(_operand(q.reshape(b, hkv, -1, d)), pooled)  # [b, HKV, G, n]
     if config.ssa_score == "group_softmax":
         probs = torch.softmax((scale * logits).masked_fill(~candidates, -math.inf), dim=-1)
         scores = torch.where(candidates, probs, 0.0).sum(dim=2)
@@ -250,8 +275,7 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(b, hkv, hq // hkv, d).to(acc)  # query head h reads KV head h // G
+    qg = _operand(q.reshape(b, hkv, hq // hkv, d))  # query head h reads KV head h // G
     logits = (scale * _products(qg, torch.gather(keys, 2, pos))).masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
     out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2))  # [b, HKV, G, D]
