@@ -3,24 +3,18 @@ fla's naive selected-block attention the same output and gradients as our sparse
 so the fla_nsa rows time the identical problem; off-grid starts and shapes outside fla's limits are named in one
 line. fla's Triton kernels need CUDA; the benchmark compares them with ours on the GPU before timing."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import ssa_kernels as K
 from helpers.numerics import rel_err
+from helpers.tools import load_tool
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_attention.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_attention")
 
 
 @pytest.mark.parametrize("block_size,top_k", [(16, 3), (32, 2)])

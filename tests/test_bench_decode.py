@@ -1,20 +1,16 @@
 """tools/bench_decode.py on CPU with the tiny shape: every path and mode runs, the bounds and ratios are computed
 from the model and the arguments, the JSON holds one row per (batch, context, mode, path), bad values are named."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_decode.py"
+from helpers.tools import load_tool
+
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_decode", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_decode")
 
 
 def test_bench_decode_tiny_cpu(tmp_path, capsys):

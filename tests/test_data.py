@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.tools import load_tool
 from ssa_megatron.config import DataConfig, ModelConfig, RecipeConfig, TrainConfig
 from ssa_megatron.data.builtin import ensure_builtin_corpus, stdlib_files
 from ssa_megatron.data.from_config import build_loaders
@@ -425,24 +426,14 @@ def test_builtin_stdlib_corpus_builds_quickly_and_is_cached(tmp_path):
 # CLIs (run in-process through their main(argv))
 
 
-def _tool(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_clis_train_prepare_and_report_bad_input(corpus, tmp_path, capsys):
     inputs = str(corpus["root"] / "inputs")
-    assert _tool("train_tokenizer").main([inputs, "--vocab-size", "300", "--output", str(tmp_path / "tok.json"),
+    assert load_tool("train_tokenizer").main([inputs, "--vocab-size", "300", "--output", str(tmp_path / "tok.json"),
                                           "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("train_tokenizer: byte-level BPE, vocab 300") and str(tmp_path / "tok.json") in out
-    prepare = _tool("prepare_data")
+    prepare = load_tool("prepare_data")
 
     def args(source: str, output: str) -> list[str]:
         return [source, "--tokenizer", str(tmp_path / "tok.json"), "--seq-length", "16", "--output",

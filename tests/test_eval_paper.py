@@ -1,7 +1,6 @@
 """The paper's evaluations on a tiny checkpoint (CPU): word-level perplexity, length extrapolation
 (tools/length_extrapolation.py) and needle in a haystack (tools/niah.py), through their tools."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,9 +9,9 @@ import pytest
 import torch
 
 from helpers.megatron import init_megatron, tiny_recipe
+from helpers.tools import load_tool
 
 SEQ = 64
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 
 def _text(n_words: int) -> str:
@@ -49,10 +48,7 @@ def tiny(tmp_path_factory):
 
 
 def _run_tool(name, argv, capsys):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    code = mod.main(argv)
+    code = load_tool(name).main(argv)
     return code, capsys.readouterr()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers.megatron import init_megatron, tiny_recipe
+from helpers.tools import load_tool, word_tokenizer
 
 SEQ = 64  # block 16: top_k 4 covers the whole sequence
 ATOL = 1e-5  # fp32 logits; the two stacks run the same ops, so the difference is at rounding level
@@ -163,31 +164,14 @@ def test_budget_sweep_covering_budget_equals_full(megatron_ckpts, tmp_path):
     assert plot_sweep(rows, tmp_path / "sweep.png").stat().st_size > 0
 
 
-def _word_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<|endoftext|>"] + [f"w{i}" for i in range(100)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-    return path
-
-
 @pytest.mark.slow
 def test_cli_sweep_and_eval_on_text(hf_dirs, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
     text = tmp_path / "held_out.txt"
     text.write_text(" ".join(f"w{(i * 7) % 100}" for i in range(400)))
-    tok = _word_tokenizer(tmp_path / "tokenizer.json")
-    tools = Path(__file__).resolve().parent.parent / "tools"
+    tok = word_tokenizer(tmp_path / "tokenizer.json")
 
     def run(name, argv):
-        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        assert mod.main(argv) == 0
+        assert load_tool(name).main(argv) == 0
         return capsys.readouterr().out
 
     common = ["--model", str(hf_dirs[True]), "--data", str(text), "--tokenizer", str(tok), "--seq-length",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers.megatron import init_megatron, tiny_recipe
+from helpers.tools import load_tool
 
 SEQ = 64  # block 16: top_k 2 of 4 blocks is really sparse
 ATOL = 1e-5  # fp32 logits
@@ -191,13 +192,7 @@ def test_keep_ssa_llama_for_a_gateless_model(exports, tmp_path):
 
 
 def test_convert_to_hf_cli_says_what_it_writes(exports, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_to_hf", Path(__file__).resolve().parent.parent / "tools" / "convert_to_hf.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_to_hf")
 
     assert tool.main([str(exports["none"][2]), str(tmp_path / "plain")]) == 0
     out = capsys.readouterr().out

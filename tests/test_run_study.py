@@ -4,23 +4,15 @@ contexts, in-distribution perplexity) and reported (tables and plots)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from helpers.tools import load_tool
+
 SEQ = 128
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sentences(rng: random.Random, n: int) -> str:
@@ -38,12 +30,12 @@ def study_data(tmp_path_factory):
     corpus = root / "raw" / "docs.jsonl"
     corpus.parent.mkdir()
     corpus.write_text("".join(json.dumps({"text": _sentences(rng, rng.randint(5, 40))}) + "\n" for _ in range(400)))
-    assert _tool("train_tokenizer").main([str(corpus), "--vocab-size", "300", "--output", str(root / "tokenizer.json"),
+    assert load_tool("train_tokenizer").main([str(corpus), "--vocab-size", "300", "--output", str(root / "tokenizer.json"),
                                           "--no-progress"]) == 0
-    assert _tool("prepare_data").main([str(corpus), "--tokenizer", str(root / "tokenizer.json"), "--seq-length",
+    assert load_tool("prepare_data").main([str(corpus), "--tokenizer", str(root / "tokenizer.json"), "--seq-length",
                                        str(SEQ), "--output", str(root / "shards"), "--valid-fraction", "0.05",
                                        "--workers", "1", "--no-progress"]) == 0
-    study = _tool("run_study")
+    study = load_tool("run_study")
     (root / study.HELDOUT_TEXT).write_text(_sentences(random.Random(1), 200))
     return root
 
@@ -57,7 +49,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128
 
 @pytest.mark.slow
 def test_run_study_trains_evaluates_and_reports(study_data, tmp_path, capsys):
-    study = _tool("run_study")
+    study = load_tool("run_study")
     out = tmp_path / "study"
     assert study.main(["run", "--data", str(study_data), "--out", str(out), "--jobs", "3", "--rows", "2",
                        "--device", "cpu", "--top-k", "1,2,8", *TINY]) == 0
@@ -97,6 +89,6 @@ def test_run_study_trains_evaluates_and_reports(study_data, tmp_path, capsys):
 
 
 def test_run_study_names_missing_data(tmp_path):
-    study = _tool("run_study")
+    study = load_tool("run_study")
     with pytest.raises(SystemExit, match="has no shards; make it with: python tools/run_study.py prepare"):
         study.main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cpu"])

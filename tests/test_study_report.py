@@ -3,34 +3,15 @@
 one JSON and three plots."""
 
 import csv
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers.tools import load_tool, word_tokenizer
 from helpers.training import run_training, tiny_test_recipe
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 BUDGETS = (1, 2, 4)  # training top_k; seq_length 64 = 4 blocks of 16, so 4 covers the row
 PLOTS = ("loss_curves.png", "final_ppl.png", "ppl_vs_inference_budget.png")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _word_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<|endoftext|>"] + [f"w{i}" for i in range(100)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +25,7 @@ def study(tmp_path_factory):
         runs.append(run_dir)
     text = root / "held_out.txt"
     text.write_text(" ".join(f"w{(i * 7) % 100}" for i in range(400)))
-    data = ["--data", str(text), "--tokenizer", str(_word_tokenizer(root / "tokenizer.json")), "--seq-length", "64",
+    data = ["--data", str(text), "--tokenizer", str(word_tokenizer(root / "tokenizer.json")), "--seq-length", "64",
             "--batches", "2"]
     return root, runs, data
 
@@ -53,11 +34,11 @@ def study(tmp_path_factory):
 def test_study_report_collects_runs(study, capsys):
     root, runs, data = study
     # One run swept as docs/hf_eval.md shows; the report sweeps the other two (same data and budgets).
-    assert _tool("budget_sweep").main(["--model", str(runs[0]), *data, "--top-k", "1", "2", "4",
+    assert load_tool("budget_sweep").main(["--model", str(runs[0]), *data, "--top-k", "1", "2", "4",
                                        "--out", str(runs[0] / "budget_sweep")]) == 0
     capsys.readouterr()
     out_dir = root / "report"
-    assert _tool("study_report").main([*map(str, runs), "--out", str(out_dir), *data, "--top-k", "1", "2", "4"]) == 0
+    assert load_tool("study_report").main([*map(str, runs), "--out", str(out_dir), *data, "--top-k", "1", "2", "4"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("study_report:")]
     assert lines[0].startswith("study_report: 3 runs (k1 K×BS 1x16") and str(out_dir) in lines[0]
     assert "1 with a budget sweep" in lines[0] and "2 without" in lines[0]
@@ -94,12 +75,12 @@ def test_study_report_collects_runs(study, capsys):
         assert (out_dir / name).stat().st_size > 1000
 
     # A second report finds the sweeps it wrote and needs no --data.
-    assert _tool("study_report").main([*map(str, runs), "--out", str(out_dir)]) == 0
+    assert load_tool("study_report").main([*map(str, runs), "--out", str(out_dir)]) == 0
     assert "3 with a budget sweep" in capsys.readouterr().out
 
 
 def test_study_report_names_what_is_not_a_run(tmp_path, capsys):
-    tool = _tool("study_report")
+    tool = load_tool("study_report")
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a run")
     for bad, says in ((tmp_path / "empty", "neither recipe.yaml nor checkpoints/"),

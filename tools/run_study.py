@@ -197,19 +197,14 @@ def evaluate(args) -> int:
     batch_size = max(1, min(args.batch_size, args.rows))
     tokenizer = str(data / "tokenizer.json")
 
-    def heldout(length: int) -> list[dict]:
-        """The same first ``rows x seq`` held-out tokens, cut into rows of ``length``."""
-        per_batch = max(1, batch_size * seq // length)
-        rows = max(1, args.rows * seq // length)
-        return list(islice(text_batches(str(data / HELDOUT_TEXT), tokenizer, length, per_batch), -(-rows // per_batch)))
-
-    batches = heldout(seq)
+    batches = list(islice(text_batches(str(data / HELDOUT_TEXT), tokenizer, seq, batch_size),
+                          -(-args.rows // batch_size)))
     log(f"{run_dir}: {sum(b['tokens'].shape[0] for b in batches)} held-out rows x {seq} tokens from {HELDOUT_TEXT}")
     sweep = budget_sweep(model, batches, list(args.top_k), stats=True)
     for row in sweep:
         log(f"  {row['mode']:>6} RF {row['receptive_field']:>5}: ppl {row['ppl']:.3f}, sparsity {row['sparsity']:.3f}, "
             f"entropy {row['entropy_bits']:.3f} bits, KL {row['kl_full_sparse']:.4f}")
-    rows_longest = max(1, args.rows * seq // (seq * LENGTH_FACTORS[-1]))
+    rows_longest = max(1, args.rows // LENGTH_FACTORS[-1])  # rows of the longest length: the same tokens
     length = length_extrapolation(model, str(data / HELDOUT_TEXT), factors=(1, *LENGTH_FACTORS), rows=rows_longest,
                                   tokenizer=tokenizer)
     for row in length:
