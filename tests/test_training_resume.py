@@ -82,10 +82,11 @@ def test_stop_request_checkpoints_exits_and_resumes(tmp_path, how):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     first = run_training(tiny_test_recipe(run_dir, *overrides), step_hook=request_stop)
-    assert first.stopped_by_signal and first.end_step == 2
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    # Requested during step 2; the vote rides on step 2's report, read while step 3 runs: the run stops after 3.
+    assert first.stopped_by_signal and first.end_step == 3
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     second = run_training(tiny_test_recipe(run_dir, *overrides))
-    assert second.start_step == 2 and not (run_dir / "STOP").exists()
+    assert second.start_step == 3 and not (run_dir / "STOP").exists()
     assert first.losses + second.losses == reference.losses
 
 

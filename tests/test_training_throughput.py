@@ -86,3 +86,28 @@ def test_compile_caches_keep_triton_and_give_inductor_a_fresh_dir(monkeypatch, t
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/mine2")
     compile_caches.configure()
     assert os.environ["TRITON_CACHE_DIR"] == "/mine" and os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/mine2"
+
+
+def test_a_step_report_keeps_its_values_while_the_next_step_records():
+    """The loop reads a step's report while the next step runs: the tracker must start the next step empty, and
+    the report must give this step's losses (per mode), SSA values and stop vote, as the synchronous reductions do."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.megatron.tracker import SSAMetricsTracker
+    from ssa_megatron.training.step import StepReport, reduce_lm_losses
+
+    dims = SimpleNamespace(device=torch.device("cpu"), is_last_stage=True, tp_rank=0)
+    reports = [{"lm_sum": torch.tensor(6.0), "tokens": torch.tensor(3.0), "mode": "full"},
+               {"lm_sum": torch.tensor(2.0), "tokens": torch.tensor(4.0), "mode": "sparse"}]
+    tracker = SSAMetricsTracker()
+    for layer, value in ((1, 0.5), (2, 1.5), (2, 2.5)):
+        tracker.record("alignment_loss", layer, 2, torch.tensor(value))
+    tracker.record_mode(0, "full")
+    report = StepReport(7, reports, dims, tracker, stop_vote=True, num_layers=2, mark=time.perf_counter)
+    tracker.record("alignment_loss", 1, 2, torch.tensor(100.0))  # the next step, before the report is read
+    lm, stop, ssa = report.read()
+    assert lm == reduce_lm_losses(reports, dims) and lm["loss/lm"] == pytest.approx(8 / 7)
+    assert lm["loss/lm_full"] == pytest.approx(2.0) and lm["loss/lm_sparse"] == pytest.approx(0.5) and stop
+    assert ssa["alignment_loss/layer_1"] == 0.5 and ssa["alignment_loss/layer_2"] == pytest.approx(2.0)
+    assert ssa["alignment_loss"] == pytest.approx(1.25) and ssa["microbatches_full"] == 1.0
+    assert tracker.reduce()["alignment_loss/layer_1"] == 100.0  # the next step's own value only

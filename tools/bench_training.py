@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Training-step benchmark of the ssa_megatron stack on one GPU: SSA vs full attention vs sparse only.
+"""Training-step benchmark of the ssa_megatron stack: SSA vs full attention vs sparse only.
 
-The model is recipes/ssa_1b.yaml (hidden 2048, FFN 8192, 32/2 heads, D 64, vocab 128256, tied) at its 8192-token
-context, bf16, Megatron DDP + distributed optimizer (AdamW). Each mode runs ``ssa-train``'s own loop
-(``ssa_megatron.training.train.train``) on synthetic tokens (``data.train_shards=synthetic``; the step cost does
-not depend on their values) and reports the steady-state summary that loop prints at the end of every run: the
+The model is recipes/ssa_1b.yaml (hidden 2048, FFN 8192, 32/2 heads, D 64, vocab 128256, tied; ``--recipe`` picks
+another) at an 8192-token context, bf16, Megatron DDP + distributed optimizer (AdamW). Each mode runs ``ssa-train``'s
+own loop (``ssa_megatron.training.train.train``) on synthetic tokens (``data.train_shards=synthetic``; the step cost
+does not depend on their values) and reports the steady-state summary that loop prints at the end of every run: the
 median step after the warm-up steps. There is no second copy of the step here.
 
-Modes, in one process on one card (docs/benchmarks.md protocol: the baseline is timed in the same run):
+Modes, in one process per GPU (docs/benchmarks.md protocol: the baseline is timed in the same run):
   full_attn   p_full = 1, alpha = 0 (FullAttn baseline: one attention branch)
   ssa         p_full = 0.5, alpha = 10 (both branches + selection + alignment loss every micro-batch)
   sparse      p_full = 0, alpha = 0 (MoBA-style sparse only)
@@ -19,6 +19,9 @@ step-time ratios to full_attn.
 
   python tools/bench_training.py                       # all three modes, 16 layers, 4 micro-batches per step
   python tools/bench_training.py --layers 8 --hf --json out.json
+  python tools/bench_training.py --recipe ssa_7b --layers 4 parallel.tensor_parallel=1 parallel.sequence_parallel=false
+  torchrun --nproc_per_node=2 tools/bench_training.py --modes ssa    # data parallel 2 (parallel.* overrides for
+                                                                      # TP/CP); --micro-batches is per DP rank
 With ``--smoke-checkpoint DIR`` it also runs the real training loop (a 2-layer, 512-wide model, seq 1024) on the
 GPU path for 2 steps with a checkpoint, resumes it for 1 more step, and compares the loss curve with an
 uninterrupted run.
@@ -58,9 +61,11 @@ def bench_recipe(spec: str, args, run_dir: Path) -> "RecipeConfig":  # noqa: F82
     if mode not in MODES:
         raise ValueError(f"--modes entry {spec!r}: mode {mode!r} is not one of {sorted(MODES)}")
     steps = Throughput.warmup_steps + args.steps
-    return load_recipe("ssa_1b", MODES[mode] + variant + [
+    p = load_recipe(args.recipe, [o for o in args.overrides if o.startswith("parallel.")]).parallel
+    dp = _world_size() // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
+    return load_recipe(args.recipe, MODES[mode] + variant + [
         f"model.num_layers={args.layers}", f"model.seq_length={args.seq}", "data.train_shards=synthetic",
-        "train.micro_batch_size=1", f"train.global_batch_size={args.micro_batches}",
+        "train.micro_batch_size=1", f"train.global_batch_size={args.micro_batches * max(dp, 1)}",
         f"train.recompute={args.recompute}", "train.metrics_interval=0", "train.progress_bar=false",
         "train.eval_interval=0", f"train.log_interval={steps}", "checkpoint.interval=0",
         "checkpoint.save_at_end=false", "checkpoint.resume=false", f"train.run_dir={run_dir}",
@@ -87,7 +92,12 @@ def time_mode(mode: str, args) -> dict:
         finally:
             if profiler is not None:
                 profiler.finish()
-            destroy_parallel()
+            if _world_size() == 1:
+                destroy_parallel()
+            else:  # keep the process group of the torchrun launch for the next mode
+                from megatron.core import parallel_state
+
+                parallel_state.destroy_model_parallel()
     steady = result.steady
     out = {"mode": mode, "layers": recipe.model.num_layers, "seq": recipe.model.seq_length,
            "params": parameter_count(recipe), "micro_batches": args.micro_batches,
@@ -100,6 +110,12 @@ def time_mode(mode: str, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _sync() -> None:
@@ -145,11 +161,11 @@ def time_hf(args) -> dict:
 
     from ssa_megatron.config import load_recipe
 
-    m = load_recipe("ssa_1b").model
+    m = load_recipe(args.recipe).model
     cfg = LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
                       num_hidden_layers=args.layers, num_attention_heads=m.num_attention_heads,
                       num_key_value_heads=m.num_query_groups, head_dim=m.head_dim, rope_theta=m.rope_theta,
-                      tie_word_embeddings=True, max_position_embeddings=args.seq, attn_implementation="sdpa",
+                      tie_word_embeddings=m.tie_embeddings, max_position_embeddings=args.seq, attn_implementation="sdpa",
                       torch_dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
@@ -217,11 +233,13 @@ def main() -> int:
     parser.add_argument("--modes", default="full_attn,ssa,sparse",
                         help="comma-separated; a mode may carry ':key=value' overrides, e.g. "
                              "full_attn:train.fused_ops=false")
+    parser.add_argument("--recipe", default="ssa_1b", help="the model shape (a recipe name or YAML path)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--fallback-layers", type=int, default=8,
                         help="if a mode runs out of memory, time every mode again with this many layers")
     parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches (of 1 sequence) per step")
+    parser.add_argument("--micro-batches", type=int, default=4,
+                        help="micro-batches (of 1 sequence) per step and data-parallel rank")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     parser.add_argument("--hf", action="store_true", help="also time plain HF LlamaForCausalLM (SDPA)")
@@ -236,11 +254,23 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_training: needs a CUDA device (--device cpu for a dry run)", file=sys.stderr)
         return 2
+    if _world_size() > 1:  # under torchrun: one process group for every mode; rank 0 reports
+        import os
+
+        import torch.distributed as dist
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if dist.get_rank():
+            sys.stdout = open(os.devnull, "w")
+            args.json = None
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (dry run)"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    print(f"bench_training: ssa_1b shape, {args.layers} layers, seq {args.seq}, {args.micro_batches} micro-batches "
-          f"of 1 per step, synthetic tokens, bf16, on {card}; modes {args.modes}", flush=True)
+    print(f"bench_training: {args.recipe} shape, {args.layers} layers, seq {args.seq}, {args.micro_batches} "
+          f"micro-batches of 1 per step and data-parallel rank, {_world_size()} process(es), overrides "
+          f"{' '.join(args.overrides) or 'none'}, synthetic tokens, bf16, on {card}; modes {args.modes}", flush=True)
     report = {"card": card, "date": datetime.date.today().isoformat(), "commit": commit,
               "command": " ".join(sys.argv), "torch": torch.__version__, "results": []}
 

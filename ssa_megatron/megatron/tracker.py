@@ -8,7 +8,8 @@ layer number.
 
 :meth:`SSAMetricsTracker.reduce` sums sums and counts over a process group (default: the whole world) and divides:
 each layer lives on one pipeline stage, so this is a sum over PP stages and a mean over DP, CP and TP ranks and
-micro-batches. Every rank must call it (ranks of stages that recorded nothing contribute zeros). Recompute
+micro-batches. Every rank must call it (ranks of stages that recorded nothing contribute zeros). The training loop
+does the same in two halves (:meth:`~SSAMetricsTracker.take` now, :func:`tracker_values` one step later). Recompute
 forwards do not record, so nothing is counted twice.
 """
 
@@ -24,6 +25,7 @@ from ssa_megatron.ssa import SSAStats
 
 LOSS_NAMES = ("alignment_loss", "sparsity_loss", "commitment_loss")
 METRIC_NAMES = ("sparsity", "entropy_bits", "kl_full_sparse", "sink_mass")
+TRACKED_NAMES = LOSS_NAMES + tuple(f"attn_{m}" for m in METRIC_NAMES)
 
 
 class SSAMetricsTracker:
@@ -83,6 +85,23 @@ class SSAMetricsTracker:
             self._mode_keys.add(key)
             self.modes[mode] += 1
 
+    def take(self, num_layers: int | None = None) -> tuple[Tensor, Counter[str]]:
+        """This rank's step so far, and a reset: ``[2, names, layers]`` float64 sums and counts (on the device the
+        sums were recorded on, so nothing waits for the GPU) and the mode counts. :func:`tracker_values` turns
+        the packed tensor, summed over ranks, into the logged values."""
+        if num_layers is not None:
+            self._ensure(num_layers)
+        L = max(self.num_layers, 1)
+        device = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
+        packed = torch.zeros(2, len(TRACKED_NAMES), L, dtype=torch.float64, device=device)
+        for i, name in enumerate(TRACKED_NAMES):
+            if name in self.sums:
+                packed[0, i, : self.num_layers] = self.sums[name]
+                packed[1, i, : self.num_layers] = self.counts[name].to(device, non_blocking=True)
+        modes = self.modes
+        self.reset()
+        return packed, modes
+
     def reduce(self, group: dist.ProcessGroup | None = None, num_layers: int | None = None,
                device: torch.device | str | None = None) -> dict[str, float]:
         """All-reduces and returns ``{name: mean over layers, name/layer_i: value}`` plus mode counts; resets.
@@ -90,37 +109,34 @@ class SSAMetricsTracker:
         Names: ``alignment_loss``, ``sparsity_loss``, ``commitment_loss`` and, when collected, ``attn_sparsity``,
         ``attn_entropy_bits``, ``attn_kl_full_sparse``, ``attn_sink_mass``; ``microbatches_full``,
         ``microbatches_sparse`` (this rank's model chunks; identical on every rank of a stage).
+        The training loop does the same without waiting (``ssa_megatron.training.step.StepReport``).
         """
-        if num_layers is not None:
-            self._ensure(num_layers)
-        names = list(LOSS_NAMES) + [f"attn_{m}" for m in METRIC_NAMES]
-        L = self.num_layers
-        sums = torch.zeros(len(names), max(L, 1), dtype=torch.float64)
-        counts = torch.zeros_like(sums)
-        for i, name in enumerate(names):
-            if name in self.sums:
-                sums[i, :L] = self.sums[name].cpu()
-                counts[i, :L] = self.counts[name]
+        packed, modes = self.take(num_layers)
         if dist.is_available() and dist.is_initialized():
             if device is None:
                 device = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
-            packed = torch.stack([sums, counts]).to(device)
+            packed = packed.to(device)
             # Gloo lacks AVG: reduce sums and counts and divide afterwards.
             dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-            sums, counts = packed.cpu().unbind(0)
-        out: dict[str, float] = {}
-        for i, name in enumerate(names):
-            have = counts[i] > 0
-            if not bool(have.any()):
-                continue
-            per_layer = sums[i][have] / counts[i][have]
-            out[name] = float(per_layer.mean())
-            for layer in torch.nonzero(have).flatten().tolist():
-                out[f"{name}/layer_{layer + 1}"] = float(sums[i, layer] / counts[i, layer])
-        out["microbatches_full"] = float(self.modes.get("full", 0))
-        out["microbatches_sparse"] = float(self.modes.get("sparse", 0))
-        self.reset()
-        return out
+        return tracker_values(packed.cpu(), modes)
+
+
+def tracker_values(packed: Tensor, modes: Counter[str]) -> dict[str, float]:
+    """The logged values of :meth:`SSAMetricsTracker.take`'s packed sums and counts (host tensor, summed over the
+    ranks): per name the mean over layers and ``name/layer_i``, plus this rank's mode counts."""
+    sums, counts = packed.unbind(0)
+    out: dict[str, float] = {}
+    for i, name in enumerate(TRACKED_NAMES):
+        have = counts[i] > 0
+        if not bool(have.any()):
+            continue
+        per_layer = sums[i][have] / counts[i][have]
+        out[name] = float(per_layer.mean())
+        for layer in torch.nonzero(have).flatten().tolist():
+            out[f"{name}/layer_{layer + 1}"] = float(sums[i, layer] / counts[i, layer])
+    out["microbatches_full"] = float(modes.get("full", 0))
+    out["microbatches_sparse"] = float(modes.get("sparse", 0))
+    return out
 
 
 _TRACKER = SSAMetricsTracker()

@@ -86,11 +86,11 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
 class Throughput:
     """Tokens/s, TFLOP/s per GPU and MFU: over the window since the last ``read``, and in steady state.
 
-    Evaluation and checkpoint time is left out (``excluded``). A step's time runs from the end of the previous
-    step to the end of this one, so the host work between steps (logging, the stop check) counts; every step
-    ends on the host after the GPU has finished it (the loss reduction reads device values). The steady state
-    is the median step after the first ``warmup_steps`` of this process, which pay for kernel compilation,
-    autotuning and the allocator's growth.
+    A step's time runs from the end of the previous step to the end of this one, as the GPU's stream sees them
+    (CUDA events recorded after each optimizer step; the host clock on CPU), so every gap in which the GPU waited
+    for the host counts. Evaluation and checkpoint time is left out (``excluded``). The steady state is the median
+    step after the first ``warmup_steps`` of this process, which pay for kernel compilation, autotuning and the
+    allocator's growth.
     """
 
     warmup_steps = 3
@@ -102,31 +102,44 @@ class Throughput:
         self.device = device
         self.step_seconds: list[float] = []
         self.tokens_per_step = 0
-        self._window_start = self._last_end = time.perf_counter()
+        self._window_seconds = 0.0
         self._window_tokens = 0
-        self._window_excluded = 0.0
         self._step_excluded = 0.0
+        self._last_end = self.mark()
 
-    def step_done(self, tokens: int) -> float:
-        """Records a finished step of ``tokens`` tokens (all ranks); returns its seconds."""
-        now = time.perf_counter()
-        seconds = now - self._last_end - self._step_excluded
+    def mark(self):
+        """The current point of the GPU's stream (a recorded CUDA event), or the host clock on CPU."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def step_done(self, tokens: int, end=None) -> float:
+        """Records a finished step of ``tokens`` tokens (all ranks) that ended at ``end`` (a :meth:`mark`, or a
+        recorded CUDA event that has completed; default: now); returns its seconds."""
+        end = self.mark() if end is None else end
+        if isinstance(end, float):
+            elapsed = end - self._last_end
+        else:
+            end.synchronize()
+            elapsed = self._last_end.elapsed_time(end) / 1e3
+        seconds = max(elapsed - self._step_excluded, 0.0)
         self.step_seconds.append(seconds)
-        self._last_end, self._step_excluded = now, 0.0
+        self._last_end, self._step_excluded = end, 0.0
+        self._window_seconds += seconds
         self._window_tokens += tokens
         self.tokens_per_step = tokens
         return seconds
 
     @contextlib.contextmanager
     def excluded(self):
-        """Time inside this block (evaluation, checkpointing) counts toward no step and no window."""
+        """Time inside this block (evaluation, checkpointing, between two steps) counts toward no step."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            dt = time.perf_counter() - t0
-            self._window_excluded += dt
-            self._step_excluded += dt
+            self._step_excluded += time.perf_counter() - t0
 
     def _rates(self, tokens_per_s: float) -> dict[str, float]:
         flops = tokens_per_s * self.flops_per_token / self.world_size
@@ -137,9 +150,8 @@ class Throughput:
 
     def read(self) -> dict[str, float]:
         """The window since the last read (ends at the last finished step)."""
-        dt = max(self._last_end - self._window_start - self._window_excluded, 1e-9)
-        out = self._rates(self._window_tokens / dt)
-        self._window_start, self._window_tokens, self._window_excluded = self._last_end, 0, 0.0
+        out = self._rates(self._window_tokens / max(self._window_seconds, 1e-9))
+        self._window_seconds, self._window_tokens = 0.0, 0
         return out
 
     def steady(self) -> dict[str, float] | None:

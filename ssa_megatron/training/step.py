@@ -3,7 +3,8 @@
 ``StepBatches`` fetches one optimizer step's micro-batches up front, so every model chunk (interleaved pipeline)
 sees the same batches, the loader's position after a step is exact, and the NaN check can re-run the step's last
 micro-batch. ``reduce_lm_losses`` turns the schedule's per-micro-batch reports into the step's token-mean loss
-(training and the held-out evaluation both log it).
+(the held-out evaluation logs it); ``StepReport`` does the same for a training step, with the SSA metrics and the
+stop vote, without making the host wait for the GPU.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from ssa_megatron.megatron.mode import MODE_SAMPLER, last_mode
+from ssa_megatron.megatron.tracker import tracker_values
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """The batch on ``device``. To a GPU the copy is asynchronous: from pinned memory it queues behind the work
+    already launched instead of waiting for it, so the next step's batches go up while the GPU still computes."""
+    if device.type != "cuda":
+        return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (_pinned(v).to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_cuda or t.is_pinned() else t.pin_memory()
 
 
 class StepBatches:
@@ -83,12 +93,12 @@ def _packed_seq_params(batch: dict):
     return document_packed_seq_params(batch["cu_seqlens"], batch["tokens"].shape[1])
 
 
-def rerun_last_microbatch(model, feed: StepBatches, iteration: int) -> None:
-    """Forward of the step's last micro-batch again (for locating a non-finite activation)."""
-    if not feed.batches:
+def rerun_last_microbatch(model, batches: list[dict], iteration: int) -> None:
+    """Forward of a step's last micro-batch again (for locating a non-finite activation)."""
+    if not batches:
         return
     MODE_SAMPLER.set_iteration(iteration)
-    batch = feed.batches[-1]
+    batch = batches[-1]
     from megatron.core.utils import get_attr_wrapped_model
 
     if not get_attr_wrapped_model(model[0], "pre_process"):
@@ -97,20 +107,29 @@ def rerun_last_microbatch(model, feed: StepBatches, iteration: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The step's loss for logging (every rank calls this).
+# The step's loss and metrics for logging (every rank calls these).
 
-def reduce_lm_losses(reports: list[dict], dims) -> dict[str, float]:
-    """Token-mean LM loss over the whole step, overall and per mode (full / sparse)."""
-    vec = torch.zeros(4, dtype=torch.float64)
+def _lm_sums(reports: list[dict], dims, device: torch.device) -> torch.Tensor:
+    """This rank's ``[full loss sum, full tokens, sparse loss sum, sparse tokens]`` (float64 on ``device``),
+    summed on the device: reading the reports one by one would wait for the GPU at each."""
+    vec = torch.zeros(4, dtype=torch.float64, device=device)
     if dims.is_last_stage and dims.tp_rank == 0:  # TP ranks hold copies of the same loss
         for r in reports:
             i = 0 if r["mode"] == "full" else 2
-            vec[i] += float(r["lm_sum"])
-            vec[i + 1] += float(r["tokens"])
+            vec[i] += r["lm_sum"].to(vec)
+            vec[i + 1] += r["tokens"].to(vec)
+    return vec
+
+
+def reduce_lm_losses(reports: list[dict], dims) -> dict[str, float]:
+    """Token-mean LM loss over the whole step, overall and per mode (full / sparse)."""
+    vec = _lm_sums(reports, dims, dims.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        vec = vec.to(dims.device)
         dist.all_reduce(vec)
-        vec = vec.cpu()
+    return _lm_values(vec.cpu())
+
+
+def _lm_values(vec: torch.Tensor) -> dict[str, float]:
     full_sum, full_n, sparse_sum, sparse_n = vec.tolist()
     out = {"loss/lm": (full_sum + sparse_sum) / max(full_n + sparse_n, 1.0)}
     if full_n:
@@ -119,3 +138,37 @@ def reduce_lm_losses(reports: list[dict], dims) -> dict[str, float]:
         out["loss/lm_sparse"] = sparse_sum / sparse_n
     out["loss/ppl"] = math.exp(min(out["loss/lm"], 50.0)) if math.isfinite(out["loss/lm"]) else out["loss/lm"]
     return out
+
+
+class StepReport:
+    """One training step's logged values, reduced over every rank on the device and copied to the host without
+    waiting: the LM loss per mode (as ``reduce_lm_losses``), the SSA tracker's sums (as its ``reduce``), and the
+    stop vote (any rank asked to stop). The loop launches the next step before it reads a report (:meth:`read`),
+    so the host's per-step work (logging, the NaN check, the stop vote) overlaps the GPU's next step instead of
+    leaving the GPU idle between steps.
+
+    One all-reduce (SUM) carries everything: a stop vote > 0 means some rank voted. ``tracker.take()`` resets the
+    tracker, so the next step records into empty sums while this one is still being reduced.
+    """
+
+    def __init__(self, step: int, reports: list[dict], dims, tracker, stop_vote: bool, num_layers: int, mark):
+        self.step = step
+        device = dims.device
+        packed, self.modes = tracker.take(num_layers)
+        self._layers = packed.shape[-1]
+        vec = torch.cat([_lm_sums(reports, dims, device), torch.full((1,), float(stop_vote), dtype=torch.float64,
+                                                                      device=device),
+                         packed.to(device).flatten()])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+        self._host = vec.to("cpu", non_blocking=True)  # pinned by torch for a device→host non-blocking copy
+        self.end = mark()  # the step timer's mark (``Throughput.mark``): a CUDA event after the copy, on a GPU
+
+    def read(self) -> tuple[dict[str, float], bool, dict[str, float]]:
+        """(LM losses as ``reduce_lm_losses``, whether any rank voted to stop, SSA values as the tracker's
+        ``reduce``); waits for this step, not for work launched after it."""
+        if not isinstance(self.end, float):
+            self.end.synchronize()
+        vec = self._host
+        return (_lm_values(vec[:4]), bool(vec[4] > 0),
+                tracker_values(vec[5:].reshape(2, -1, self._layers), self.modes))

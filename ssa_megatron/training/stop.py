@@ -3,8 +3,9 @@
 SLURM sends a signal before the time limit, and the SLURM scripts touch ``<run_dir>/STOP`` shortly before it, then
 requeue the job. ``timeout``, ``scancel``, preemption and Ctrl-C signal the whole process group: the data-loader
 workers ignore these signals (``ssa_megatron.data.loader.WORKER_IGNORED_SIGNALS``) and leave the shutdown to the
-training process. The loop checks the flag after every step; when any rank saw a request, every rank finishes the
-step, checkpoints and exits 0, and the next launch of the same command resumes.
+training process. Every step carries each rank's vote; the loop reads it one step later (with the step's losses,
+``ssa_megatron.training.step.StepReport``), so when any rank saw a request, every rank finishes the step under way
+and the next one, checkpoints and exits 0, and the next launch of the same command resumes.
 
 SIGINT (Ctrl-C) is a stop request like SIGTERM, and so is a repeated one: torchrun forwards the group's signal
 to its workers, so each rank may receive it twice, and a second Ctrl-C that killed the run would lose the
@@ -52,8 +53,8 @@ class StopFlag:
             # os.write, not print: the handler may interrupt a print of the main thread.
             name = signal.Signals(signum).name
             try:
-                os.write(sys.stderr.fileno(), f"ssa-train: {name}: finishing this step, then checkpointing and "
-                                              "exiting (SIGQUIT, Ctrl-\\, quits at once without a checkpoint)\n"
+                os.write(sys.stderr.fileno(), f"ssa-train: {name}: finishing the steps under way, then checkpointing "
+                                              "and exiting (SIGQUIT, Ctrl-\\, quits at once without a checkpoint)\n"
                          .encode())
             except (OSError, ValueError):
                 pass
@@ -66,16 +67,24 @@ class StopFlag:
             return signal.Signals(self.received).name
         return str(self.received or "signal")
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank received a stop signal or sees the stop file (checked every step)."""
+    def requested(self) -> bool:
+        """This rank's vote: a signal arrived, or the stop file exists (looked for at every step)."""
         if self.received is None and self.stop_file.exists():
             self.received = f"{self.stop_file} (stop file)"
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        return self.received is not None
+
+    def agree(self, any_rank: bool) -> bool:
+        """The outcome of the vote (``any_rank``: some rank voted to stop), the same on every rank."""
+        if any_rank and self.received is None:
+            self.received = signal.SIGTERM
+        return any_rank
+
+    def agreed(self, device: torch.device) -> bool:
+        """The vote taken here and now (one all-reduce); the loop takes it inside its step report instead."""
+        flag = torch.tensor([1.0 if self.requested() else 0.0], device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
-            self.received = signal.SIGTERM
-        return bool(flag.item())
+        return self.agree(bool(flag.item()))
 
     def restore(self) -> None:
         """Puts back the signal handlers that were installed before."""

@@ -13,6 +13,7 @@ resume, weights), ``stop.py`` (signals and the stop file), ``health.py`` (NaN/In
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -34,7 +35,7 @@ from ssa_megatron.training.metrics import (MetricsLogger, Throughput, format_lay
 from ssa_megatron.training.optimizer import build_optimizer
 from ssa_megatron.training.parallel import init_parallel
 from ssa_megatron.training.run_dir import check_resume, record_recipe
-from ssa_megatron.training.step import StepBatches, forward_step, reduce_lm_losses, rerun_last_microbatch
+from ssa_megatron.training.step import StepBatches, StepReport, forward_step, rerun_last_microbatch
 from ssa_megatron.training.stop import STOP_FILE, StopFlag
 from ssa_megatron.training.wrap import build_model_chunks, wrap_for_training
 
@@ -133,12 +134,49 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     window: dict[str, list[float]] = {}
     last_saved = None
 
+    def finish(done: _FinishedStep) -> bool:
+        """Reads a step's report: the NaN/Inf check, the losses, logging. Returns whether every rank stops."""
+        lm, any_rank_stops, ssa = done.report.read()
+        seconds = throughput.step_done(done.tokens, done.report.end)
+        if len(throughput.step_seconds) == 1 and dims.device.type == "cuda":
+            logger.write(f"first step: {seconds:.1f} s")
+        n = done.report.step
+        health.check_step(n, lm_loss=lm.get("loss/lm"),
+                          align_per_layer=per_layer(ssa, "alignment_loss", recipe.model.num_layers),
+                          grad_norm=done.grad_norm, model_chunks=model,
+                          rerun_forward=partial(rerun_last_microbatch, model, done.batches, n - 1))
+        result.losses.append(lm["loss/lm"])
+        values = {**lm, "optim/lr": done.lr, "optim/grad_norm": done.grad_norm,
+                  "optim/update_skipped": 0.0 if done.ok else 1.0}
+        values.update(ssa_values(ssa))
+        for key, value in values.items():
+            if value is not None:
+                window.setdefault(key, []).append(value)
+        logger.advance(n, {"loss": f"{lm['loss/lm']:.3f}"})
+        if n % tr.log_interval == 0 or n == end_step:
+            averaged = {k: sum(v) / len(v) for k, v in window.items()}
+            averaged.update({k: v for k, v in values.items() if k.startswith("attn/") or "/layer_" in k})
+            averaged.update(throughput.read())
+            averaged["memory/current_gib"], averaged["memory/peak_gib"] = memory_gib(dims.device)
+            averaged["progress/consumed_tokens"] = float(done.consumed_tokens)
+            logger.scalars(n, averaged)
+            logger.write(format_line(n, tr.steps, averaged))
+            if done.collected_metrics and (layers := format_layers(averaged)):
+                logger.write(layers)
+            window.clear()
+        return stop.agree(any_rank_stops)
+
     try:
         if dims.device.type == "cuda":
             logger.write("first step: compiling the Triton kernels and torch.compile fusions for this shape "
                          f"(Triton kernels reused from {compile_caches.describe()} when an earlier launch compiled "
                          "them)")
-        while step < end_step:
+        # Each step's report is read while the next step runs (StepReport), so the GPU never waits for the host's
+        # per-step work. A step is read at once when something must follow it: the end, evaluation, a checkpoint,
+        # a stop, or a non-finite gradient norm (the NaN check then names the step, as it would have at once).
+        pending: _FinishedStep | None = None
+        stopping = False
+        while step < end_step and not stopping:
             if step_hook is not None:
                 step_hook(step, model)
             lr = scheduler.apply(optimizer)
@@ -154,50 +192,31 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                 micro_batch_size=tr.micro_batch_size, decoder_seq_length=recipe.model.seq_length,
                 forward_only=False,
             )
-            ok, grad_norm, _ = optimizer.step()
+            if pending is not None:  # this step is queued on the GPU: read the previous one meanwhile
+                stopping = finish(pending)
+            ok, grad_norm, _ = optimizer.step()  # waits for the gradient norm (Megatron's clipping)
             scheduler.step()
             step += 1
             tokens = feed.tokens_per_step * dims.dp  # every DP replica consumed the same count
             consumed_tokens += tokens
+            pending = _FinishedStep(
+                StepReport(step, reports, dims, tracker, stop.requested(), recipe.model.num_layers,
+                           throughput.mark),
+                lr=lr, grad_norm=grad_norm, ok=ok, tokens=tokens, consumed_tokens=consumed_tokens,
+                batches=feed.batches, collected_metrics=tracker.collect_metrics)
 
-            lm = reduce_lm_losses(reports, dims)  # reads device values: the step has finished on the GPU
-            seconds = throughput.step_done(tokens)
-            if len(throughput.step_seconds) == 1 and dims.device.type == "cuda":
-                logger.write(f"first step: {seconds:.1f} s")
-            ssa = tracker.reduce(num_layers=recipe.model.num_layers)
-            align_layers = per_layer(ssa, "alignment_loss", recipe.model.num_layers)
-            health.check_step(step, lm_loss=lm.get("loss/lm"), align_per_layer=align_layers,
-                              grad_norm=grad_norm, model_chunks=model,
-                              rerun_forward=partial(rerun_last_microbatch, model, feed, step - 1))
-            result.losses.append(lm["loss/lm"])
-            values = {**lm, "optim/lr": lr, "optim/grad_norm": grad_norm,
-                      "optim/update_skipped": 0.0 if ok else 1.0}
-            values.update(ssa_values(ssa))
-            for key, value in values.items():
-                if value is not None:
-                    window.setdefault(key, []).append(value)
-            logger.advance(step, {"loss": f"{lm['loss/lm']:.3f}"})
-
-            if step % tr.log_interval == 0 or step == end_step:
-                averaged = {k: sum(v) / len(v) for k, v in window.items()}
-                averaged.update({k: v for k, v in values.items() if k.startswith("attn/") or "/layer_" in k})
-                averaged.update(throughput.read())
-                averaged["memory/current_gib"], averaged["memory/peak_gib"] = memory_gib(dims.device)
-                averaged["progress/consumed_tokens"] = float(consumed_tokens)
-                logger.scalars(step, averaged)
-                logger.write(format_line(step, tr.steps, averaged))
-                if tracker.collect_metrics and (layers := format_layers(averaged)):
-                    logger.write(layers)
-                window.clear()
-
-            if evaluator is not None and (step % tr.eval_interval == 0 or step == tr.steps):
+            evaluating = evaluator is not None and (step % tr.eval_interval == 0 or step == tr.steps)
+            if not (stopping or step == end_step or evaluating or checkpoints.due(step, False)
+                    or (grad_norm is not None and not math.isfinite(grad_norm))):
+                continue
+            stopping = finish(pending) or stopping
+            pending = None
+            if evaluating:
                 with throughput.excluded():
                     result.eval = evaluator.run(model)
                 logger.scalars(step, result.eval)
                 logger.write(f"eval @ step {step}: " + ", ".join(
                     f"{k.split('/')[-1]} {v:.3f}" for k, v in result.eval.items() if "ppl" in k))
-
-            stopping = stop.agreed(dims.device)
             if checkpoints.due(step, stopping):
                 with throughput.excluded():
                     result.checkpoint = checkpoints.save(step, consumed_tokens)
@@ -206,7 +225,6 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
             if stopping:
                 result.stopped_by_signal = True
                 logger.write(f"stopping at step {step} on {stop.name}; resume by launching the same command")
-                break
         result.steady = throughput.steady()
         result.step_seconds = throughput.step_seconds
         result.peak_memory_gib = memory_gib(dims.device)[1]
@@ -220,6 +238,21 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
     result.end_step = step
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+@dataclass
+class _FinishedStep:
+    """A step the GPU may still be finishing: its report and what the host already knows of it."""
+
+    report: StepReport
+    lr: float
+    grad_norm: float
+    ok: bool
+    tokens: int
+    consumed_tokens: int
+    batches: list
+    """The step's micro-batches (the NaN check re-runs the last one)."""
+    collected_metrics: bool
 
 
 def _quiet(_line: str) -> None:
