@@ -427,6 +427,10 @@ class TrainConfig:
     """Activation recompute: selective = core attention only; full = whole layers (recompute_num_layers)."""
     recompute_num_layers: int = 1
     """With recompute=full: layers per recomputed chunk (Megatron's uniform method)."""
+    loss_chunk_tokens: int = 0
+    """0: Megatron's output layer and cross entropy (logits of the whole micro-batch). N > 0: the output layer and
+    loss N tokens at a time, recomputing each chunk's logits in backward (ssa_megatron/megatron/output_loss.py): the
+    same loss, and memory for one chunk's logits instead of several logits-sized buffers."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """auto: CUDA (NCCL) when a GPU is visible, else CPU (gloo)."""
     fused_ops: bool = True
@@ -467,6 +471,9 @@ class TrainConfig:
         for name in ("metrics_interval", "eval_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{prefix}.{name}={getattr(self, name)!r}: must be >= 0 (0 disables)")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"{prefix}.loss_chunk_tokens={self.loss_chunk_tokens!r}: must be >= 0 (0: Megatron's "
+                             "output layer and loss; N: the loss N tokens at a time)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"{prefix}.global_batch_size={self.global_batch_size} must be a multiple of "

@@ -6,6 +6,7 @@ The training loop, evaluation and the tools call only these two functions. Megat
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -18,6 +19,7 @@ from ssa_megatron.config import RecipeConfig, RopeScalingConfig
 from ssa_megatron.megatron.attention import check_tp_heads
 from ssa_megatron.megatron.loss import set_alignment_loss_scale
 from ssa_megatron.megatron.mode import MODE_SAMPLER
+from ssa_megatron.megatron.output_loss import chunked_lm_loss
 from ssa_megatron.megatron.spec import get_ssa_layer_spec
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -122,14 +124,36 @@ class SSAGPTModel(GPTModel):
     With positions ``0..S-1`` (or their CP chunks) this is exactly Megatron's own table.
 
     ``rope_scaling`` (``model.rope_scaling``) replaces the table's inverse frequencies by :func:`llama3_inv_freq`.
+
+    ``loss_chunk_tokens`` > 0 (``train.loss_chunk_tokens``): a forward with ``labels`` computes the output layer and
+    the per-token loss ``loss_chunk_tokens`` tokens at a time (``output_loss.chunked_lm_loss``), through
+    GPTModel's ``output_processor`` hook; without labels (logits) it is GPTModel's own path.
     """
 
-    def __init__(self, *args, rope_scaling: RopeScalingConfig | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: TransformerConfig, *args, rope_scaling: RopeScalingConfig | None = None,
+                 loss_chunk_tokens: int = 0, **kwargs):
+        if loss_chunk_tokens:
+            _check_chunked_loss_config(config, loss_chunk_tokens)
+        super().__init__(config, *args, **kwargs)
         if rope_scaling is not None and rope_scaling.type == "llama3" and hasattr(self, "rotary_pos_emb"):
             # Set before the first forward: RotaryEmbedding.forward caches its tables (lru_cache).
             rotary = self.rotary_pos_emb
             rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, rope_scaling)
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, *args, **kwargs):
+        if self.loss_chunk_tokens:
+            call = _GPT_FORWARD.bind(self, *args, **kwargs).arguments
+            if call.get("labels") is not None and call.get("output_processor") is None:
+                kwargs["output_processor"] = self._chunked_lm_loss
+        return super().forward(*args, **kwargs)
+
+    def _chunked_lm_loss(self, *, hidden_states, output_layer, output_weight, labels, **_):
+        """GPTModel's ``output_processor`` hook (last pipeline stage): the per-token loss ``[b, s]``."""
+        weight = output_layer.weight if output_weight is None else output_weight
+        return chunked_lm_loss(hidden_states, weight, labels, self.loss_chunk_tokens, self.tp_group,
+                               sequence_parallel=self.config.sequence_parallel,
+                               fused_ops=self.config.cross_entropy_loss_fusion)
 
     # Overrides a private method: the only place where both position_ids and the RoPE table the decoder receives
     # are in hand (pinned by tests/test_megatron_model.py::test_megatron_methods_we_override_are_unchanged).
@@ -150,6 +174,24 @@ class SSAGPTModel(GPTModel):
         table = self.rotary_pos_emb(max(self.max_sequence_length, rows), packed_seq=True)  # [S, 1, 1, d]
         per_token = table[:, 0, 0][position_ids.t().to(table.device)].unsqueeze(2)  # [s, b, 1, d]
         return (out[0], per_token, *out[2:])
+
+
+_GPT_FORWARD = inspect.signature(GPTModel.forward)
+
+
+def _check_chunked_loss_config(config: TransformerConfig, chunk: int) -> None:
+    """The chunked loss replaces GPTModel's plain output layer + cross entropy; refuse what it does not do."""
+    unsupported = [name for name, on in (
+        ("mtp_num_layers", bool(config.mtp_num_layers)),
+        ("use_mup", config.use_mup),  # logits scaling
+        ("gradient_accumulation_fusion", config.gradient_accumulation_fusion),  # wgrad into main_grad directly
+        ("defer_embedding_wgrad_compute", config.defer_embedding_wgrad_compute),
+        ("cross_entropy_fusion_impl='te'",
+         config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te"),
+    ) if on]
+    if unsupported:
+        raise ValueError(f"train.loss_chunk_tokens={chunk}: the chunked output layer and loss does not support "
+                         f"{', '.join(unsupported)}; set train.loss_chunk_tokens=0 (Megatron's path)")
 
 
 def build_gpt_model(
@@ -187,6 +229,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(m.rope_theta),
         rope_scaling=m.rope_scaling,
+        loss_chunk_tokens=recipe.train.loss_chunk_tokens,
         vp_stage=vp_stage,
     )
     if torch.cuda.is_available():
