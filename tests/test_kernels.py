@@ -275,6 +275,62 @@ def test_sparse_attention_strided_fp16_and_scale():
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
+def _sparse_grads_vs_reference(q, k, v, idx, bs, qp, leaves, use_out=True, use_lse=True):
+    """Kernel vs float64 reference on the same (possibly strided) views of ``leaves``: out, lse and the leaves'
+    gradients of <out, dO> + <lse, dL> (either term can be left out: its gradient reaches the kernel as None)."""
+    def loss(o, lse, do, dl):
+        return (o * do).sum() * use_out + (lse * dl).sum() * use_lse
+
+    out, lse = K.sparse_attention(q, k, v, idx, bs, qp)
+    do, dl = torch.randn_like(out), torch.randn_like(lse)
+    grads = torch.autograd.grad(loss(out, lse, do, dl), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    by_leaf = dict(zip(map(id, leaves), ref_leaves))
+    views = [by_leaf[id(x)] if id(x) in by_leaf else None for x in (q, k, v)]
+    if None in views:  # q/k/v are views of one fused leaf: take the same views of its float64 copy
+        fused = ref_leaves[0]
+        hq, hkv = q.shape[2], k.shape[2]
+        views = [fused[:, :, :hq], fused[:, :, hq:hq + hkv], fused[:, :, hq + hkv:]]
+    ro, rl = R.sparse_attention(*views, idx, bs, qp)
+    rgrads = torch.autograd.grad(loss(ro, rl, do.double(), dl.double()), ref_leaves)
+    for name, a, r in zip(("out", "lse", "grad 0", "grad 1", "grad 2"), (out, lse) + grads, (ro, rl) + rgrads):
+        assert rel_err(a, r) < 1e-5, f"{name}: rel err {rel_err(a, r)}"
+
+
+def test_sparse_attention_strided_views_gradients():
+    """q, k, v as views of one fused projection (non-contiguous in every dim but the last): dQ is written in its
+    own layout (it once used q's strides, writing outside dQ)."""
+    fused = torch.randn(40, 1, 8, 16, requires_grad=True)
+    q, k, v = fused[:, :, :4], fused[:, :, 4:6], fused[:, :, 6:8]
+    idx, _ = R.select_blocks(q.detach().double(), k.detach().double(), 16, 2)
+    _sparse_grads_vs_reference(q, k, v, idx, 16, None, [fused])
+
+
+@pytest.mark.parametrize("use_out,use_lse", [(True, False), (False, True)])
+def test_sparse_attention_one_output_used(use_out, use_lse):
+    """Only out (dLSE arrives as None) or only lse (dO arrives as None) in the loss, queries the last sq of skv
+    keys without q_positions (the kernels compute the default positions)."""
+    q = torch.randn(24, 1, 4, 16, requires_grad=True)
+    k, v = (torch.randn(50, 1, 2, 16, requires_grad=True) for _ in range(2))
+    idx, _ = R.select_blocks(q.detach().double(), k.detach().double(), 16, 2)
+    _sparse_grads_vs_reference(q, k, v, idx, 16, None, [q, k, v], use_out, use_lse)
+    explicit = K.sparse_attention(q, k, v, idx, 16, torch.arange(26, 50))
+    assert all(torch.equal(a, b) for a, b in zip(K.sparse_attention(q, k, v, idx, 16), explicit))
+
+
+def test_sparse_attention_table_with_unused_slots():
+    """Unused (-1) slots before, between and after the used ones, rows holding only their own block, and a budget
+    that is not a power of two (K = 5): the kernels read each row's used-slot count from the table itself."""
+    q, k, v = (torch.randn(48, 1, h, 16, requires_grad=True) for h in (4, 2, 2))
+    own = torch.arange(48, dtype=torch.int32) // 16 * 16
+    idx = torch.full((1, 2, 48, 5), -1, dtype=torch.int32)
+    idx[0, 0, :, 4] = own  # head 0: own block in the last slot,
+    idx[0, 0, 20:, 1] = 0  # block 0 in slot 1 from query 20 on (slots 0, 2, 3 unused)
+    idx[0, 1, :, 0] = own  # head 1: own block in slot 0, slots 1-4 unused,
+    idx[0, 1, 40:, 2] = 16  # block 16 in slot 2 for the last block's queries (slot 1 unused between)
+    _sparse_grads_vs_reference(q, k, v, idx, 16, None, [q, k, v])
+
+
 def test_reverse_index_is_complete_and_ordered():
     idx = torch.tensor([[[[0, 16, -1], [16, -1, -1], [0, 32, 48]],
                          [[0, -1, -1], [0, 16, -1], [16, 48, -1]]]], dtype=torch.int32)  # [1, 2, 3, 3]

@@ -5,7 +5,8 @@ gradient), B=1, bf16, random normal inputs:
   sdpa       torch F.scaled_dot_product_attention, causal, enable_gqa
   full       ssa_kernels.full_attention (the SSA full branch)
   flex       FlexAttention with a BlockMask of the same per-query budget (128-blocks, diagonal causal)
-  sparse     ssa_kernels.sparse_attention on the table from ssa_kernels.select_blocks
+  sparse     ssa_kernels.sparse_attention on the table from ssa_kernels.select_blocks, called as the SSA layer
+             calls it without documents (starts_on_grid=True: the backward does not check the table on the host)
   ssa_layer  ssa_megatron.ssa.attention.ssa_attention(training=True): selection + both branches + gate +
              alignment loss (mode sparse, alpha 10)
   layer:serial  the same layer with both branches on one CUDA stream (ssa.overlap_branches off)
@@ -262,17 +263,14 @@ def profile_breakdown(add):
                 print(f"{label} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         idx, _ = K.select_blocks(qd, kd, bs, kk)
         idx = idx.contiguous()
-        nslot = KS._slot_bound(idx)
-        qpos = torch.arange(t, device=DEV, dtype=torch.int32)
         scale = d ** -0.5
         fwd_cfg, dq_cfg = KS.fwd_config(g, bs, d), KS.dq_config(g, bs, d)
-        o, lse = KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, fwd_cfg)
+        o, lse = KS.sparse_forward(q, k, v, idx, None, bs, scale, fwd_cfg)
         add(shape="32/2/64", T=t, what="sp:fwd", cfg=cfg,
-            fwd=bench(lambda: KS.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, fwd_cfg)))
-        add(shape="32/2/64", T=t, what="sp:slots", cfg=cfg, fwd=bench(lambda: KS._slot_bound(idx)))
+            fwd=bench(lambda: KS.sparse_forward(q, k, v, idx, None, bs, scale, fwd_cfg)))
         add(shape="32/2/64", T=t, what="sp:dq", cfg=cfg,
-            fwd=bench(lambda: KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, dq_cfg)))
-        _, delta = KS.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, dq_cfg)
+            fwd=bench(lambda: KS.launch_dq(q, k, v, o, lse, do, None, idx, None, bs, scale, dq_cfg)))
+        _, stats = KS.launch_dq(q, k, v, o, lse, do, None, idx, None, bs, scale, dq_cfg)
         add(shape="32/2/64", T=t, what="sp:grid", cfg=cfg, fwd=bench(lambda: KS._grid_for_table(idx, t, bs, DEV)))
         add(shape="32/2/64", T=t, what="sp:csr", cfg=cfg, fwd=bench(lambda: KS.build_reverse_index(idx, t)))
         kst, ken = KS._grid_for_table(idx, t, bs, DEV)
@@ -282,7 +280,7 @@ def profile_breakdown(add):
             dkdv_cfg["TQ"] = max(1, rows // dkdv_cfg["GP"])
             dkdv_cfg["num_warps"] = 4 if dkdv_cfg["TQ"] * dkdv_cfg["GP"] * d <= 64 * 64 else 8
             try:
-                ms = bench(lambda: KS.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale,
+                ms = bench(lambda: KS.launch_dkdv(q, k, v, do, stats, None, kst, ken, rptr, ridx, bs, scale,
                                                   dkdv_cfg))
                 add(shape="32/2/64", T=t, what=f"sp:dkdv{rows}", cfg=cfg, fwd=ms)
             except Exception as e:  # noqa: BLE001
@@ -371,8 +369,9 @@ def main():
                 idx, counts = K.select_blocks(q.detach(), k.detach(), bs, kk)
                 pairs = selected_pairs(idx, bs, t)
                 dens = pairs / (t * (t + 1) / 2)
-                sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs)[0])
-                sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, bs)[0], (q, k, v), do))
+                sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, bs, starts_on_grid=True)[0])
+                sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, bs, starts_on_grid=True)[0],
+                                      (q, k, v), do))
                 ratios = {"density": dens}
                 if not args.sparse_only:
                     ratios = {"xSDPA_fb": sp_fb / s_fb, "xDens_fb": sp_fb / (s_fb * dens), **ratios}
@@ -443,8 +442,9 @@ def main():
             q, k, v = make(t, hq, hkv, d)
             do = torch.randn(t, 1, hq, d, device=DEV, dtype=DT)
             idx, _ = K.select_blocks(q.detach(), k.detach(), 16, 16)
-            sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, 16)[0])
-            sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, 16)[0], (q, k, v), do))
+            sp_f = bench(lambda: K.sparse_attention(q, k, v, idx, 16, starts_on_grid=True)[0])
+            sp_fb = bench(fwd_bwd(lambda: K.sparse_attention(q, k, v, idx, 16, starts_on_grid=True)[0], (q, k, v),
+                                  do))
             sel = bench(lambda: K.select_blocks(q.detach(), k.detach(), 16, 16))
             base = base or sp_fb
             add(shape=f"G={g} ({hq}/{hkv}/{d})", T=t, what="sparse", cfg="16x16", fwd=sp_f, fb=sp_fb,

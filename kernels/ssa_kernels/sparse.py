@@ -7,7 +7,11 @@ rows of the matmuls (padded to 16), and ``NBLK`` selected blocks are gathered in
 
 dK/dV: one program per (key block of the grid, batch row · KV head). A reverse index (CSR, built with a stable
 sort so the order is fixed) lists the query tokens that selected the block; the program gathers ``TQ`` of them
-× G heads as the M rows (64 rows), accumulates dK/dV in fp32 registers and stores once.
+× G heads as the M rows (64 rows), accumulates dK/dV in fp32 registers and stores once. It reads each row's LSE
+and delta from a token-major buffer the dQ kernel writes (one cache line per token, not one per head).
+
+Host work per call is kept to what the GPU needs: the kernels read each row's used-slot count from the table and
+compute default query positions themselves, so the forward launches one kernel and nothing else.
 """
 
 from __future__ import annotations
@@ -31,20 +35,34 @@ def _batch_kv_head(HKV):
 
 
 @triton.jit
-def _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   BD: tl.constexpr):
+def _token_program(IDX, QPOS, s_ib, s_ih, s_is, KK, q_off, HKV, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   BD: tl.constexpr, KP: tl.constexpr, HAS_QPOS: tl.constexpr):
     """Forward and dQ prologue: the program's query token ``t``, batch row and KV head (all int64), the token's
-    position and used slot count, and its ``GP`` query-head rows: head indices, which of them are real (``g_ok``),
-    feature offsets ``d`` and which of them are real (``d_ok``)."""
+    position, its index-table row and used slot count, and its ``GP`` query-head rows: head indices, which of them
+    are real (``g_ok``), feature offsets ``d`` and which of them are real (``d_ok``)."""
     t = tl.program_id(0)
     _, h, b64, h64 = _batch_kv_head(HKV)
     t64 = t.to(tl.int64)
-    pos = tl.load(QPOS + t)
-    nslot = tl.load(NSLOT + b64 * s_nb + h64 * s_nh + t)
+    if HAS_QPOS:
+        pos = tl.load(QPOS + t)
+    else:  # the last sq positions of the row: no position tensor to build or read
+        pos = t + q_off
+    idx_row = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
+    nslot = _used_slots(idx_row, KK, KP)
     g = tl.arange(0, GP)
     d = tl.arange(0, BD)
     head = (h * G + g).to(tl.int64)
-    return t64, b64, h64, pos, nslot, head, g < G, d, d < D
+    return t64, b64, h64, pos, idx_row, nslot, head, g < G, d, d < D
+
+
+@triton.jit
+def _used_slots(idx_row, KK, KP: tl.constexpr):
+    """One past the last used (>= 0) slot of the ``KK`` slots at ``idx_row`` (contiguous; ``KP`` = KK rounded up
+    to a power of two). Read here rather than computed by torch ops before the launch: one row load per program
+    instead of five launches per call."""
+    j = tl.arange(0, KP)
+    start = tl.load(idx_row + j, mask=j < KK, other=-1)
+    return tl.max(tl.where(start >= 0, j + 1, 0), axis=0)
 
 
 @triton.jit
@@ -66,22 +84,22 @@ def _load_rows(base, rows64, stride, d, mask):
 
 @triton.jit
 def _sparse_fwd_kernel(
-    Q, K, V, IDX, NSLOT, QPOS, O, LSE,
-    skv,
+    Q, K, V, IDX, QPOS, O, LSE,
+    skv, q_off, KK,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_os, s_ob, s_oh,
-    s_ib, s_ih, s_is, s_nb, s_nh, s_lb, s_lh,
+    s_ib, s_ih, s_is, s_lb, s_lh,
     HKV, scale_log2,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    NBLK: tl.constexpr,
+    NBLK: tl.constexpr, KP: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
-    t64, b64, h64, pos, nslot, head, g_ok, d, d_ok = _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G, GP, D, BD)
+    t64, b64, h64, pos, idx_row, nslot, head, g_ok, d, d_ok = _token_program(
+        IDX, QPOS, s_ib, s_ih, s_is, KK, q_off, HKV, G, GP, D, BD, KP, HAS_QPOS)
     rmask = g_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q + t64 * s_qs + b64 * s_qb, head, s_qh, d, rmask)
 
     n = tl.arange(0, NBLK * BS)  # NBLK selected blocks per step, gathered into one key tile
     n_slot = n // BS
     n_off = n % BS
-    idx_row = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
     k_base = K + b64 * s_kb + h64 * s_kh
     v_base = V + b64 * s_vb + h64 * s_vh
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
@@ -112,15 +130,16 @@ def _sparse_fwd_kernel(
 
 @triton.jit
 def _sparse_dq_kernel(
-    Q, K, V, IDX, NSLOT, QPOS, O, DO, LSE, DLSE, DQ, DELTA,
-    skv,
+    Q, K, V, IDX, QPOS, O, DO, LSE, DLSE, DQ, STATS,
+    skv, q_off, KK,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_os, s_ob, s_oh, s_dos, s_dob, s_doh,
-    s_ib, s_ih, s_is, s_nb, s_nh, s_lb, s_lh,
+    s_ib, s_ih, s_is, s_lb, s_lh, s_tb, s_ts, s_dqs, s_dqb, s_dqh,
     HKV, scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    NBLK: tl.constexpr, HAS_DLSE: tl.constexpr,
+    NBLK: tl.constexpr, KP: tl.constexpr, HAS_QPOS: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    t64, b64, h64, pos, nslot, head, g_ok, d, d_ok = _token_program(QPOS, NSLOT, s_nb, s_nh, HKV, G, GP, D, BD)
+    t64, b64, h64, pos, idx_row, nslot, head, g_ok, d, d_ok = _token_program(
+        IDX, QPOS, s_ib, s_ih, s_is, KK, q_off, HKV, G, GP, D, BD, KP, HAS_QPOS)
     rmask = g_ok[:, None] & d_ok[None, :]
     q = _load_rows(Q + t64 * s_qs + b64 * s_qb, head, s_qh, d, rmask)
     do = _load_rows(DO + t64 * s_dos + b64 * s_dob, head, s_doh, d, rmask)
@@ -128,14 +147,16 @@ def _sparse_dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + b64 * s_lb + head * s_lh + t64, mask=g_ok, other=0.0)
-    tl.store(DELTA + b64 * s_lb + head * s_lh + t64, delta, mask=g_ok)
     lse = tl.load(LSE + b64 * s_lb + head * s_lh + t64, mask=g_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    # the dK/dV kernel's per-row inputs, token-major ([b, sq, HQ, 2]: lse2, delta)
+    stats = STATS + b64 * s_tb + t64 * s_ts + head * 2
+    tl.store(stats, lse2, mask=g_ok)
+    tl.store(stats + 1, delta, mask=g_ok)
 
     n = tl.arange(0, NBLK * BS)
     n_slot = n // BS
     n_off = n % BS
-    idx_row = IDX + b64 * s_ib + h64 * s_ih + t64 * s_is
     k_base = K + b64 * s_kb + h64 * s_kh
     v_base = V + b64 * s_vb + h64 * s_vh
     dq = tl.zeros([GP, BD], dtype=tl.float32)
@@ -150,20 +171,20 @@ def _sparse_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), kt)
     dq = dq * scale
-    tl.store(DQ + t64 * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + t64 * s_dqs + b64 * s_dqb + head[:, None] * s_dqh + d[None, :], dq.to(DQ.dtype.element_ty),
              mask=rmask)
 
 
 @triton.jit
 def _sparse_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, QPOS, KST, KEN, RPTR, RIDX, DK, DV,
-    skv,
+    Q, K, V, DO, STATS, QPOS, KST, KEN, RPTR, RIDX, DK, DV,
+    skv, q_off,
     s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_dos, s_dob, s_doh,
-    s_lb, s_lh, s_kst,
+    s_tb, s_ts, s_kst,
     s_dks, s_dkb, s_dkh,
     HKV, scale_log2, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
-    TQ: tl.constexpr,
+    TQ: tl.constexpr, HAS_QPOS: tl.constexpr,
 ):
     blk = tl.program_id(0)
     pid_bh, h, b64, h64 = _batch_kv_head(HKV)
@@ -197,15 +218,18 @@ def _sparse_dkdv_kernel(
             row_ok = (e < e_end) & (m_g < G)
             tok = tl.load(RIDX + e, mask=row_ok, other=0)
             tok64 = tok.to(tl.int64)
-            qpos = tl.load(QPOS + tok, mask=row_ok, other=-1)
+            if HAS_QPOS:
+                qpos = tl.load(QPOS + tok, mask=row_ok, other=-1)
+            else:
+                qpos = tok + q_off
             rmask = row_ok[:, None] & d_ok[None, :]
             q = tl.load(Q + tok64[:, None] * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :],
                         mask=rmask, other=0.0)
             do = tl.load(DO + tok64[:, None] * s_dos + b64 * s_dob + head[:, None] * s_doh + d[None, :],
                          mask=rmask, other=0.0)
-            lse = tl.load(LSE + b64 * s_lb + head * s_lh + tok64, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(DELTA + b64 * s_lb + head * s_lh + tok64, mask=row_ok, other=0.0)
+            stats = STATS + b64 * s_tb + tok64 * s_ts + head * 2  # a token's G heads share one cache line
+            lse2 = tl.load(stats, mask=row_ok, other=0.0)
+            delta = tl.load(stats + 1, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(kt)) * scale_log2  # [M, BS]
             ok = row_ok[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
@@ -219,32 +243,36 @@ def _sparse_dkdv_kernel(
         tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
-def _slot_bound(block_idx: Tensor) -> Tensor:
-    """Per (b, h, t): one past the last valid (>= 0) slot of the index table, int32."""
-    kk = block_idx.shape[-1]
-    ar = torch.arange(1, kk + 1, device=block_idx.device, dtype=torch.int32)
-    return ((block_idx >= 0).to(torch.int32) * ar).amax(-1).to(torch.int32).contiguous()
+_INDEX_ROWS: dict = {}
+
+
+def _index_rows(b: int, hkv: int, skv: int, device) -> tuple[Tensor, Tensor]:
+    """The reverse index's per-(b, h) key offsets ``[b, HKV, 1, 1]`` and its row numbers ``0 .. b·HKV·skv``, in the
+    key dtype (int32 while the keys fit). The same for every layer of a step, so they are made once, not per call
+    (two launches fewer per backward)."""
+    key = (b, hkv, skv, str(device))
+    if key not in _INDEX_ROWS:
+        nrows = b * hkv * skv
+        dtype = torch.int32 if nrows < 2 ** 31 - 1 else torch.int64
+        off = (torch.arange(b * hkv, device=device, dtype=dtype) * skv).view(b, hkv, 1, 1)
+        _INDEX_ROWS.clear()
+        _INDEX_ROWS[key] = (off, torch.arange(nrows + 1, device=device, dtype=dtype))
+    return _INDEX_ROWS[key]
 
 
 def build_reverse_index(block_idx: Tensor, skv: int) -> tuple[Tensor, Tensor]:
     """CSR of the index table by key block: for (b, h, start), the query rows that selected it, ascending.
 
-    Returns ``(rptr [b·HKV·skv + 1] int64, ridx [b·HKV·sq·K] int32)``; entries of (b, h, start p) are
+    Returns ``(rptr [b·HKV·skv + 1] int64, ridx [b·HKV·sq·K] int64)``; entries of (b, h, start p) are
     ``ridx[rptr[(b·HKV + h)·skv + p] : rptr[... + 1]]``. Deterministic (stable sort, integer counts).
     """
     b, hkv, sq, kk = block_idx.shape
-    nrows = b * hkv * skv
-    bh = torch.arange(b * hkv, device=block_idx.device, dtype=torch.int64).view(b, hkv, 1, 1)
-    valid = block_idx >= 0
-    key = torch.where(valid, bh * skv + block_idx.long(), torch.full_like(bh, nrows).expand_as(block_idx))
-    key = key.reshape(-1)
-    if nrows < 2 ** 31 - 1:
-        key = key.to(torch.int32)
+    off, rows = _index_rows(b, hkv, skv, block_idx.device)
+    key = torch.where(block_idx >= 0, block_idx.to(off.dtype) + off, rows.shape[0] - 1).reshape(-1)
     sorted_key, order = torch.sort(key, stable=True)
-    ridx = (order // kk % sq).to(torch.int32)
+    ridx = order.div_(kk, rounding_mode="floor").remainder_(sq)  # flat table index -> query row, in place
     # rptr[r] = entries with key < r. searchsorted on the sorted keys, not bincount: bincount sizes its output
     # from the data and so waits for the GPU.
-    rows = torch.arange(nrows + 1, device=block_idx.device, dtype=sorted_key.dtype)
     rptr = torch.searchsorted(sorted_key, rows)
     return rptr, ridx
 
@@ -286,89 +314,102 @@ def dkdv_config(g: int, bs: int, d: int) -> dict:
                 num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=2 if small else 3)
 
 
-def _query_outputs(q: Tensor) -> tuple[Tensor, Tensor]:
-    """Uninitialised ``[sq, b, HQ, D]`` (q's dtype) and ``[b, HQ, sq]`` float32 outputs of the per-token kernels."""
-    sq, b, hq, d = q.shape
-    return (torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype),
-            torch.empty(b, hq, sq, device=q.device, dtype=torch.float32))
+def _positions(q_pos: Tensor | None, block_idx: Tensor, sq: int, skv: int) -> tuple[Tensor, int, bool]:
+    """The kernels' query-position arguments (pointer, offset, HAS_QPOS). Without ``q_pos`` the queries are the
+    last ``sq`` keys and the kernels compute ``t + skv - sq`` (the pointer is then a placeholder, never read)."""
+    return (block_idx, skv - sq, False) if q_pos is None else (q_pos, 0, True)
 
 
-def sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale, config: dict) -> tuple[Tensor, Tensor]:
-    """Forward kernel with launch parameters ``config`` (``fwd_config``'s keys). Returns (out, lse)."""
+def _table_args(block_idx: Tensor) -> dict:
+    """The index table's width as the kernels take it (runtime ``KK`` and its power of two ``KP``, a constexpr)."""
+    kk = block_idx.shape[-1]
+    return dict(KK=kk, KP=next_pow2(kk))
+
+
+def sparse_forward(q, k, v, block_idx, q_pos, block_size, scale, config: dict) -> tuple[Tensor, Tensor]:
+    """Forward kernel with launch parameters ``config`` (``fwd_config``'s keys). ``block_idx`` int32, contiguous;
+    ``q_pos`` int32 ``[sq]`` or None (the last sq keys). Returns (out ``[sq, b, HQ, D]``, lse ``[b, HQ, sq]``)."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    o, lse = _query_outputs(q)
+    o = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, hq, sq, device=q.device, dtype=torch.float32)
     if sq == 0:
         return o, lse
+    qp, q_off, has_qpos = _positions(q_pos, block_idx, sq, skv)
+    table = _table_args(block_idx)
     _sparse_fwd_kernel[(sq, b * hkv)](
-        q, k, v, block_idx, nslot, q_pos, o, lse,
-        skv,
+        q, k, v, block_idx, qp, o, lse,
+        skv, q_off, table["KK"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
-        lse.stride(0), lse.stride(1),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), lse.stride(0), lse.stride(1),
         hkv, scale * _LOG2E,
-        G=hq // hkv, D=d, BS=block_size, **config,
+        G=hq // hkv, D=d, BS=block_size, KP=table["KP"], HAS_QPOS=has_qpos, **config,
     )
     return o, lse
 
 
-def launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, config: dict
+def launch_dq(q, k, v, o, lse, do, dlse, block_idx, q_pos, block_size, scale, config: dict
               ) -> tuple[Tensor, Tensor]:
-    """dQ kernel (also writes delta = rowsum(O·dO) − dLSE for the dK/dV kernel) with launch parameters ``config``
-    (``dq_config``'s keys). Returns (dq, delta)."""
+    """dQ kernel with launch parameters ``config`` (``dq_config``'s keys). Returns (dq, stats): ``stats
+    [b, sq, HQ, 2]`` float32 holds, per query row, the LSE in log2 units (+inf for a row with no keys) and
+    delta = rowsum(O·dO) − dLSE, token-major, for the dK/dV kernel."""
     sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
-    dq, delta = _query_outputs(q)
+    dq = torch.empty(sq, b, hq, d, device=q.device, dtype=q.dtype)
+    stats = torch.empty(b, sq, hq, 2, device=q.device, dtype=torch.float32)
     if sq == 0:
-        return dq, delta
+        return dq, stats
     has_dlse = dlse is not None
     dl = dlse.contiguous() if has_dlse else lse
+    qp, q_off, has_qpos = _positions(q_pos, block_idx, sq, skv)
+    table = _table_args(block_idx)
     _sparse_dq_kernel[(sq, b * hkv)](
-        q, k, v, block_idx, nslot, q_pos, o, do, lse, dl, dq, delta,
-        skv,
+        q, k, v, block_idx, qp, o, do, lse, dl, dq, stats,
+        skv, q_off, table["KK"],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), nslot.stride(0), nslot.stride(1),
-        lse.stride(0), lse.stride(1),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), lse.stride(0), lse.stride(1),
+        stats.stride(0), stats.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
         hkv, scale * _LOG2E, scale,
-        G=hq // hkv, D=d, BS=block_size, HAS_DLSE=has_dlse, **config,
+        G=hq // hkv, D=d, BS=block_size, KP=table["KP"], HAS_QPOS=has_qpos, HAS_DLSE=has_dlse, **config,
     )
-    return dq, delta
+    return dq, stats
 
 
-def launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale, config: dict
+def launch_dkdv(q, k, v, do, stats, q_pos, kst, ken, rptr, ridx, block_size, scale, config: dict
                 ) -> tuple[Tensor, Tensor]:
     """dK/dV kernel over the key ranges ``kst``/``ken`` with launch parameters ``config`` (``dkdv_config``'s
-    keys). Returns (dk, dv)."""
-    _, b, hq, d = q.shape
+    keys); ``stats`` is ``launch_dq``'s. Returns (dk, dv)."""
+    sq, b, hq, d = q.shape
     skv, _, hkv, _ = k.shape
     dk = torch.empty(skv, b, hkv, d, device=q.device, dtype=k.dtype)
     dv = torch.empty(skv, b, hkv, d, device=q.device, dtype=v.dtype)
+    qp, q_off, has_qpos = _positions(q_pos, kst, sq, skv)
     _sparse_dkdv_kernel[(kst.shape[1], b * hkv)](
-        q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, dk, dv,
-        skv,
+        q, k, v, do, stats, qp, kst, ken, rptr, ridx, dk, dv,
+        skv, q_off,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        lse.stride(0), lse.stride(1), kst.stride(0),
+        stats.stride(0), stats.stride(1), kst.stride(0),
         dk.stride(0), dk.stride(1), dk.stride(2),
         hkv, scale * _LOG2E, scale,
-        G=hq // hkv, D=d, BS=block_size, **config,
+        G=hq // hkv, D=d, BS=block_size, HAS_QPOS=has_qpos, **config,
     )
     return dk, dv
 
 
-def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale, starts_on_grid=None):
+def sparse_backward(q, k, v, o, lse, do, dlse, block_idx, q_pos, block_size, scale, starts_on_grid=None):
     g, d = q.shape[2] // k.shape[2], q.shape[3]
     do = last_dim_contiguous(do)
-    dq, delta = launch_dq(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, block_size, scale,
+    dq, stats = launch_dq(q, k, v, o, lse, do, dlse, block_idx, q_pos, block_size, scale,
                           dq_config(g, block_size, d))
     # dK/dV over the key-block grid. Any start used in the table is a grid start (own block or a complete
     # block), so the grid of the whole row covers every key exactly once.
     kst, ken = _grid_for_table(block_idx, k.shape[0], block_size, q.device, starts_on_grid)
     rptr, ridx = build_reverse_index(block_idx, k.shape[0])
-    dk, dv = launch_dkdv(q, k, v, do, lse, delta, q_pos, kst, ken, rptr, ridx, block_size, scale,
+    dk, dv = launch_dkdv(q, k, v, do, stats, q_pos, kst, ken, rptr, ridx, block_size, scale,
                          dkdv_config(g, block_size, d))
     return dq, dk, dv
 
@@ -419,23 +460,26 @@ def _grid_for_table(block_idx: Tensor, skv: int, block_size: int, device, starts
 
 class SparseAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, nslot, q_pos, block_size, scale, starts_on_grid):
-        o, lse = sparse_forward(q, k, v, block_idx, nslot, q_pos, block_size, scale,
+    def forward(ctx, q, k, v, block_idx, q_pos, block_size, scale, starts_on_grid):
+        o, lse = sparse_forward(q, k, v, block_idx, q_pos, block_size, scale,
                                 fwd_config(q.shape[2] // k.shape[2], block_size, q.shape[3]))
-        ctx.save_for_backward(q, k, v, o, lse, block_idx, nslot, q_pos)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, q_pos)
         ctx.block_size = block_size
         ctx.scale = scale
         ctx.starts_on_grid = starts_on_grid
+        # An unused output's gradient arrives as None, not as a zero tensor autograd would fill: callers that
+        # drop the LSE (most) cost no fill and no dLSE reads in the dQ kernel.
+        ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, block_idx, nslot, q_pos = ctx.saved_tensors
+        q, k, v, o, lse, block_idx, q_pos = ctx.saved_tensors
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = sparse_backward(q, k, v, o, lse, do, dlse, block_idx, nslot, q_pos, ctx.block_size,
-                                     ctx.scale, ctx.starts_on_grid)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = sparse_backward(q, k, v, o, lse, do, dlse, block_idx, q_pos, ctx.block_size, ctx.scale,
+                                     ctx.starts_on_grid)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_size: int,
@@ -459,6 +503,6 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, block_s
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     block_idx = block_idx.to(torch.int32).contiguous()
-    q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
-    nslot = _slot_bound(block_idx)
-    return SparseAttentionFn.apply(q, k, v, block_idx, nslot, q_pos, block_size, scale, starts_on_grid)
+    # None: the kernels compute the default positions (the last sq keys) themselves
+    q_pos = None if q_positions is None else q_positions_or_default(q_positions, sq, skv, q.device)
+    return SparseAttentionFn.apply(q, k, v, block_idx, q_pos, block_size, scale, starts_on_grid)

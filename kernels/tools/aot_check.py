@@ -86,21 +86,29 @@ def main():
     for g, d, bs in [] if only_new else [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64),
                                          (2, 128, 128)]:
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
-        ptr.update({"IDX": "*i32", "NSLOT": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32",
-                    "DELTA": "*fp32"})
+        ptr.update({"IDX": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32", "STATS": "*fp32"})
+        table = dict(KP=16, HAS_QPOS=d == 128)  # both position paths: computed (D 64) and read (D 128)
         cfg = P.fwd_config(g, bs, d)  # the launch settings sparse_attention uses
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-        info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns, floats=("scale_log2",))
+        info = compile_kernel(P._sparse_fwd_kernel, ptr, dict(G=g, D=d, BS=bs, **table, **cfg), nw, ns,
+                              floats=("scale_log2",))
         rows.append((f"fwd G={g} D={d} BS={bs}", info))
         cfg = P.dq_config(g, bs, d)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-        info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **cfg), nw, ns,
-                              floats=("scale_log2", "scale"))
+        info = compile_kernel(P._sparse_dq_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_DLSE=False, **table, **cfg), nw,
+                              ns, floats=("scale_log2", "scale"))
         rows.append((f"dq  G={g} D={d} BS={bs}", info))
+        if (g, d, bs) == (16, 64, 16):  # the per-block loop kernels/tools/tune_launch.py offers for small tables
+            base = {k_: v_ for k_, v_ in P.fwd_config(g, bs, d).items() if k_ not in ("num_warps", "num_stages")}
+            for kernel, extra in ((P._sparse_fwd_kernel, {}), (P._sparse_dq_kernel, {"HAS_DLSE": True})):
+                for nblk, nw in ((1, 1), (1, 2), (2, 2)):
+                    info = compile_kernel(kernel, ptr, dict(G=g, D=d, BS=bs, **table, **base, **extra) | {"NBLK": nblk},
+                                          nw, 1, floats=("scale_log2", "scale"))
+                    rows.append((f"{kernel.fn.__name__[8:11]} G={g} D={d} BS={bs} NBLK={nblk} warps={nw}", info))
         cfg = P.dkdv_config(g, bs, d)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-        ptr.update({"KST": "*i32", "KEN": "*i32", "RPTR": "*i64", "RIDX": "*i32", "DK": dt, "DV": dt})
-        info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, **cfg), nw, ns,
+        ptr.update({"KST": "*i32", "KEN": "*i32", "RPTR": "*i64", "RIDX": "*i64", "DK": dt, "DV": dt})
+        info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_QPOS=d == 128, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dkdv G={g} D={d} BS={bs}", info))
     for name, info in rows:

@@ -15,12 +15,16 @@ import argparse
 import itertools
 import json
 
+import contextlib
+
 import torch
 import triton
+import triton.language as tl
 
 import ssa_kernels as K
 from ssa_kernels import select as SEL
 from ssa_kernels import sparse as S
+from ssa_kernels.sparse import _batch_kv_head
 
 
 def _rel(a, b):
@@ -36,6 +40,89 @@ def select_candidates(g: int, top_k: int) -> list[dict]:
             for v, bn1, st, w in itertools.product(topk, sorted({bn, max(bn, 64)}), (1, 2), (2, 4))]
 
 
+@triton.jit
+def _dkdv_keys_major_kernel(
+    Q, K, V, DO, STATS, QPOS, KST, KEN, RPTR, RIDX, DK, DV,
+    skv, q_off,
+    s_qs, s_qb, s_qh, s_ks, s_kb, s_kh, s_vs, s_vb, s_vh, s_dos, s_dob, s_doh,
+    s_tb, s_ts, s_kst,
+    s_dks, s_dkb, s_dkh,
+    HKV, scale_log2, scale,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr,
+    TQ: tl.constexpr, HAS_QPOS: tl.constexpr,
+):
+    """Candidate: production's dK/dV kernel (``sparse._sparse_dkdv_kernel``, same arguments and result) with the
+    score tile keys-major, [BS, rows] as fla's NSA dK/dV kernel has it, instead of [rows, BS]. Compiled for sm_90
+    at 256 rows it needs 102 KB of shared memory instead of 136 KB (2 programs per SM instead of 1) but uses
+    mma.sync with M = BS instead of wgmma with M = rows; which wins is for the GPU to say."""
+    blk = tl.program_id(0)
+    pid_bh, h, b64, h64 = _batch_kv_head(HKV)
+    kstart = tl.load(KST + b64 * s_kst + blk)
+    kend = tl.load(KEN + b64 * s_kst + blk)
+    if kstart < skv:
+        kpos = kstart + tl.arange(0, BS)
+        k_ok = kpos < kend
+        kpos64 = kpos.to(tl.int64)
+        d = tl.arange(0, BD)
+        kmask = k_ok[:, None] & (d < D)[None, :]
+        kt = tl.load(K + b64 * s_kb + h64 * s_kh + kpos64[:, None] * s_ks + d[None, :], mask=kmask, other=0.0)
+        vt = tl.load(V + b64 * s_vb + h64 * s_vh + kpos64[:, None] * s_vs + d[None, :], mask=kmask, other=0.0)
+        row = pid_bh.to(tl.int64) * skv + kstart
+        e_begin = tl.load(RPTR + row)
+        e_end = tl.load(RPTR + row + 1)
+        m = tl.arange(0, TQ * GP)
+        m_tq = m // GP
+        m_g = m % GP
+        head = (h * G + m_g).to(tl.int64)
+        dk = tl.zeros([BS, BD], dtype=tl.float32)
+        dv = tl.zeros([BS, BD], dtype=tl.float32)
+        for e0 in range(e_begin, e_end, TQ):
+            e = e0 + m_tq
+            row_ok = (e < e_end) & (m_g < G)
+            tok64 = tl.load(RIDX + e, mask=row_ok, other=0).to(tl.int64)
+            if HAS_QPOS:
+                qpos = tl.load(QPOS + tok64, mask=row_ok, other=-1)
+            else:
+                qpos = tok64 + q_off
+            rmask = row_ok[:, None] & (d < D)[None, :]
+            q = tl.load(Q + tok64[:, None] * s_qs + b64 * s_qb + head[:, None] * s_qh + d[None, :], mask=rmask,
+                        other=0.0)
+            do = tl.load(DO + tok64[:, None] * s_dos + b64 * s_dob + head[:, None] * s_doh + d[None, :],
+                         mask=rmask, other=0.0)
+            stats = STATS + b64 * s_tb + tok64 * s_ts + head * 2
+            lse2 = tl.load(stats, mask=row_ok, other=0.0)
+            delta = tl.load(stats + 1, mask=row_ok, other=0.0)
+            s = tl.dot(kt, tl.trans(q)) * scale_log2  # [BS, rows]
+            ok = row_ok[None, :] & k_ok[:, None] & (kpos[:, None] <= qpos[None, :])
+            p = tl.where(ok, tl.exp2(s - lse2[None, :]), 0.0)
+            dv += tl.dot(p.to(do.dtype), do)
+            ds = p * (tl.dot(vt, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(ds.to(q.dtype), q)
+        out_off = b64 * s_dkb + h64 * s_dkh + kpos64[:, None] * s_dks + d[None, :]
+        tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@contextlib.contextmanager
+def dkdv_kernel(kernel):
+    """``sparse.launch_dkdv`` launching ``kernel`` (same arguments) instead of production's, inside the block."""
+    production = S._sparse_dkdv_kernel
+    S._sparse_dkdv_kernel = kernel
+    try:
+        yield
+    finally:
+        S._sparse_dkdv_kernel = production
+
+
+def gather_candidates(bs: int, top_k: int) -> list[dict]:
+    """Keys per gathered step, warps and stages of the forward and dQ kernels. Steps of one or two blocks (at most
+    the table's top_k blocks) run with 1-4 warps: the per-block loop of fla's NSA kernels, for small tables
+    (16 x 16: 256 keys per token); tiles of 64+ keys keep 4-8 warps."""
+    keys = sorted(k for k in {bs, 2 * bs, 64, 128} if bs <= k <= bs * top_k)
+    return [dict(NBLK=nk // bs, num_warps=w, num_stages=st)
+            for nk in keys for w in ((1, 2, 4) if nk <= 32 else (4, 8)) for st in (1, 2)]
+
+
 def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: set[str]) -> list[dict]:
     torch.manual_seed(0)
     q = torch.randn(t, 1, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -44,8 +131,6 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: 
     do = torch.randn_like(q)
     idx, _ = K.select_blocks(q, k, bs, top_k)
     idx = idx.to(torch.int32).contiguous()
-    nslot = S._slot_bound(idx)
-    qpos = torch.arange(t, device="cuda", dtype=torch.int32)
     scale = d ** -0.5
     kst, ken = S._grid_for_table(idx, t, bs, q.device, True)
     rptr, ridx = S.build_reverse_index(idx, t)
@@ -58,27 +143,29 @@ def tune_shape(t: int, hq: int, hkv: int, d: int, bs: int, top_k: int, kernels: 
         return SEL.launch_selection(sel, {**SEL.select_config(g, top_k), **cand})
 
     def fwd(cand):
-        return S.sparse_forward(q, k, v, idx, nslot, qpos, bs, scale, {**S.fwd_config(g, bs, d), **cand})
+        return S.sparse_forward(q, k, v, idx, None, bs, scale, {**S.fwd_config(g, bs, d), **cand})
 
     o, lse = fwd({})
 
     def dq(cand):
-        return S.launch_dq(q, k, v, o, lse, do, None, idx, nslot, qpos, bs, scale, {**S.dq_config(g, bs, d), **cand})
+        return S.launch_dq(q, k, v, o, lse, do, None, idx, None, bs, scale, {**S.dq_config(g, bs, d), **cand})
 
-    _, delta = dq({})
+    _, stats = dq({})
 
     def dkdv(cand):
-        return S.launch_dkdv(q, k, v, do, lse, delta, qpos, kst, ken, rptr, ridx, bs, scale,
-                             {**S.dkdv_config(g, bs, d), **cand})
+        cand = dict(cand)
+        kernel = _dkdv_keys_major_kernel if cand.pop("keys_major", False) else S._sparse_dkdv_kernel
+        with dkdv_kernel(kernel):
+            return S.launch_dkdv(q, k, v, do, stats, None, kst, ken, rptr, ridx, bs, scale,
+                                 {**S.dkdv_config(g, bs, d), **cand})
 
     spaces = {
         "select": (select, select_candidates(g, top_k)),
-        "fwd": (fwd, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
-                      for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
-        "dq": (dq, [dict(NBLK=nb // bs, num_warps=w, num_stages=st)
-                    for nb, w, st in itertools.product((64, 128, 256), (4, 8), (2, 3)) if nb >= bs]),
-        "dkdv": (dkdv, [dict(TQ=max(1, rows // triton.next_power_of_2(g)), num_warps=w, num_stages=st)
-                        for rows, w, st in itertools.product((128, 256), (4, 8), (1, 2, 3))]),
+        "fwd": (fwd, gather_candidates(bs, top_k)),
+        "dq": (dq, gather_candidates(bs, top_k)),
+        "dkdv": (dkdv, [dict(TQ=max(1, rows // triton.next_power_of_2(g)), num_warps=w, num_stages=st, **major)
+                        for rows, w, st, major in itertools.product((64, 128, 256), (4, 8), (1, 2),
+                                                                    ({}, {"keys_major": True}))]),
     }
     shape = f"T={t} {hq}/{hkv}/{d} {bs}x{top_k}"
     table = []
