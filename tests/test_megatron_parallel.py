@@ -131,10 +131,12 @@ def _tp_ranks(rank, world_size):
     tokens = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(64).expand(2, -1)
     results = {}
-    for tp in (2, 1):
+    for tp, sp in ((2, True), (2, False), (1, False)):
         init_megatron(tp=tp)
         torch.manual_seed(123)  # CPU init draws the full (master) weights, then each rank keeps its slice
-        model = build_gpt_model(tiny_recipe(alpha=10.0, p_full=0.5))
+        recipe = tiny_recipe(alpha=10.0, p_full=0.5)
+        recipe.parallel.tensor_parallel, recipe.parallel.sequence_parallel = tp, sp
+        model = build_gpt_model(recipe)
         model.train()
         MODE_SAMPLER.set_iteration(4)
         shapes = []
@@ -153,9 +155,16 @@ def _tp_ranks(rank, world_size):
             parts = [torch.zeros_like(gate_grad) for _ in range(2)]
             dist.all_gather(parts, gate_grad)
             gate_grad = torch.cat(parts)
-        results[tp] = (loss.detach(), gate_grad, model.decoder.final_layernorm.weight.grad.clone())
-    for a, b in zip(results[2], results[1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        norms = [model.decoder.final_layernorm.weight, model.decoder.layers[1].pre_mlp_layernorm.weight]
+        norm_grads = [w.grad.clone() for w in norms]
+        if sp:  # each rank normalised half the tokens: what finalize_model_grads sums over the TP group
+            assert all(getattr(w, "sequence_parallel", False) for w in norms)
+            for g in norm_grads:
+                dist.all_reduce(g)
+        results[(tp, sp)] = (loss.detach(), gate_grad, *norm_grads)
+    for layout in ((2, True), (2, False)):
+        for a, b in zip(results[layout], results[(1, False)]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"tp, sp = {layout}")
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from ssa_megatron.megatron.attention import check_tp_heads
 from ssa_megatron.megatron.loss import set_alignment_loss_scale
 from ssa_megatron.megatron.mode import MODE_SAMPLER
 from ssa_megatron.megatron.output_loss import chunked_lm_loss
-from ssa_megatron.megatron.spec import get_ssa_layer_spec
+from ssa_megatron.megatron.spec import get_ssa_layer_spec, local_block_spec
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -217,6 +217,8 @@ def build_gpt_model(
         raise ValueError("model.transformer_impl=transformer_engine: Transformer Engine's layers run on CUDA only "
                            "and this process sees no GPU; set model.transformer_impl=local")
     config = config or transformer_config_from_recipe(recipe)
+    if m.transformer_impl == "local":
+        layer_spec = local_block_spec(layer_spec, config, vp_stage)
     MODE_SAMPLER.configure(recipe.train.seed)
     model = SSAGPTModel(
         config=config,

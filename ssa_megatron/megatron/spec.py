@@ -7,7 +7,8 @@ Only the attention changes: ``SSASelfAttention`` (Megatron's ``SelfAttention`` +
 
 The recipe chooses the backend (``model.transformer_impl``, read by ``model.build_gpt_model``):
 
-- ``"local"``: Megatron-core's own modules (``ColumnParallelLinear``, ``RowParallelLinear``, torch RMSNorm).
+- ``"local"``: Megatron-core's own modules (``ColumnParallelLinear``, ``RowParallelLinear``) and torch's RMSNorm
+  (``SequenceParallelRMSNorm``, which Megatron's own torch-norm wrapper is not: it refuses sequence parallelism).
   Complete without Transformer Engine; the path used on CPUs and on GPUs without TE.
 - ``"transformer_engine"``: Transformer Engine linears and norms around the same SSA core attention (TE has no
   sparse attention, so ``SSACoreAttention`` and its kernels stay). The input norm stays a separate ``TENorm`` (not
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from ssa_megatron.config import NSAConfig, SSAConfig
 from ssa_megatron.megatron.attention import (
@@ -50,6 +53,32 @@ def transformer_engine_available() -> bool:
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
     return bool(HAVE_TE)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with Megatron's norm signature, usable under sequence parallelism.
+
+    Under sequence parallelism each tensor-parallel rank normalises its own slice of the tokens, so the weight's
+    gradient is partial on every rank: the weight is marked ``sequence_parallel``, and Megatron's
+    ``finalize_model_grads`` sums such gradients over the TP group (as it does for Transformer Engine's and Apex's
+    norms). Megatron's ``WrappedTorchNorm`` refuses sequence parallelism instead, which left the local layers
+    without it on machines without TE or Apex.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
+        if config.normalization != "RMSNorm" or config.layernorm_zero_centered_gamma:
+            raise ValueError(f"SequenceParallelRMSNorm: normalization={config.normalization!r}, zero-centred gamma "
+                             f"{config.layernorm_zero_centered_gamma}: only plain RMSNorm is supported")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def local_block_spec(layer_spec: ModuleSpec, config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder block of the local spec: ``layer_spec`` for this stage's layers and the same RMSNorm as final
+    norm (Megatron would pick its own norm class for a bare layer spec)."""
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=SequenceParallelRMSNorm)
 
 
 def get_ssa_layer_spec(backend: str = "local", ssa: SSAConfig | None = None, compiled_rope: bool = False,
@@ -104,6 +133,8 @@ def _local_spec(core: ModuleSpec, gates: int, compiled_rope: bool) -> ModuleSpec
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     stock = spec.submodules.self_attention.submodules
     spec.module = SSATransformerLayer
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     spec.submodules.self_attention = _attention_spec(core, gates, compiled_rope, stock.linear_qkv, stock.linear_proj,
                                                      ColumnParallelLinear)
     return spec

@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.profiler import record_function
 
 from ssa_megatron.config import RecipeConfig
 from ssa_megatron.data.from_config import build_loaders
@@ -186,15 +187,21 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                 chunk.zero_grad_buffer()
             optimizer.zero_grad()
 
-            reports = forward_backward(
-                forward_step_func=step_fn, data_iterator=feed.next_step(len(model)), model=model,
-                num_microbatches=num_microbatches, seq_length=recipe.model.seq_length,
-                micro_batch_size=tr.micro_batch_size, decoder_seq_length=recipe.model.seq_length,
-                forward_only=False,
-            )
+            # The named ranges show in profiles (bench_training --profile, tools/profile_gaps.py).
+            with record_function("ssa_train/batches"):
+                batches = feed.next_step(len(model))
+            with record_function("ssa_train/forward_backward"):
+                reports = forward_backward(
+                    forward_step_func=step_fn, data_iterator=batches, model=model,
+                    num_microbatches=num_microbatches, seq_length=recipe.model.seq_length,
+                    micro_batch_size=tr.micro_batch_size, decoder_seq_length=recipe.model.seq_length,
+                    forward_only=False,
+                )
             if pending is not None:  # this step is queued on the GPU: read the previous one meanwhile
-                stopping = finish(pending)
-            ok, grad_norm, _ = optimizer.step()  # waits for the gradient norm (Megatron's clipping)
+                with record_function("ssa_train/previous_step_report"):
+                    stopping = finish(pending)
+            with record_function("ssa_train/optimizer"):
+                ok, grad_norm, _ = optimizer.step()  # waits for the gradient norm (Megatron's clipping)
             scheduler.step()
             step += 1
             tokens = feed.tokens_per_step * dims.dp  # every DP replica consumed the same count

@@ -1,0 +1,41 @@
+"""tools/profile_gaps.py: GPU idle gaps of a profiler trace, charged to the host range that launched the work
+ending each gap."""
+
+import gzip
+import json
+
+import pytest
+
+from helpers.tools import load_tool
+
+
+def _trace(path):
+    def ev(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        ev("user_annotation", "ssa_train/forward_backward", 0, 1000),
+        ev("user_annotation", "ssa_train/optimizer", 1000, 400),
+        ev("cpu_op", "aten::item", 1050, 300),
+        ev("cuda_runtime", "cudaLaunchKernel", 10, 5, correlation=1),
+        ev("cuda_runtime", "cudaLaunchKernel", 20, 5, correlation=2),
+        ev("cuda_runtime", "cudaLaunchKernel", 1300, 5, correlation=3),
+        ev("kernel", "gemm", 100, 500, correlation=1),
+        ev("kernel", "overlapping", 550, 450, correlation=2),  # merges with gemm: busy 100..1000
+        ev("kernel", "adam", 1320, 80, correlation=3),  # gap 1000..1320, launched inside the optimizer range
+    ]
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return path
+
+
+def test_gaps_are_charged_to_the_host_range_of_the_late_launch(tmp_path):
+    tool = load_tool("profile_gaps")
+    r = tool.analyse(tool.load_events(_trace(tmp_path / "t.json.gz")), min_us=50)
+    assert r["span_ms"] == pytest.approx(1.3) and r["busy_ms"] == pytest.approx(0.98)
+    assert r["idle_ms"] == pytest.approx(0.32) and len(r["gaps"]) == 1
+    gap = r["gaps"][0]
+    assert gap["us"] == 320 and gap["range"] == "ssa_train/optimizer" and gap["op"] == "aten::item"
+    assert r["by_range"] == {"ssa_train/optimizer": {"gaps": 1, "ms": pytest.approx(0.32)}}
+    with pytest.raises(ValueError, match="no GPU kernel"):
+        tool.analyse([e for e in tool.load_events(tmp_path / "t.json.gz") if e["cat"] != "kernel"])
