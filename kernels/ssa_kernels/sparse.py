@@ -287,13 +287,20 @@ def _gather_config(g: int, bs: int, d: int, keys: int) -> dict:
 
 def fwd_config(g: int, bs: int, d: int) -> dict:
     """Launch parameters of the forward kernel: 128 keys per gathered tile at D <= 64 (more loads in flight per
-    step; measurements in docs/kernels_notes.md, "Launch tuning history"), 64 at larger D (not tuned)."""
+    step; measurements in docs/kernels_notes.md, "Launch tuning history"), 64 at larger D (not tuned). Blocks of
+    16 keys at D <= 64 (the paper's 16 x 16): two blocks per step in one warp, 0.66x the 128-key tile's time on an
+    H200 (kernels/tools/tune_launch.py, docs/benchmarks.md "Session 6")."""
+    if bs <= 16 and d <= 64:
+        return {**_gather_config(g, bs, d, 2 * bs), "num_warps": 1, "num_stages": 2}
     return _gather_config(g, bs, d, 128 if d <= 64 else 64)
 
 
 def dq_config(g: int, bs: int, d: int) -> dict:
     """Launch parameters of the dQ kernel: 128 keys per gathered tile for blocks of 64+ keys at D <= 64, else 64
-    (the fastest settings kernels/tools/tune_launch.py measured; docs/kernels_notes.md, "Launch tuning history")."""
+    (the fastest settings kernels/tools/tune_launch.py measured; docs/kernels_notes.md, "Launch tuning history").
+    Blocks of 16 keys at D <= 64: one block per step in one warp (0.82x, measured as for the forward)."""
+    if bs <= 16 and d <= 64:
+        return {**_gather_config(g, bs, d, bs), "num_warps": 1, "num_stages": 2}
     return _gather_config(g, bs, d, 128 if d <= 64 and bs >= 64 else 64)
 
 
@@ -310,8 +317,11 @@ def dkdv_config(g: int, bs: int, d: int) -> dict:
     tq = max(1, rows // gp)
     # Blocks of at most 32 keys at D <= 64: 4 warps and 2 stages measured faster; larger blocks keep 8 warps.
     small = bs <= 32 and d <= 64
+    # A third stage at 256 rows x 64 keys needs 244 KB of shared memory with the token-major statistics tile,
+    # above the 227 KB an H100/H200 block may use (kernels/tools/aot_check.py checks every launched config).
+    stages = 2 if small or rows * bs * d > 128 * 64 * 64 else 3
     return dict(GP=gp, TQ=tq, BD=max(16, next_pow2(d)),
-                num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=2 if small else 3)
+                num_warps=4 if small or tq * gp * d <= 64 * 64 else 8, num_stages=stages)
 
 
 def _positions(q_pos: Tensor | None, block_idx: Tensor, sq: int, skv: int) -> tuple[Tensor, int, bool]:

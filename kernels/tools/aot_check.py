@@ -18,6 +18,8 @@ from ssa_kernels import select as S
 from ssa_kernels import sparse as P
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448
+"""Bytes of shared memory one block may use on an H100/H200 (227 KB, opt-in); a launch above it fails."""
 
 
 def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=()):
@@ -84,7 +86,7 @@ def main():
                                   SMOOTH=True, HAS_DY=True, **cfg), nw, floats=("beta", "inv_beta", "inv_n"))
             rows.append((f"gate bwd D={d} gate={gdt} full={mode_full}", info))
     for g, d, bs in [] if only_new else [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64),
-                                         (2, 128, 128)]:
+                                         (16, 64, 64), (4, 64, 16), (2, 128, 128)]:
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
         ptr.update({"IDX": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32", "STATS": "*fp32"})
         table = dict(KP=16, HAS_QPOS=d == 128)  # both position paths: computed (D 64) and read (D 128)
@@ -111,8 +113,13 @@ def main():
         info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_QPOS=d == 128, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dkdv G={g} D={d} BS={bs}", info))
+    too_big = [name for name, info in rows if info["shared"] > SHARED_LIMIT]
     for name, info in rows:
-        print(f"{name:36s} {info}")
+        print(f"{name:36s} {info}{'  <-- over the shared-memory limit' if name in too_big else ''}")
+    if too_big:
+        print(f"aot_check: {len(too_big)} launch configuration(s) need more than {SHARED_LIMIT} bytes of shared "
+              f"memory (an H100/H200 block's maximum): {', '.join(too_big)}")
+        return 1
 
 
 if __name__ == "__main__":
