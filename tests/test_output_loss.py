@@ -118,9 +118,9 @@ def test_bad_values_are_refused_in_one_line(megatron_world):
         from_dict(RecipeConfig, apply_overrides({}, ["train.loss_chunk_tokens=-1"])).validate()
     recipe = tiny_recipe()
     recipe.train.loss_chunk_tokens = 64
-    config = transformer_config_from_recipe(recipe, gradient_accumulation_fusion=True, use_mup=True)
-    with pytest.raises(ValueError, match="loss_chunk_tokens=64: .* does not support use_mup, "
-                                         "gradient_accumulation_fusion; set train.loss_chunk_tokens=0"):
+    config = transformer_config_from_recipe(recipe, use_mup=True)
+    with pytest.raises(ValueError, match="loss_chunk_tokens=64: .* does not support use_mup; "
+                                         "set train.loss_chunk_tokens=0"):
         build_gpt_model(recipe, config=config)
 
 

@@ -18,6 +18,7 @@ from megatron.core.utils import init_method_normal
 from ssa_megatron.config import RecipeConfig, RopeScalingConfig
 from ssa_megatron.megatron.attention import check_tp_heads
 from ssa_megatron.megatron.loss import set_alignment_loss_scale
+from ssa_megatron.megatron import wgrad_fusion
 from ssa_megatron.megatron.mode import MODE_SAMPLER
 from ssa_megatron.megatron.output_loss import chunked_lm_loss
 from ssa_megatron.megatron.spec import get_ssa_layer_spec, local_block_spec
@@ -78,7 +79,8 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        # Weight gradients accumulate into the fp32 main_grad inside their GEMM (Apex, or torch's addmm on CUDA).
+        gradient_accumulation_fusion=fused and wgrad_fusion.enable(),
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_parallel,
@@ -184,7 +186,6 @@ def _check_chunked_loss_config(config: TransformerConfig, chunk: int) -> None:
     unsupported = [name for name, on in (
         ("mtp_num_layers", bool(config.mtp_num_layers)),
         ("use_mup", config.use_mup),  # logits scaling
-        ("gradient_accumulation_fusion", config.gradient_accumulation_fusion),  # wgrad into main_grad directly
         ("defer_embedding_wgrad_compute", config.defer_embedding_wgrad_compute),
         ("cross_entropy_fusion_impl='te'",
          config.cross_entropy_loss_fusion and config.cross_entropy_fusion_impl == "te"),

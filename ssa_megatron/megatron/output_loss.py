@@ -16,8 +16,8 @@ backward makes a logits-sized gradient. At 32k tokens and vocabulary 128256 each
 
 The weight gradient of several chunks is summed in fp32 and rounded to the weight's dtype once, as a single GEMM
 would. It is returned through autograd, so it lands in ``weight.grad`` (and, through Megatron DDP's hooks, in
-``main_grad``) like the output layer's; this requires ``gradient_accumulation_fusion`` off, which
-``transformer_config_from_recipe`` always sets. Tied embeddings pass the embedding weight (GPTModel's
+``main_grad``) like the output layer's. That holds with ``gradient_accumulation_fusion`` on too: the output
+layer's own fused GEMM never runs here, so DDP's hook adds this gradient to ``main_grad``. Tied embeddings pass the embedding weight (GPTModel's
 ``output_weight``); both uses sum into its gradient as before.
 
 Tensor parallelism: the weight is split by vocabulary. The hidden states enter through Megatron's own region
