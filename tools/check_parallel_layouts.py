@@ -181,7 +181,9 @@ def main() -> None:
     recipe = make_recipe(args)
 
     def build(dtype: torch.dtype):
-        config = transformer_config_from_recipe(recipe, params_dtype=dtype, pipeline_dtype=dtype)
+        # fp32/fp64 gradients: no weight-gradient fusion (it accumulates bf16/fp16 GEMMs into fp32 main_grad)
+        config = transformer_config_from_recipe(recipe, params_dtype=dtype, pipeline_dtype=dtype,
+                                                gradient_accumulation_fusion=False)
         model = build_gpt_model(recipe, pre_process=first, post_process=last, config=config)
         init_from_global_names(model, args.seed, args.tp, tp_rank)
         ddp = DistributedDataParallel(

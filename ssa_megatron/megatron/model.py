@@ -80,7 +80,7 @@ def transformer_config_from_recipe(recipe: RecipeConfig, **overrides) -> Transfo
         apply_rope_fusion=False,
         persist_layer_norm=False,
         # Weight gradients accumulate into the fp32 main_grad inside their GEMM (Apex, or torch's addmm on CUDA).
-        gradient_accumulation_fusion=fused and wgrad_fusion.enable(),
+        gradient_accumulation_fusion=fused and t.precision in ("bf16", "fp16") and wgrad_fusion.enable(),
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_parallel,
