@@ -111,3 +111,25 @@ def test_a_step_report_keeps_its_values_while_the_next_step_records():
     assert ssa["alignment_loss/layer_1"] == 0.5 and ssa["alignment_loss/layer_2"] == pytest.approx(2.0)
     assert ssa["alignment_loss"] == pytest.approx(1.25) and ssa["microbatches_full"] == 1.0
     assert tracker.reduce()["alignment_loss/layer_1"] == 100.0  # the next step's own value only
+
+
+def test_prefetched_batches_keep_the_checkpointed_position():
+    """The loop fetches step N + 1's batches while step N runs; a checkpoint after step N must still hold the
+    position before them, and a resumed feed serves exactly the batches the uninterrupted one serves."""
+    from ssa_megatron.data.synthetic import SyntheticTokens
+    from ssa_megatron.training.step import StepBatches
+
+    def loader():
+        return SyntheticTokens(vocab_size=97, seq_length=16, micro_batch_size=1, seed=3)
+
+    feed = StepBatches(loader(), 2, torch.device("cpu"))
+    feed.next_step(1)
+    before = feed.state_dict()
+    feed.prefetch()
+    assert feed.state_dict() == before  # the prefetched step is not counted
+    served = [b["tokens"] for b in feed.next_step(1)[0]]
+    assert feed.state_dict() != before
+    resumed = StepBatches(loader(), 2, torch.device("cpu"))
+    resumed.load_state_dict(before)
+    again = [b["tokens"] for b in resumed.next_step(1)[0]]
+    assert len(served) == 2 and all(torch.equal(a, b) for a, b in zip(served, again))

@@ -34,17 +34,44 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
 
 
 class StepBatches:
-    """One optimizer step's micro-batches, fetched once and served to every model chunk."""
+    """One optimizer step's micro-batches, fetched once and served to every model chunk.
+
+    :meth:`prefetch` fetches the next step's micro-batches while the GPU still runs the current step, so the next
+    step starts without the GPU waiting for the host (the loader's work and the host-to-device copies). The
+    checkpointed loader position (:meth:`state_dict`) stays the one before a prefetched step: a checkpoint after
+    step N resumes at step N + 1's batches whether or not they were fetched already.
+    """
 
     def __init__(self, loader, num_microbatches: int, device: torch.device):
         self.loader = loader
         self.num_microbatches = num_microbatches
         self.device = device
         self.batches: list[dict[str, torch.Tensor]] = []
+        self._ahead: tuple[list[dict[str, torch.Tensor]], dict] | None = None
+
+    def _fetch(self) -> list[dict[str, torch.Tensor]]:
+        return [to_device(next(self.loader), self.device) for _ in range(self.num_microbatches)]
+
+    def prefetch(self) -> None:
+        """Fetches the next step's micro-batches now (at most one step ahead)."""
+        if self._ahead is None:
+            state = self.loader.state_dict()
+            self._ahead = (self._fetch(), state)
 
     def next_step(self, num_chunks: int) -> list[Iterator[dict[str, torch.Tensor]]]:
-        self.batches = [to_device(next(self.loader), self.device) for _ in range(self.num_microbatches)]
+        if self._ahead is not None:
+            self.batches, self._ahead = self._ahead[0], None
+        else:
+            self.batches = self._fetch()
         return [iter(self.batches) for _ in range(num_chunks)]
+
+    def state_dict(self) -> dict:
+        """The loader's position after the last step served (a prefetched step not counted)."""
+        return self._ahead[1] if self._ahead is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._ahead = None
+        self.loader.load_state_dict(state)
 
     @property
     def tokens_per_step(self) -> int:

@@ -103,7 +103,7 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
 
     # 4. Checkpoints: resume, or initialise from checkpoint.load.
     checkpoints = RunCheckpoints(recipe, dims, run_dir, model_chunks=model, optimizer=optimizer,
-                                 scheduler=scheduler, train_loader=data.train)
+                                 scheduler=scheduler, train_loader=feed)
     check_resume(recipe, run_dir, checkpoints.store)  # a changed model or SSA setting: one line, nothing loaded
     step, consumed_tokens = checkpoints.restore()
     if step >= tr.steps:
@@ -197,6 +197,9 @@ def train(recipe: RecipeConfig, *, step_hook=None, max_steps: int | None = None)
                     micro_batch_size=tr.micro_batch_size, decoder_seq_length=recipe.model.seq_length,
                     forward_only=False,
                 )
+            if step + 1 < end_step:  # the host is ahead of the GPU here: fetch the next step's batches now
+                with record_function("ssa_train/next_batches"):
+                    feed.prefetch()
             if pending is not None:  # this step is queued on the GPU: read the previous one meanwhile
                 with record_function("ssa_train/previous_step_report"):
                     stopping = finish(pending)
