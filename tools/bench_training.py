@@ -146,6 +146,10 @@ class _StepProfiler:
                                                max_name_column_width=90)
         self.args.profile.mkdir(parents=True, exist_ok=True)
         name = self.mode.replace(':', '_').replace('=', '-')
+        if _world_size() > 1:  # under torchrun every rank writes its own
+            import os
+
+            name += f".rank{os.environ.get('RANK', 0)}"
         (self.args.profile / f"{name}.txt").write_text(table)
         trace = self.args.profile / f"{name}.trace.json"
         self.prof.export_chrome_trace(str(trace))  # host and device timelines: idle gaps, syncs
