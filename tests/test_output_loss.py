@@ -62,6 +62,19 @@ def test_model_loss_and_grads_equal_megatron_fp32(megatron_world, tied):
         assert "output_layer.weight" in reference[1]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_triton_loss_path_equals_megatron_s(megatron_world, monkeypatch, tied):
+    """The CUDA path, run here through Triton's interpreter: ssa_kernels.cross_entropy as GPTModel's loss
+    (SSAGPTModel.compute_language_model_loss, the gradient written over the logits) and in each chunk (the
+    gradient written over the recomputed logits) gives Megatron's loss and gradients."""
+    from ssa_megatron.megatron import output_loss
+
+    reference = _loss_and_grads(_model(0, tied))
+    monkeypatch.setattr(output_loss, "uses_triton_loss", lambda t: True)
+    for chunk in (0, 37):
+        _assert_same(reference, _loss_and_grads(_model(chunk, tied)), f"triton tied={tied} chunk={chunk}")
+
+
 def test_logits_without_labels_are_megatron_s(megatron_world):
     """Inference and evaluation without labels return GPTModel's logits [b, s, V] whatever the switch."""
     tokens = torch.randint(0, 128, (B, S))
@@ -141,6 +154,7 @@ def _tp_ranks(rank, world_size):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from ssa_megatron.megatron import output_loss
     from ssa_megatron.megatron.output_loss import chunked_lm_loss
 
     init_megatron(tp=2)
@@ -158,12 +172,20 @@ def _tp_ranks(rank, world_size):
         dist.broadcast(other, src=0)
         torch.testing.assert_close(chunked[0], other, rtol=0, atol=0, msg=tag)
 
+    # The CUDA path's kernel (ssa_kernels.cross_entropy, interpreted here) in GPTModel's loss and in each chunk:
+    # this process's copy of the module, so the switch is set by hand (no monkeypatch in a spawned rank).
+    reference = _loss_and_grads(_model(0, False, tp=2))
+    output_loss.uses_triton_loss = lambda t: True
+    for chunk in (0, 37):
+        _assert_same(reference, _loss_and_grads(_model(chunk, False, tp=2)), f"tp=2 triton chunk={chunk}")
+
     group = parallel_state.get_tensor_model_parallel_group()
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(S, B, 64, generator=gen)  # the same on both ranks
     labels = torch.randint(0, 256, (B, S), generator=gen)
     grad_out = torch.rand(B, S, generator=gen)
-    for sequence_parallel in (False, True):
+    for kernel, sequence_parallel in ((False, False), (False, True), (True, True)):
+        output_loss.uses_triton_loss = lambda t: kernel  # in the chunks; Megatron's cross entropy unchunked
         local = hidden.chunk(2)[rank] if sequence_parallel else hidden  # [s/tp, b, h] under sequence parallelism
         results = []
         for chunk in (0, 37):
@@ -177,8 +199,9 @@ def _tp_ranks(rank, world_size):
             (loss * grad_out).sum().backward()
             results.append((loss.detach(), x.grad, layer.weight.grad))
         for name, ours, ref in zip(("loss", "d hidden", "d weight"), results[1], results[0]):
-            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6, msg=f"{name} sequence_parallel="
-                                                                           f"{sequence_parallel}")
+            # the kernel's exp(x − lse) against Megatron's exp(x − max) / sum: fp32 roundings on logits of ~±40
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 if kernel else 1e-6,
+                                       msg=f"{name} sequence_parallel={sequence_parallel} kernel={kernel}")
 
 
 @pytest.mark.slow

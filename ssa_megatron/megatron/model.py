@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
+from ssa_kernels.cross_entropy import cross_entropy_loss
 
 from ssa_megatron.config import RecipeConfig, RopeScalingConfig
 from ssa_megatron.megatron.attention import check_tp_heads
 from ssa_megatron.megatron.loss import set_alignment_loss_scale
 from ssa_megatron.megatron import wgrad_fusion
 from ssa_megatron.megatron.mode import MODE_SAMPLER
+from ssa_megatron.megatron import output_loss
 from ssa_megatron.megatron.output_loss import chunked_lm_loss
 from ssa_megatron.megatron.spec import get_ssa_layer_spec, local_block_spec
 
@@ -130,6 +132,9 @@ class SSAGPTModel(GPTModel):
     ``loss_chunk_tokens`` > 0 (``train.loss_chunk_tokens``): a forward with ``labels`` computes the output layer and
     the per-token loss ``loss_chunk_tokens`` tokens at a time (``output_loss.chunked_lm_loss``), through
     GPTModel's ``output_processor`` hook; without labels (logits) it is GPTModel's own path.
+
+    On CUDA the LM loss (``compute_language_model_loss``, and each chunk of the chunked one) is the Triton
+    cross entropy ``ssa_kernels.cross_entropy``, with Megatron's semantics; on CPU it is Megatron's own.
     """
 
     def __init__(self, config: TransformerConfig, *args, rope_scaling: RopeScalingConfig | None = None,
@@ -154,8 +159,15 @@ class SSAGPTModel(GPTModel):
         """GPTModel's ``output_processor`` hook (last pipeline stage): the per-token loss ``[b, s]``."""
         weight = output_layer.weight if output_weight is None else output_weight
         return chunked_lm_loss(hidden_states, weight, labels, self.loss_chunk_tokens, self.tp_group,
-                               sequence_parallel=self.config.sequence_parallel,
-                               fused_ops=self.config.cross_entropy_loss_fusion)
+                               sequence_parallel=self.config.sequence_parallel)
+
+    def compute_language_model_loss(self, labels, logits):
+        """GPTModel's per-token LM loss ``[b, s]`` fp32 of ``logits`` ``[s, b, V/tp]``. On CUDA the Triton kernel
+        (``ssa_kernels.cross_entropy_loss``: one bf16 read forward, one read and one write backward, the gradient
+        written over the logits, which nothing else reads) instead of Megatron's fp32 passes; elsewhere Megatron's."""
+        if not output_loss.uses_triton_loss(logits):
+            return super().compute_language_model_loss(labels, logits)
+        return cross_entropy_loss(logits, labels.t(), tp_group=self.tp_group, overwrite_logits=True).t().contiguous()
 
     # Overrides a private method: the only place where both position_ids and the RoPE table the decoder receives
     # are in hand (pinned by tests/test_megatron_model.py::test_megatron_methods_we_override_are_unchanged).
