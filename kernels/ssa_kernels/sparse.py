@@ -287,10 +287,10 @@ def _gather_config(g: int, bs: int, d: int, keys: int) -> dict:
 
 def fwd_config(g: int, bs: int, d: int) -> dict:
     """Launch parameters of the forward kernel: 128 keys per gathered tile at D <= 64 (more loads in flight per
-    step; measurements in docs/kernels_notes.md, "Launch tuning history"), 64 at larger D (not tuned). Blocks of
-    16 keys at D <= 64 (the paper's 16 x 16): two blocks per step in one warp, 0.66x the 128-key tile's time on an
-    H200 (kernels/tools/tune_launch.py, docs/benchmarks.md "Session 6")."""
-    if bs <= 16 and d <= 64:
+    step; measurements in docs/kernels_notes.md, "Launch tuning history"), 64 at larger D. Blocks of 16 keys (the
+    paper's 16 x 16): two blocks per step in one warp, 0.66x the 128-key tile's time at 32/2/64 and 0.71x at
+    32/8/128 on an H200 (kernels/tools/tune_launch.py, docs/benchmarks.md "Session 6")."""
+    if bs <= 16 and d <= 128:
         return {**_gather_config(g, bs, d, 2 * bs), "num_warps": 1, "num_stages": 2}
     return _gather_config(g, bs, d, 128 if d <= 64 else 64)
 
@@ -298,8 +298,9 @@ def fwd_config(g: int, bs: int, d: int) -> dict:
 def dq_config(g: int, bs: int, d: int) -> dict:
     """Launch parameters of the dQ kernel: 128 keys per gathered tile for blocks of 64+ keys at D <= 64, else 64
     (the fastest settings kernels/tools/tune_launch.py measured; docs/kernels_notes.md, "Launch tuning history").
-    Blocks of 16 keys at D <= 64: one block per step in one warp (0.82x, measured as for the forward)."""
-    if bs <= 16 and d <= 64:
+    Blocks of 16 keys: one block per step in one warp (0.82x at 32/2/64, 0.79x at 32/8/128, measured as for the
+    forward)."""
+    if bs <= 16 and d <= 128:
         return {**_gather_config(g, bs, d, bs), "num_warps": 1, "num_stages": 2}
     return _gather_config(g, bs, d, 128 if d <= 64 and bs >= 64 else 64)
 
@@ -314,9 +315,12 @@ def dkdv_config(g: int, bs: int, d: int) -> dict:
     gp = next_pow2(g)
     # rows x BS score tiles above 256 x 64 run out of shared memory (BS 128 with 256 rows failed on an H200)
     rows = min(DKDV_ROWS.get(next_pow2(d), 64), max(64, 16384 // bs))
+    if bs <= 16 and next_pow2(d) == 128:
+        rows = 128  # 7B shape (32/8/128, G 4 per GPU), 16-key blocks: 0.44x the 64-row setting's time on an H200
     tq = max(1, rows // gp)
-    # Blocks of at most 32 keys at D <= 64: 4 warps and 2 stages measured faster; larger blocks keep 8 warps.
-    small = bs <= 32 and d <= 64
+    # Blocks of at most 32 keys: 4 warps and 2 stages measured faster (D 64 and, at 16 keys, D 128); larger blocks
+    # keep 8 warps.
+    small = bs <= 32 and (d <= 64 or bs <= 16)
     # A third stage at 256 rows x 64 keys needs 244 KB of shared memory with the token-major statistics tile,
     # above the 227 KB an H100/H200 block may use (kernels/tools/aot_check.py checks every launched config).
     stages = 2 if small or rows * bs * d > 128 * 64 * 64 else 3

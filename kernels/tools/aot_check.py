@@ -86,7 +86,7 @@ def main():
                                   SMOOTH=True, HAS_DY=True, **cfg), nw, floats=("beta", "inv_beta", "inv_n"))
             rows.append((f"gate bwd D={d} gate={gdt} full={mode_full}", info))
     for g, d, bs in [] if only_new else [(16, 64, 16), (16, 128, 16), (1, 64, 16), (4, 128, 64), (8, 64, 64),
-                                         (16, 64, 64), (4, 64, 16), (2, 128, 128)]:
+                                         (16, 64, 64), (4, 64, 16), (4, 128, 16), (2, 128, 128)]:
         ptr = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ")}
         ptr.update({"IDX": "*i32", "QPOS": "*i32", "LSE": "*fp32", "DLSE": "*fp32", "STATS": "*fp32"})
         table = dict(KP=16, HAS_QPOS=d == 128)  # both position paths: computed (D 64) and read (D 128)
