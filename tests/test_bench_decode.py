@@ -1,9 +1,14 @@
 """tools/bench_decode.py on CPU with the tiny shape: every path and mode runs, the bounds and ratios are computed
-from the model and the arguments, the JSON holds one row per (batch, context, mode, path), bad values are named."""
+from the model and the arguments, the JSON holds one row per (batch, context, mode, path), bad values are named; the
+timed step holds the greedy choice and writes it in place; a path past --config-timeout has its stacks printed and
+is stopped."""
 
 import json
+import time
 
 import pytest
+import torch
+from transformers import DynamicCache
 
 from helpers.tools import load_tool
 
@@ -43,3 +48,32 @@ def test_bench_decode_bad_values_are_named(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--context", "0"])
     assert "--context 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--compile-options", "[1]"])
+    assert "--compile-options '[1]': must be a JSON object of Inductor options" in capsys.readouterr().err
+
+
+def test_greedy_step_writes_the_next_tokens_in_place():
+    bench = _tool()
+    args = bench.parse_args(["--shape", "tiny", "--device", "cpu"])
+    model, config = bench.build_model(args)
+    tokens = torch.tensor([[3], [7]])
+    with torch.no_grad():
+        expected = model(tokens).logits[:, -1]
+        logits = bench.greedy_step(model, tokens, DynamicCache(config=config))
+    torch.testing.assert_close(logits, expected)
+    assert torch.equal(tokens, expected.argmax(-1, keepdim=True))
+
+
+def test_watchdog_prints_the_stacks_and_stops_a_hung_path(capfd):
+    bench = _tool()
+    started = time.perf_counter()
+    with bench.Watchdog(0.3, "batch 1 context 8 sparse compiled-static") as watchdog:
+        time.sleep(20)  # interrupted after 0.3 s
+    assert watchdog.fired and time.perf_counter() - started < 10
+    err = capfd.readouterr().err
+    assert "batch 1 context 8 sparse compiled-static still running after 0s" in err
+    assert "test_watchdog_prints_the_stacks_and_stops_a_hung_path" in err  # the main thread's stack
+    with bench.Watchdog(5, "quick") as quick:
+        pass
+    assert not quick.fired

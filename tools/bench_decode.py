@@ -6,7 +6,11 @@ measured, and the LM head of a 32k x 32 prefill would not fit), then ``--steps``
 (``--paths``):
 
 - ``compiled-static``: the SSA static cache (``StaticCache(config)``, pooled block keys kept in it), each step one
-  ``torch.compile(mode=--compile-mode, fullgraph=True)`` graph, CUDA graphs with ``reduce-overhead`` on a GPU;
+  ``torch.compile(mode=--compile-mode, fullgraph=True, dynamic=False)`` graph (CUDA graphs with ``reduce-overhead``
+  on a GPU) holding the forward and the greedy choice of the next token, which it writes into the token buffer
+  the next step reads. Each (batch, context, mode) compiles afresh (``torch._dynamo.reset()``): a recompile for a
+  second batch size would make the batch symbolic, and Inductor then drops FlexAttention's split-KV decoding
+  kernel for a much slower one (full mode at batch 32, 32k: 68 ms against 5.8 ms per step on an H200);
 - ``eager-static``, ``eager-dynamic``: the same decoding path uncompiled, on the static or growing SSA cache;
 - ``baseline``: transformers' plain ``DynamicCache()`` (no SSA layers), so every step runs the general path
   (``ssa_attention`` over all cached keys, re-pooling them in sparse mode): the decoding of before issue 16.
@@ -14,7 +18,11 @@ measured, and the LM head of a 32k x 32 prefill would not fit), then ``--steps``
 Bounds per step: ``weights`` = bytes of every weight a step reads (decoder layers, final norm, LM head) / HBM
 bandwidth; ``kv`` = bytes of cached keys/values it must read (full: all ``context`` tokens; sparse: ``top_k`` blocks
 plus the pooled keys) / HBM bandwidth. ``--check`` compares the first compiled step's logits with an eager step on
-the same cache. 1B shape on one H200 (the default set takes about 4 minutes, mostly compilation):
+the same cache. ``compile_s`` is the time of the untimed steps (compilation, CUDA-graph recording, the check).
+``--config-timeout S`` stops a path that runs longer than S seconds: it prints every thread's stack (where it hung),
+records the row as timed out and goes on with the next. ``--profile`` runs one more step of each path under
+``torch.profiler`` and prints its kernels per step and the top kernels by device time (also written to
+``--profile-dir``). 1B shape on one H200 (the default set takes about 4 minutes, mostly compilation):
 
     python tools/bench_decode.py --out bench_decode.json
 
@@ -25,8 +33,11 @@ Tiny CPU run: ``python tools/bench_decode.py --shape tiny --device cpu --context
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, CUDA-graph recording)")
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of compiled-static")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="memory bandwidth for the bounds (H200: 4.8 TB/s)")
+    p.add_argument("--compile-options", default=None,
+                   help="Inductor options as JSON (e.g. '{\"combo_kernels\": true}'), instead of --compile-mode; "
+                        "\"triton.cudagraphs\": true gives reduce-overhead's CUDA graphs")
     p.add_argument("--check", action="store_true", help="compare the first compiled step with an eager one")
+    p.add_argument("--config-timeout", type=float, default=None,
+                   help="seconds one path of one configuration may take; then its stack is printed and it is skipped")
+    p.add_argument("--profile", action="store_true", help="profile one extra step per path (kernel table)")
+    p.add_argument("--profile-dir", type=Path, default=None, help="write each profile table here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -72,6 +90,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.compile_options is not None:
+        try:
+            options = json.loads(args.compile_options)
+        except ValueError:
+            options = None
+        if not isinstance(options, dict):
+            p.error(f"--compile-options {args.compile_options!r}: must be a JSON object of Inductor options")
+        args.compile_options = options
     return args
 
 
@@ -137,22 +163,88 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> tuple[float, torch.Tensor]:
-    """Mean seconds per greedy decode step over ``steps`` after ``warmup``; returns the last logits too."""
-    logits = None
+def greedy_step(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step: the logits of ``tokens [b, 1]`` after the cache, ``[b, vocab]``; the greedy next tokens are
+    written into ``tokens``, so that a compiled step holds the choice too and the next step reads it in place."""
+    logits = model(tokens, cache=cache, use_cache=True).logits[:, -1]
+    tokens.copy_(logits.argmax(-1, keepdim=True))
+    return logits
+
+
+def compile_step(args):
+    """A fresh compiled :func:`greedy_step` with static shapes (see the module docstring for why)."""
+    torch._dynamo.reset()
+    kwargs = (dict(options=args.compile_options) if args.compile_options is not None
+              else dict(mode=args.compile_mode))
+    return torch.compile(greedy_step, fullgraph=True, dynamic=False, **kwargs)
+
+
+class Watchdog:
+    """Interrupts the main thread after ``seconds`` (SIGINT to it, which also ends a blocking sleep or wait; a wait
+    inside C code ends when it returns), first printing every thread's stack to stderr."""
+
+    def __init__(self, seconds: float | None, what: str):
+        self.seconds, self.what, self.fired, self.timer = seconds, what, False, None
+
+    def _fire(self):
+        self.fired = True
+        print(f"bench_decode: {self.what} still running after {self.seconds:.0f}s; stacks follow", file=sys.stderr,
+              flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def __enter__(self):
+        if self.seconds:
+            self.timer = threading.Timer(self.seconds, self._fire)
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timer is not None:
+            self.timer.cancel()
+        return exc[0] is KeyboardInterrupt and self.fired  # our interrupt: swallowed, the caller reads .fired
+
+
+def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> tuple[float, float]:
+    """Seconds of the ``warmup`` steps together (compilation, recording), and mean seconds per step after them."""
+    sync(device)
+    start = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
+            warm = time.perf_counter() - start
             start = time.perf_counter()
         if compiled and str(device).startswith("cuda"):
             torch.compiler.cudagraph_mark_step_begin()
-        logits = step(tokens).logits[:, -1]
-        tokens = logits.argmax(-1, keepdim=True)  # read before the next replay overwrites the graph's output
+        step(tokens)
     sync(device)
-    return (time.perf_counter() - start) / steps, logits
+    return warm, (time.perf_counter() - start) / steps
 
 
-def run_config(model, config, args, compiled_forward, batch: int, context: int, mode: str) -> list[dict]:
+def profile_step(step, tokens, device, compiled: bool, label: str, args) -> dict:
+    """One more step under torch.profiler: device kernels in it, and the table of the top ones by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        if compiled and cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        step(tokens)
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=70)
+    print(f"  profile {label}: {len(kernels)} device kernels in one step, "
+          f"{sum(e.device_time for e in kernels) / 1e3:.3f} ms of kernel time\n{table}", flush=True)
+    if args.profile_dir is not None:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+        (args.profile_dir / f"{label.replace(' ', '_')}.txt").write_text(table)
+    return dict(kernels_per_step=len(kernels), kernel_ms=sum(e.device_time for e in kernels) / 1e3)
+
+
+def run_config(model, config, args, batch: int, context: int, mode: str) -> list[dict]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model.set_attention_mode(mode, top_k=args.top_k, block_size=args.block_size)
     elem = torch.finfo(dtype).bits // 8
@@ -160,37 +252,57 @@ def run_config(model, config, args, compiled_forward, batch: int, context: int, 
     bound_kv = kv_bytes(config, batch, context, mode, elem) / (args.hbm_tbps * 1e12)
     rows = []
     for path in args.paths:
+        label = f"batch {batch} context {context} {mode} {path}"
         steps = args.baseline_steps if path == "baseline" else args.steps
-        capacity = context + args.warmup + steps + 2
-        cache = fill_cache(model, config, path, batch, context, capacity, device, dtype, args.seed)
-        first = torch.randint(0, config.vocab_size, (batch, 1), device=device,
-                              generator=torch.Generator(device=device).manual_seed(args.seed))
+        capacity = context + args.warmup + steps + 4
         compiled = path == "compiled-static"
-        forward = compiled_forward if compiled else model
-        check = None
-        with torch.no_grad():
-            if compiled and args.check:  # one eager step, rolled back, against the compiled one on the same cache
-                eager = model(first, cache=cache, use_cache=True).logits[:, -1].float()
-                for layer in cache.layers:
-                    layer.cumulative_length.sub_(1)
-                if device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                got = forward(first, cache=cache, use_cache=True).logits[:, -1].float()
-                check = float((got - eager).abs().max() / eager.abs().max())
-                for layer in cache.layers:
-                    layer.cumulative_length.sub_(1)
-            seconds, _ = time_steps(lambda t: forward(t, cache=cache, use_cache=True), first, steps, args.warmup,
-                                    device, compiled)
-        del cache
-        row = dict(batch=batch, context=context, mode=mode, path=path, ms_per_step=seconds * 1e3,
-                   tokens_per_s=batch / seconds, weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
-                   step_over_bound=seconds / (bound_w + bound_kv), steps=steps)
-        if check is not None:
-            row["check_rel_diff"] = check
+        row = dict(batch=batch, context=context, mode=mode, path=path, steps=steps)
+        cache = None
+        with Watchdog(args.config_timeout, label) as watchdog:
+            print(f"  {label}: filling the cache" + (", compiling" if compiled else ""), flush=True)
+            cache = fill_cache(model, config, path, batch, context, capacity, device, dtype, args.seed)
+            first = torch.randint(0, config.vocab_size, (batch, 1), device=device,
+                                  generator=torch.Generator(device=device).manual_seed(args.seed))
+            tokens = first.clone()
+            if compiled:
+                torch._dynamo.mark_static_address(tokens)  # written in place by the graph: a fixed address
+            forward = compile_step(args) if compiled else greedy_step
+            started = time.perf_counter()  # the check's compiled step, if any, is the first call: compile_s has it
+            with torch.no_grad():
+                if compiled and args.check:  # one eager step, rolled back, against the compiled one on the same cache
+                    eager = greedy_step(model, tokens, cache).float()
+                    for layer in cache.layers:
+                        layer.cumulative_length.sub_(1)
+                    tokens.copy_(first)
+                    if device.type == "cuda":
+                        torch.compiler.cudagraph_mark_step_begin()
+                    got = forward(model, tokens, cache).float()
+                    row["check_rel_diff"] = float((got - eager).abs().max() / eager.abs().max())
+                    for layer in cache.layers:
+                        layer.cumulative_length.sub_(1)
+                    tokens.copy_(first)
+                def step(t, cache=cache):
+                    return forward(model, t, cache)
+
+                warm, seconds = time_steps(step, tokens, steps, args.warmup, device, compiled)
+                warm = time.perf_counter() - started - seconds * steps
+                if args.profile:
+                    row.update(profile_step(step, tokens, device, compiled, label, args))
+        cache = step = None  # frees this path's cache before the next one fills its own
+        if watchdog.fired:
+            row["timed_out_s"] = args.config_timeout
+            print(f"  {label}: TIMED OUT after {args.config_timeout:.0f}s (stacks above); skipped", flush=True)
+            rows.append(row)
+            continue
+        row.update(ms_per_step=seconds * 1e3, tokens_per_s=batch / seconds, compile_s=warm,
+                   weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
+                   step_over_bound=seconds / (bound_w + bound_kv))
         rows.append(row)
+        check = row.get("check_rel_diff")
         print(f"  batch {batch:>3} context {context:>6} {mode:>6} {path:>15}: {row['ms_per_step']:8.3f} ms/step "
               f"{row['tokens_per_s']:10.1f} tok/s  bound {row['weights_bound_ms']:.3f}+{row['kv_bound_ms']:.3f} ms "
-              f"(x{row['step_over_bound']:.2f})" + (f"  check {check:.1e}" if check is not None else ""), flush=True)
+              f"(x{row['step_over_bound']:.2f})  warm-up {warm:.1f}s"
+              + (f"  check {check:.1e}" if check is not None else ""), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -199,7 +311,7 @@ def run_config(model, config, args, compiled_forward, batch: int, context: int, 
 def summarise(rows: list[dict]) -> list[str]:
     """Ratios: each path against the baseline, and sparse against full tokens/s on the same path."""
     lines = []
-    key = {(r["batch"], r["context"], r["mode"], r["path"]): r for r in rows}
+    key = {(r["batch"], r["context"], r["mode"], r["path"]): r for r in rows if "ms_per_step" in r}
     for (b, c, m, p), r in key.items():
         base = key.get((b, c, m, "baseline"))
         if base is not None and p != "baseline":
@@ -219,15 +331,11 @@ def main(argv=None) -> int:
           f"{args.steps} timed steps ({args.baseline_steps} for the baseline), top_k {args.top_k} x block "
           f"{args.block_size}", flush=True)
     model, config = build_model(args)
-    # Each (batch, context, mode) is its own graph; dynamo's default limit (8) would send later ones to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(configs) + 8)
-    compiled_forward = (torch.compile(model, mode=args.compile_mode, fullgraph=True)
-                        if "compiled-static" in args.paths else None)
     rows = []
     started = time.perf_counter()
     for i, (batch, context, mode) in enumerate(configs):
         print(f"[{i + 1}/{len(configs)}] {time.perf_counter() - started:.0f}s", flush=True)
-        rows += run_config(model, config, args, compiled_forward, batch, context, mode)
+        rows += run_config(model, config, args, batch, context, mode)
     for line in summarise(rows):
         print(line)
     if args.out is not None:

@@ -24,7 +24,8 @@ all T cached keys.
 
 Everything in the static path is a fixed-shape tensor operation with no host synchronisation, so a decode step
 compiles with ``fullgraph=True`` and can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``,
-which ``generate()`` applies on CUDA with a static cache). Prefill and every other call go through the model's
+which ``generate()`` applies on CUDA with a static cache). Compile it with ``dynamic=False``: see
+:func:`full_decode`. Prefill and every other call go through the model's
 general path (``ssa_attention``), which reads the valid keys of the cache.
 
 This file is copied into every gated export beside ``modeling.py`` (``ssa_megatron.hf.export.REMOTE_CODE``); like
@@ -131,6 +132,9 @@ class SSAStaticLayer(StaticLayer):
     Each ``update`` re-pools every block its new tokens touch, from the cache; a block's entry is final once the
     update that completes it has run, and entries of incomplete blocks are never scored (a token scores only the
     blocks before its own). This needs no branch on the length, so a decode step stays one fixed graph.
+
+    ``tiles [1, 1, 1, max_cache_len // KV_TILE]`` (int32, 0, 1, ...) are the key tiles of full mode's block mask,
+    made once here: built inside a compiled step, they cost a kernel per layer and step.
     """
 
     _layer_type = LAYER_TYPE
@@ -138,6 +142,7 @@ class SSAStaticLayer(StaticLayer):
     def __init__(self, max_cache_len: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self.pooled: Tensor | None = None
+        self.tiles: Tensor | None = None
         self.block_size: int | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -146,8 +151,11 @@ class SSAStaticLayer(StaticLayer):
         super().lazy_initialization(key_states, value_states)
         b, hkv, _, d = self.keys.shape
         self.pooled = self.keys.new_zeros(b, hkv, self.max_cache_len // self.block_size, d)
+        tiles = torch.arange(self.max_cache_len // KV_TILE, dtype=torch.int32, device=self.keys.device)
+        self.tiles = tiles.view(1, 1, 1, -1).clone()  # its own storage, for mark_static_address
         if not torch.compiler.is_compiling():  # as StaticLayer does for its buffers: cudagraphs need fixed addresses
             torch._dynamo.mark_static_address(self.pooled)
+            torch._dynamo.mark_static_address(self.tiles)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, ssa_block_size: int | None = None, **kwargs
                ) -> tuple[Tensor, Tensor]:
@@ -194,7 +202,7 @@ def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
         keys = keys.masked_fill(~selectable, torch.iinfo(torch.int64).min)
         if n < top_k:
             keys = F.pad(keys, (0, top_k - n), value=torch.iinfo(torch.int64).min)
-        best = torch.topk(keys, top_k, dim=-1).values
+        best = torch.topk(keys, top_k, dim=-1, sorted=False).values  # unsorted: no sort kernel
         return torch.where(best == torch.iinfo(torch.int64).min, -1, best & 0xFFFFFFFF)
     scores = scores.masked_fill(~selectable, -math.inf)
     order = torch.sort(torch.flip(scores, dims=[-1]), dim=-1, descending=True, stable=True).indices[..., :top_k]
@@ -282,19 +290,23 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
-def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float) -> Tensor:
+def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: Tensor, scale: float) -> Tensor:
     """Causal attention of one new token per row over the first ``length`` keys of a static buffer, through
-    FlexAttention: the block mask lists the :data:`KV_TILE`-key tiles up to ``length`` (fixed shapes, values from
-    the 0-d ``length`` tensor), so the compiled kernel reads only those. ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``."""
-    tiles = keys.shape[2] // KV_TILE
+    FlexAttention: the block mask lists the :data:`KV_TILE`-key ``tiles`` (``SSAStaticLayer.tiles``) up to
+    ``length`` (fixed shapes, values from the 0-d ``length`` tensor), so the compiled kernel reads only those.
+    ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``.
+
+    No query-direction blocks (``compute_q_blocks=False``): only a backward reads them, and computing them costs a
+    sort kernel per layer and step. Inductor lowers this to its split-KV decoding kernel only when the batch and
+    head sizes are static; compile the step with ``dynamic=False`` (a recompile for a second batch size otherwise
+    makes the batch symbolic, and the main FlexAttention kernel then walks all keys of a row in one program)."""
     kv_num_blocks = ((length + KV_TILE - 1) // KV_TILE).to(torch.int32).view(1, 1, 1)
-    kv_indices = torch.arange(tiles, device=q.device, dtype=torch.int32).view(1, 1, 1, tiles)
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx < length
 
-    mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=KV_TILE, mask_mod=causal,
-                                    seq_lengths=(1, keys.shape[2]))
+    mask = BlockMask.from_kv_blocks(kv_num_blocks, tiles, BLOCK_SIZE=KV_TILE, mask_mod=causal,
+                                    seq_lengths=(1, keys.shape[2]), compute_q_blocks=False)
     q = q.contiguous()  # a view of the projection's [b, 1, HQ·D] output; Inductor's CPU template wants it dense
     if torch.compiler.is_compiling():
         return flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
@@ -317,7 +329,7 @@ def decode_attention(q: Tensor, layer, config, scale: float) -> Tensor | None:
     if config.ssa_mode == "full":
         if not isinstance(layer, SSAStaticLayer):
             return None
-        return full_decode(q, layer.keys, layer.values, length, scale)
+        return full_decode(q, layer.keys, layer.values, length, layer.tiles, scale)
     pooled = layer.pooled
     if isinstance(layer, SSADynamicLayer):  # room for the own block's (unused) entry
         pooled = F.pad(pooled, (0, 0, 0, 1))

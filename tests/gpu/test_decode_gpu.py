@@ -44,7 +44,7 @@ def test_compiled_static_decoding_matches_eager(monkeypatch, mode, dtype):
     model.set_attention_mode(mode)
     records = record_selections(monkeypatch)
     tokens = torch.randint(0, config.vocab_size, (4, TOTAL), device=DEVICE)
-    step = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    step = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
     caches = [StaticCache(config=config, max_cache_len=TOTAL) for _ in range(2)]
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     same_blocks = torch.ones(4, dtype=torch.bool, device=DEVICE)  # rows whose selections agreed so far
