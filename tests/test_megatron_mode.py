@@ -95,9 +95,9 @@ def test_force_mode_and_inference_mode(megatron_world):
 
 
 def test_recompute_modes_replay_in_forward_order():
-    from ssa_megatron.megatron.mode import RecomputeModes
+    from ssa_megatron.megatron.mode import RecomputeReplay
 
-    modes = RecomputeModes()
+    modes = RecomputeReplay("mode")
     modes.push("full", iteration=1)
     modes.push("sparse", iteration=1)
     assert [modes.pop(), modes.pop()] == ["full", "sparse"]

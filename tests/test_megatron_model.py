@@ -225,16 +225,26 @@ def test_tiny_gpt_forward_backward_matches_ssa_attention(megatron_world, alpha, 
         assert "alignment_loss" not in report
 
 
-def test_tiny_gpt_recompute_matches(megatron_world):
-    """Selective and full recompute give the same loss and gradients as no recompute, and the tracker counts
-    each layer once."""
+def test_tiny_gpt_recompute_matches(megatron_world, monkeypatch):
+    """Selective and full recompute give the same loss and gradients as no recompute, the tracker counts each
+    layer once, and the recompute reuses its forward's selection (one selection per layer and micro-batch)."""
     from ssa_megatron.megatron.mode import MODE_SAMPLER
     from ssa_megatron.megatron.model import build_gpt_model, transformer_config_from_recipe
     from ssa_megatron.megatron.tracker import get_ssa_tracker
 
+    from ssa_megatron.ssa import reference
+
     tokens = torch.randint(0, 128, (2, 64))
     position_ids = torch.arange(64).expand(2, -1)
     results = {}
+    selections = {}
+    real_select = reference.select_blocks
+
+    def counting_select(*args, **kwargs):
+        selections[recompute] = selections.get(recompute, 0) + 1
+        return real_select(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "select_blocks", counting_select)
     for recompute in ("none", "selective", "full"):
         recipe = tiny_recipe(alpha=10.0, p_full=0.5)
         recipe.train.recompute = recompute
@@ -258,6 +268,7 @@ def test_tiny_gpt_recompute_matches(megatron_world):
             torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-4, atol=1e-6, msg=name)
         assert report["alignment_loss"] == pytest.approx(base_report["alignment_loss"])
         assert report["microbatches_full"] + report["microbatches_sparse"] == 2
+    assert selections["none"] == selections["selective"] == selections["full"] == 2 * 2  # 2 layers x 2 micro-batches
 
 
 def test_rope_follows_position_ids_per_document(megatron_world):

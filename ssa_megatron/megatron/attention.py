@@ -32,7 +32,7 @@ from torch import Tensor
 from ssa_megatron.config import SSAConfig
 from ssa_megatron.megatron.context_parallel import check_cp_comm_type, gather_kv_for_local_queries
 from ssa_megatron.megatron.loss import alignment_loss_weight, attach_alignment_loss
-from ssa_megatron.megatron.mode import LayerMode, is_recomputing
+from ssa_megatron.megatron.mode import LayerMode, RecomputeReplay, in_checkpointed_forward, is_recomputing
 from ssa_megatron.megatron.rope import compiled_rope
 from ssa_megatron.megatron.tracker import get_ssa_tracker
 from ssa_megatron.ssa import ssa_attention
@@ -120,6 +120,7 @@ class SSACoreAttention(MegatronModule):
                               layer=layer_number if ssa.mode_sampling == "per_layer" else None)
         self.microbatch = 0
         """Index of the micro-batch in the current iteration; set by ``SSATransformerLayer`` before each forward."""
+        self._recompute_selection = RecomputeReplay("selection")
         self.model_chunk = 0
 
     def forward(
@@ -147,11 +148,17 @@ class SSACoreAttention(MegatronModule):
         training_forward = self.training and not is_recomputing()  # recompute forwards record nothing
 
         key, value, q_positions = gather_kv_for_local_queries(query, key, value, self.cp_group)
+        # Under activation recompute the recompute gets the same q and k, hence the same selection: it reuses the
+        # table of its checkpointed forward instead of selecting again.
+        replaying = self.training and is_recomputing()
         out, loss, stats = ssa_attention(
             query, key, value, gate_logits, self.ssa, mode, self.training,
             cu_seqlens=cu_seqlens, q_positions=q_positions, softmax_scale=self.softmax_scale,
             with_metrics=training_forward and tracker.collect_metrics,
+            block_idx=self._recompute_selection.pop() if replaying else None,
         )
+        if self.training and in_checkpointed_forward():
+            self._recompute_selection.push(stats.block_idx, self.mode.sampler.iteration)
         sq, b = out.shape[0], out.shape[1]
         if self.training and self.ssa.alpha > 0:
             weight = alignment_loss_weight(

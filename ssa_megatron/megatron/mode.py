@@ -11,7 +11,7 @@ same value without communication. Inputs:
 
 Activation recompute reruns the forward of micro-batch i during its backward, when the layers' micro-batch index
 already points at a later micro-batch (1F1B). Each layer therefore remembers the mode of each checkpointed
-forward and replays it on recompute (:class:`RecomputeModes`), instead of sampling again. :class:`LayerMode`
+forward and replays it on recompute (:class:`RecomputeReplay`), instead of sampling again. :class:`LayerMode`
 puts these rules together for one layer.
 
 ``ssa.mode_sampling: per_layer`` (the paper's "Random each layer" ablation) adds the global layer number to the
@@ -116,28 +116,30 @@ def in_checkpointed_forward() -> bool:
     return is_checkpointing() and not torch.is_grad_enabled()
 
 
-class RecomputeModes:
-    """Per-layer FIFO of the modes of checkpointed forwards, replayed in order by their recompute.
+class RecomputeReplay:
+    """Per-layer FIFO of what checkpointed forwards decided (their mode, their selection), replayed in order by
+    their recompute, so that the recompute redoes the same computation without deciding again.
 
     Megatron's schedules run the backwards of a model chunk's micro-batches in the order of their forwards, so a
     FIFO pairs each recompute with its forward. It is cleared when a new iteration starts.
     """
 
-    def __init__(self) -> None:
-        self._queue: collections.deque[str] = collections.deque()
+    def __init__(self, what: str = "mode") -> None:
+        self.what = what
+        self._queue: collections.deque = collections.deque()
         self._iteration = None
 
-    def push(self, mode: str, iteration: int) -> None:
+    def push(self, value, iteration: int) -> None:
         if iteration != self._iteration:
             self._queue.clear()
             self._iteration = iteration
-        self._queue.append(mode)
+        self._queue.append(value)
 
-    def pop(self) -> str:
+    def pop(self):
         if not self._queue:
             raise RuntimeError(
-                "SSA: activation recompute found no recorded mode for this layer; the checkpointed forward and "
-                "its recompute must run in the same iteration"
+                f"SSA: activation recompute found no recorded {self.what} for this layer; the checkpointed forward "
+                "and its recompute must run in the same iteration"
             )
         return self._queue.popleft()
 
@@ -153,7 +155,7 @@ class LayerMode:
         self.inference_mode = inference_mode
         self.sampler = sampler
         self.layer = layer
-        self._recompute_modes = RecomputeModes()
+        self._recompute_modes = RecomputeReplay("mode")
 
     def choose(self, training: bool, microbatch: int) -> str:
         """The mode of this forward of micro-batch ``microbatch``."""

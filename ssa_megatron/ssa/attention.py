@@ -39,6 +39,8 @@ class SSAStats:
     commitment_loss: Tensor | None = None
     metrics: dict[str, Tensor] | None = None
     """Per-head attention statistics (``reference.attention_metrics``) when asked for."""
+    block_idx: Tensor | None = None
+    """The selection this call used (``select_blocks``'s table), None when it ran no sparse branch."""
 
 
 @functools.cache
@@ -162,6 +164,7 @@ def ssa_attention(
     q_positions: Tensor | None = None,
     softmax_scale: float | None = None,
     with_metrics: bool = False,
+    block_idx: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, SSAStats]:
     """SSA attention for one layer.
 
@@ -174,6 +177,8 @@ def ssa_attention(
         cu_seqlens: document boundaries over the flattened ``b·skv`` stream; used when ``cfg.document_mask``.
         q_positions: ``[sq]`` global query positions (context parallelism); default the last sq keys.
         with_metrics: also return attention statistics (O(sq·skv) memory; for periodic logging only).
+        block_idx: the selection an earlier call made for these same q, k and settings (``stats.block_idx`` of
+            the first forward of an activation-recomputed region): used instead of selecting again.
 
     Returns:
         ``(out [sq, b, HQ, D], alignment_loss, stats)``; the loss is a scalar tensor, zero when not computed.
@@ -192,10 +197,12 @@ def ssa_attention(
         """The selection and (when needed) the sparse branch: ``(block_idx, ungated sparse output)``."""
         if not need_sparse:
             return None, None
-        idx, _ = backend.select_blocks(
-            q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
-            docs, q_positions, softmax_scale, selection=cfg.selection, normaliser=cfg.normaliser,
-        )
+        idx = block_idx
+        if idx is None:
+            idx, _ = backend.select_blocks(
+                q.detach(), k.detach(), cfg.block_size, cfg.top_k, cfg.score, cfg.sink_blocks, cfg.local_blocks,
+                docs, q_positions, softmax_scale, selection=cfg.selection, normaliser=cfg.normaliser,
+            )
         if mode != "sparse" and not compute_both:
             return idx, None
         o_sparse, _ = backend.sparse_attention(q, k, v, idx, cfg.block_size, q_positions, softmax_scale,
@@ -214,7 +221,7 @@ def ssa_attention(
         o_full = full_side()
     ungated = {name: o for name, o in (("full", o_full), ("sparse", o_sparse)) if o is not None}
 
-    stats = SSAStats(mode=mode)
+    stats = SSAStats(mode=mode, block_idx=block_idx)
     # The fused kernel computes both alignment terms; the one-term ablations (ssa.alignment) take the reference.
     if compute_both and cfg.alignment == "bidirectional" and _fused_gate_loss(backend, ungated["full"]):
         # One kernel: both gates + the alignment loss (same semantics as apply_gate + alignment_loss).
