@@ -61,16 +61,18 @@ def bench_recipe(spec: str, args, run_dir: Path) -> "RecipeConfig":  # noqa: F82
     if mode not in MODES:
         raise ValueError(f"--modes entry {spec!r}: mode {mode!r} is not one of {sorted(MODES)}")
     steps = Throughput.warmup_steps + args.steps
-    p = load_recipe(args.recipe, [o for o in args.overrides if o.startswith("parallel.")]).parallel
-    dp = _world_size() // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
-    return load_recipe(args.recipe, MODES[mode] + variant + [
+    recipe = load_recipe(args.recipe, MODES[mode] + variant + [
         f"model.num_layers={args.layers}", f"model.seq_length={args.seq}", "data.train_shards=synthetic",
-        "train.micro_batch_size=1", f"train.global_batch_size={args.micro_batches * max(dp, 1)}",
-        f"train.recompute={args.recompute}", "train.metrics_interval=0", "train.progress_bar=false",
-        "train.eval_interval=0", f"train.log_interval={steps}", "checkpoint.interval=0",
+        "train.micro_batch_size=1", f"train.recompute={args.recompute}", "train.metrics_interval=0",
+        "train.progress_bar=false", "train.eval_interval=0", f"train.log_interval={steps}", "checkpoint.interval=0",
         "checkpoint.save_at_end=false", "checkpoint.resume=false", f"train.run_dir={run_dir}",
         f"train.device={args.device}", *([] if args.device == "cuda" else ["train.precision=fp32"]),
         "train.wandb=false", f"train.steps={steps}", *args.overrides])
+    # --micro-batches per data-parallel rank: the global batch follows the layout the overrides chose
+    p = recipe.parallel
+    dp = max(_world_size() // (p.tensor_parallel * p.context_parallel * p.pipeline_parallel), 1)
+    recipe.train.global_batch_size = args.micro_batches * dp
+    return recipe
 
 
 def time_mode(mode: str, args) -> dict:
@@ -318,7 +320,7 @@ def main() -> int:
 
     base = next((r for r in report["results"] if r["mode"] == "full_attn" and "step_ms" in r
                  and r["layers"] == args.layers), None)
-    print(f"\n| mode | layers | step ms | tokens/s | TFLOP/s | MFU | peak GiB | step / full_attn |")
+    print("\n| mode | layers | step ms | tokens/s | TFLOP/s | MFU | peak GiB | step / full_attn |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report["results"]:
         if "step_ms" not in r:

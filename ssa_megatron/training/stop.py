@@ -19,7 +19,6 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 STOP_FILE = "STOP"
@@ -78,13 +77,6 @@ class StopFlag:
         if any_rank and self.received is None:
             self.received = signal.SIGTERM
         return any_rank
-
-    def agreed(self, device: torch.device) -> bool:
-        """The vote taken here and now (one all-reduce); the loop takes it inside its step report instead."""
-        flag = torch.tensor([1.0 if self.requested() else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return self.agree(bool(flag.item()))
 
     def restore(self) -> None:
         """Puts back the signal handlers that were installed before."""
