@@ -29,6 +29,10 @@ PY
     --deepspeed tools/ds_zero2.json data.train_shards=builtin:stdlib train.steps=100 train.micro_batch_size=8 \
     train.global_batch_size=$((8 * ngpus * 2)) train.log_interval=10 optim.lr=3e-4 optim.warmup_steps=10 \
     ssa.alpha=10 ssa.p_full=0.5 ssa.top_k=8 ssa.block_size=16 2>&1 | tee "$out/finetune.log"
+if ! "$py" -c "import lm_eval" 2>/dev/null; then
+  echo "finetune_hf_gpu: lm-eval is not installed, its step is skipped (pip install .[eval]); logs in $out"
+  exit 0
+fi
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 for mode in sparse full; do
   "$py" -m lm_eval --model hf --model_args "pretrained=$out/ft/step_00000100,trust_remote_code=True,ssa_mode=$mode" \
