@@ -216,6 +216,23 @@ def test_float32_top_k_breaks_ties_to_the_later_block_like_the_sort():
         assert torch.equal(fast, exact), k
 
 
+@pytest.mark.parametrize("n", [300, 512, 513, 2048, 5000])
+@pytest.mark.parametrize("k", [1, 16, 100])
+def test_sort_tournament_keeps_the_top_k_largest_keys(monkeypatch, n, k):
+    """The compiled path's top-k (chunked sorts, ``_largest``) keeps the same keys as ``topk``: chunk counts that are
+    not whole, one chunk, several rounds, ``int64`` minimum keys (non-selectable entries) among them."""
+    from ssa_megatron.hf import decoding
+
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    keys = torch.randperm(4 * n, generator=gen)[:3 * n].view(3, n) - 2 * n  # distinct, both signs
+    keys[1, ::2] = torch.iinfo(torch.int64).min  # half the row not selectable (their keys may repeat)
+    expected = torch.topk(keys, k, dim=-1).values.sort(-1).values
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = decoding._largest(keys, k)
+    assert got.shape == (3, k)
+    assert torch.equal(got.sort(-1).values, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_round_to_is_the_cast(dtype):
     """``round_to`` (integer operations, which Inductor keeps) equals ``x.to(dtype).float()`` over the whole exponent

@@ -202,13 +202,34 @@ def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
         keys = keys.masked_fill(~selectable, torch.iinfo(torch.int64).min)
         if n < top_k:
             keys = F.pad(keys, (0, top_k - n), value=torch.iinfo(torch.int64).min)
-        best = torch.topk(keys, top_k, dim=-1, sorted=False).values  # unsorted: no sort kernel
+        best = _largest(keys, top_k)
         return torch.where(best == torch.iinfo(torch.int64).min, -1, best & 0xFFFFFFFF)
     scores = scores.masked_fill(~selectable, -math.inf)
     order = torch.sort(torch.flip(scores, dims=[-1]), dim=-1, descending=True, stable=True).indices[..., :top_k]
     chosen = n - 1 - order  # a stable sort over reversed indices keeps the later one first on ties
     chosen = torch.where(torch.gather(torch.flip(selectable, dims=[-1]), -1, order), chosen, -1)
     return F.pad(chosen, (0, top_k - chosen.shape[-1]), value=-1) if chosen.shape[-1] < top_k else chosen
+
+
+SORT_CHUNK = 512
+"""Longest sort Inductor writes as one Triton kernel (``ir.Sort``'s persistent-kernel limit in torch 2.11)."""
+
+
+def _largest(keys: Tensor, k: int) -> Tensor:
+    """The ``k`` largest of distinct ``keys`` along the last dim (at least ``k`` of them), in no particular order.
+
+    Eager: ``topk``. Compiled: a tournament of sorts of at most :data:`SORT_CHUNK` keys, each keeping its chunk's
+    ``k`` largest (a superset of the overall ``k`` largest), until one sort is left. Inductor writes each such sort
+    as one Triton kernel fused with the code that computes the keys; ``topk`` stays a library call whose radix
+    select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md, session 7), the largest
+    kernel of a batch-1 sparse decode step."""
+    if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2:
+        return torch.topk(keys, k, dim=-1, sorted=False).values  # unsorted: no sort kernel
+    while keys.shape[-1] > SORT_CHUNK:
+        keys = F.pad(keys, (0, -keys.shape[-1] % SORT_CHUNK), value=torch.iinfo(torch.int64).min)
+        chunks = keys.unflatten(-1, (-1, SORT_CHUNK))
+        keys = torch.sort(chunks, dim=-1, descending=True).values[..., :k].flatten(-2)
+    return torch.sort(keys, dim=-1, descending=True).values[..., :k]
 
 
 def round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
