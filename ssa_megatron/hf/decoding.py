@@ -221,8 +221,8 @@ def _largest(keys: Tensor, k: int) -> Tensor:
     Eager: ``topk``. Compiled: a tournament of sorts of at most :data:`SORT_CHUNK` keys, each keeping its chunk's
     ``k`` largest (a superset of the overall ``k`` largest), until one sort is left. Inductor writes each such sort
     as one Triton kernel fused with the code that computes the keys; ``topk`` stays a library call whose radix
-    select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md, session 7), the largest
-    kernel of a batch-1 sparse decode step."""
+    select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md, session 7): at batch 1
+    the largest kernel of a sparse decode step after the weight GEMMs."""
     if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2:
         return torch.topk(keys, k, dim=-1, sorted=False).values  # unsorted: no sort kernel
     while keys.shape[-1] > SORT_CHUNK:
