@@ -2,58 +2,24 @@
 
 On a GPU each run of queries [a, e) is attended as a cuDNN prefix piece (keys [0, a)) and a cuDNN diagonal piece
 (keys [a, e), causal), merged by log-sum-exp; the backward hands each piece the merged output and log-sum-exp.
-cuDNN does not exist on CPU, so an exact float64 implementation of the piece contract (``EXACT_PIECES``) stands in
-for it here, and the split + merge + backward is compared with the reference's full attention: outputs, LSE and
-all gradients, for context parallelism's zigzag layouts and other run layouts.
+cuDNN does not exist on CPU, so an exact float64 implementation of the piece contract (``EXACT_PIECES``,
+tests/helpers/pieces.py) stands in for it here, and the split + merge + backward is compared with the reference's
+full attention: outputs, LSE and all gradients, for context parallelism's zigzag layouts and other run layouts.
 """
-
-import math
 
 import pytest
 import torch
 
 from helpers.numerics import rel_err
+from helpers.pieces import EXACT_PIECES
 from ssa_kernels import full as kfull
 from ssa_megatron.megatron.context_parallel import zigzag_positions
 from ssa_megatron.ssa import reference as R
 
 
-def _scores(q, k, causal, scale):
-    """``[b, HQ, L, S]`` scaled logits (causal: square piece, upper triangle masked) and the GQA group size."""
-    g = q.shape[1] // k.shape[1]
-    s = scale * q @ k.repeat_interleave(g, 1).transpose(-1, -2)
-    if causal:
-        assert q.shape[2] == k.shape[2], "causal pieces are square"
-        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -math.inf)
-    return s, g
-
-
-def _exact_forward(q, k, v, causal, scale):
-    s, g = _scores(q, k, causal, scale)
-    lse = torch.logsumexp(s, -1)
-    return torch.exp(s - lse[..., None]) @ v.repeat_interleave(g, 1), lse, ("piece", q.shape[2], k.shape[2], causal)
-
-
-def _exact_backward(grad_out, q, k, v, out, lse, saved, causal, scale):
-    """Flash-attention backward from (out, lse), as cuDNN computes it: P from lse, delta = rowsum(dO · out)."""
-    assert saved == ("piece", q.shape[2], k.shape[2], causal)  # each piece gets its own forward's state
-    s, g = _scores(q, k, causal, scale)
-    b, hkv, n_k, d = k.shape
-    p = torch.exp(s - lse[..., None])
-    dv = (p.transpose(-1, -2) @ grad_out).view(b, hkv, g, n_k, d).sum(2)
-    dp = grad_out @ v.repeat_interleave(g, 1).transpose(-1, -2)
-    ds = p * (dp - (grad_out * out).sum(-1, keepdim=True))
-    dq = scale * ds @ k.repeat_interleave(g, 1)
-    dk = (scale * ds.transpose(-1, -2) @ q).view(b, hkv, g, n_k, d).sum(2)
-    return dq, dk, dv
-
-
-EXACT_PIECES = kfull.PieceKernel(_exact_forward, _exact_backward)
-
-
 def _check_split(sq, skv, b, hq, hkv, d, positions, runs, scale=None):
     """Split path (float64 pieces) vs the reference: out, lse, and dq/dk/dv through K/V gathered as one tensor
-    (``gather_kv_zigzag``'s layout: k and v are halves of the last dimension)."""
+    (the CP exchange's layout: k and v are halves of the last dimension)."""
     q = torch.randn(sq, b, hq, d, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(skv, b, hkv, 2 * d, dtype=torch.float64, requires_grad=True)
     k, v = kv[..., :d], kv[..., d:]
@@ -112,3 +78,30 @@ def test_split_path_applies_only_to_few_long_runs_without_documents():
     many = torch.cat([torch.arange(s, s + 128) for s in range(0, 1024, 200)])  # 6 runs
     assert _split_runs(many, skv) is None
     assert _split_runs(torch.arange(1023, 1024), skv) is None  # one query (decoding)
+
+
+@pytest.mark.parametrize("cp,rank", [(2, 0), (2, 1), (3, 1)])
+def test_diagonal_from_own_keys_then_prefix(cp, rank, monkeypatch):
+    """The context-parallel order: ``full_attention_diagonal`` on the rank's own K/V (what it holds before the
+    gather lands), then ``full_attention(..., diagonal=)`` on the whole sequence's; vs the reference, with the
+    gradient reaching the keys by both routes (own rows directly, the whole sequence through the gather).
+    float32: the kernels' entry points take no float64 (the pieces still compute exactly in their dtype)."""
+    from ssa_megatron.megatron.context_parallel import split_zigzag
+
+    monkeypatch.setattr(kfull, "_piece_kernel", lambda q: EXACT_PIECES)
+    c, b, hq, hkv, d = 131, 1, 8, 2, 64
+    q = torch.randn(2 * c, b, hq, d, requires_grad=True)
+    k_all, v_all = (torch.randn(2 * cp * c, b, hkv, d, requires_grad=True) for _ in range(2))
+    pos = zigzag_positions(2 * c, cp, rank)
+    k_own, v_own = (split_zigzag(t, cp, rank) for t in (k_all, v_all))
+    diag = kfull.full_attention_diagonal(q, k_own, v_own, None, pos)
+    assert diag is not None and diag.runs == _split_runs(pos, 2 * cp * c, b)
+    out, lse = kfull.full_attention(q, k_all, v_all, None, pos, diagonal=diag)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum(), (q, k_all, v_all))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k_all, v_all)]
+    ro, rl = R.full_attention(*leaves, None, pos)
+    rgrads = torch.autograd.grad((ro * do.double()).sum(), leaves)
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + grads, (ro, rl) + rgrads):
+        assert rel_err(a, r) < 1e-5, f"{name}: rel err {rel_err(a, r)}"
+    assert kfull.full_attention_diagonal(q, k_own, v_own, torch.tensor([0, 2 * cp * c]), pos) is None  # documents

@@ -32,27 +32,30 @@ def test_cp_comm_type_must_be_all_gather():
 
 @pytest.mark.parametrize("cp", [1, 2, 3])
 def test_zigzag_layout_round_trip(cp):
-    """Each rank's chunks (``split_zigzag``), concatenated in rank order as an all-gather returns them and
-    reordered by ``zigzag_gather_order``, are the natural sequence; ``zigzag_positions`` names them."""
-    from ssa_megatron.megatron.context_parallel import split_zigzag, zigzag_gather_order, zigzag_positions
+    """Each rank's chunks (``split_zigzag``) are named by ``zigzag_positions``; written where the exchange's two
+    gathers put them (first chunks in rank order, second chunks into ``_second_chunks``' views), they are the
+    natural sequence."""
+    from ssa_megatron.megatron.context_parallel import _second_chunks, split_zigzag, zigzag_positions
 
     S = 8 * cp
     x = torch.arange(S)
     ranks = [split_zigzag(x, cp, r) for r in range(cp)]
     for r, local in enumerate(ranks):
         assert torch.equal(local, zigzag_positions(len(local), cp, r))
-    chunks = torch.cat(ranks).view(2 * cp, -1)
-    assert torch.equal(chunks.index_select(0, zigzag_gather_order(cp)).flatten(), x)
+    full = torch.full_like(x, -1)
+    full[: S // 2] = torch.cat([local[: len(local) // 2] for local in ranks])
+    for view, local in zip(_second_chunks(full, cp), ranks):
+        view.copy_(local[len(local) // 2:])
+    assert torch.equal(full, x)
 
 
 def test_one_cp_rank_exchanges_nothing():
     from types import SimpleNamespace
 
-    from ssa_megatron.megatron.context_parallel import gather_kv_for_local_queries
+    from ssa_megatron.megatron.context_parallel import start_kv_gather
 
     q, k, v = torch.randn(8, 1, 2, 4), torch.randn(8, 1, 1, 4), torch.randn(8, 1, 1, 4)
-    key, value, positions = gather_kv_for_local_queries(q, k, v, SimpleNamespace(size=lambda: 1))
-    assert key is k and value is v and positions is None
+    assert start_kv_gather(q, k, v, SimpleNamespace(size=lambda: 1)) is None
 
 
 def _cp_ranks(rank, world_size, backend="reference"):
@@ -94,7 +97,7 @@ def _cp_ranks(rank, world_size, backend="reference"):
         ref_out = out.reshape(S, b, -1).detach()
         ref_grads = [t.grad for t in leaves]
 
-        # CP: this rank's zigzag chunks through the core attention (gather fwd / reduce-scatter bwd, scaler).
+        # CP: this rank's zigzag chunks through the core attention (async gather fwd / reduce-scatter bwd, scaler).
         core = _core_attention(2, ssa).to(dtype)
         core.train()
         local = [split_zigzag(t, 2, rank).clone().requires_grad_() for t in (q, k, v, gate)]

@@ -13,6 +13,9 @@ Dispatch (CUDA):
   log-sum-exps (``_split_attention``). The backward gives each piece the merged output and log-sum-exp, which
   makes each piece's gradient its exact share (as ring attention does). cuDNN's kernels are about 1.5× faster
   than FA2's at D 64 on an H200 (docs/kernels_notes.md, v1 and v7). FA2 varlen (below) when cuDNN declines.
+  The diagonal pieces and the prefix + merge are two autograd nodes, because a run's diagonal needs only its own
+  keys: under context parallelism ``full_attention_diagonal`` computes them from the rank's own K/V while the
+  all-gather is in flight, and ``full_attention(..., diagonal=)`` adds the prefix pieces once it has landed.
 - documents, and query subsets of many or short runs: the query rows are cut into runs of consecutive
   positions inside one document; every run becomes one varlen sequence whose keys are its document's keys up
   to the run's last position, attended with bottom-right-aligned causal masking by
@@ -250,86 +253,148 @@ def _cudnn_piece_backward(grad_out, q, k, v, out, lse, saved, causal, scale):
 CUDNN_PIECES = PieceKernel(_cudnn_piece_forward, _cudnn_piece_backward)
 
 
-class _SplitAttention(torch.autograd.Function):
-    """Causal attention of query runs, each as a prefix piece and a diagonal piece merged by log-sum-exp."""
+class _MergedRuns:
+    """The merged ``out [sq, b, HQ, D]`` and ``lse [b, HQ, sq]`` of one split call: ``_PrefixAndMerge``'s forward
+    sets them and ``_DiagonalPieces``' backward reads them (the tensors the merge saves; no copy)."""
+
+    __slots__ = ("out", "lse")
+
+    def __init__(self) -> None:
+        self.out = self.lse = None
+
+
+class _DiagonalPieces(torch.autograd.Function):
+    """The causal diagonal piece of each query run: q rows ``[i, i+n)`` over k/v rows ``[ks, ks+n)``.
+
+    Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq])``, which only ``_PrefixAndMerge`` may consume: its backward
+    hands down the gradient of the *merged* output in ``out``'s slot, and this backward reads the merged output
+    and log-sum-exp from ``merged``, so each piece's gradient is its exact share. It is a node of its own so that
+    under context parallelism it runs on the rank's own keys while the K/V all-gather is in flight, and its
+    backward runs after the node that issues the reduce-scatter (ssa_megatron/megatron/context_parallel.py).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, runs, scale, kernel):
+    def forward(ctx, q, k, v, pieces, scale, kernel, merged):
+        sq, b, hq, d = q.shape
+        out = q.new_empty(sq, b, hq, d)
+        lse = torch.empty(b, hq, sq, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        qh, kh, vh, oh = (x.permute(1, 2, 0, 3) for x in (q, k, v, out))
+        states = []
+        for i, n, ks in pieces:
+            o, l, s = kernel.forward(qh[:, :, i:i + n], kh[:, :, ks:ks + n], vh[:, :, ks:ks + n], True, scale)
+            oh[:, :, i:i + n].copy_(o)
+            lse[:, :, i:i + n].copy_(l)
+            states.append(s)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v)
+        ctx.pieces, ctx.scale, ctx.kernel, ctx.states, ctx.merged = pieces, scale, kernel, states, merged
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_merged, _grad_lse):
+        q, k, v = ctx.saved_tensors
+        out, lse = ctx.merged.out, ctx.merged.lse
+        acc = torch.promote_types(q.dtype, torch.float32)
+        grad_merged = grad_merged.contiguous()  # the strides of out (cuDNN reads out and grad_out alike)
+        dq = q.new_empty(q.shape)
+        # Pieces may share keys (repeated positions): sum their dK/dV in float32 (small with GQA).
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        qh, kh, vh, oh, gh, dqh = (x.permute(1, 2, 0, 3) for x in (q, k, v, out, grad_merged, dq))
+        dkh, dvh = dk.permute(1, 2, 0, 3), dv.permute(1, 2, 0, 3)
+        for (i, n, ks), state in zip(ctx.pieces, ctx.states):
+            dq_d, dk_d, dv_d = ctx.kernel.backward(gh[:, :, i:i + n], qh[:, :, i:i + n], kh[:, :, ks:ks + n],
+                                                   vh[:, :, ks:ks + n], oh[:, :, i:i + n], lse[:, :, i:i + n],
+                                                   state, True, ctx.scale)
+            dqh[:, :, i:i + n].copy_(dq_d)
+            dkh[:, :, ks:ks + n] += dk_d
+            dvh[:, :, ks:ks + n] += dv_d
+        ctx.merged = None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+class _PrefixAndMerge(torch.autograd.Function):
+    """Each query run's prefix piece (keys ``[0, a)``, no mask; none where ``a = 0``) merged with its diagonal
+    piece by log-sum-exp. Returns ``(out, lse)``; its backward returns the prefix pieces' gradients and hands
+    ``grad_out`` to ``_DiagonalPieces`` (see there)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, o_diag, lse_diag, runs, scale, kernel, merged):
         sq, b, hq, d = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
         out = q.new_empty(sq, b, hq, d)  # contiguous: every run's slice has the strides of grad_out's
-        qh, kh, vh, oh = (x.permute(1, 2, 0, 3) for x in (q, k, v, out))
-        lses, saved = [], []
+        lse = lse_diag.clone()
+        qh, kh, vh, oh, odh = (x.permute(1, 2, 0, 3) for x in (q, k, v, out, o_diag))
+        states = []
         for i, n, e in runs:
             a = e - n
-            q_run = qh[:, :, i:i + n]
-            o_diag, l_diag, s_diag = kernel.forward(q_run, kh[:, :, a:e], vh[:, :, a:e], True, scale)
             if a == 0:
-                oh[:, :, i:i + n].copy_(o_diag)
-                lses.append(l_diag.to(acc))
-                saved.append((None, s_diag))
+                oh[:, :, i:i + n].copy_(odh[:, :, i:i + n])
+                states.append(None)
                 continue
-            o_pre, l_pre, s_pre = kernel.forward(q_run, kh[:, :, :a], vh[:, :, :a], False, scale)
-            l_pre, l_diag = l_pre.to(acc), l_diag.to(acc)
+            o_pre, l_pre, s_pre = kernel.forward(qh[:, :, i:i + n], kh[:, :, :a], vh[:, :, :a], False, scale)
+            l_pre, l_diag = l_pre.to(acc), lse_diag[:, :, i:i + n]
             # out = o_pre·exp(l_pre − lse) + o_diag·exp(l_diag − lse); the prefix's weight is a sigmoid
             w_pre = torch.sigmoid(l_pre - l_diag).unsqueeze(-1)
-            oh[:, :, i:i + n].copy_(o_diag.to(acc).lerp_(o_pre.to(acc), w_pre))
-            lses.append(torch.logaddexp(l_pre, l_diag))
-            saved.append((s_pre, s_diag))
-        lse = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
+            oh[:, :, i:i + n].copy_(torch.lerp(odh[:, :, i:i + n].to(acc), o_pre.to(acc), w_pre))
+            lse[:, :, i:i + n] = torch.logaddexp(l_pre, l_diag)
+            states.append(s_pre)
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.runs, ctx.scale, ctx.kernel, ctx.pieces = runs, scale, kernel, saved
+        ctx.runs, ctx.scale, ctx.kernel, ctx.states = runs, scale, kernel, states
+        merged.out, merged.lse = out, lse
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        runs, scale, kernel = ctx.runs, ctx.scale, ctx.kernel
         acc = torch.promote_types(q.dtype, torch.float32)
-        grad_out = grad_out.contiguous()  # the strides of out (cuDNN reads out and grad_out alike)
-        dq = q.new_empty(q.shape)
-        # Several runs' pieces share keys: sum their dK/dV in float32 (a few MiB with GQA).
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        grad_out = grad_out.contiguous()
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # runs share prefix keys: summed in float32
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
         qh, kh, vh, oh, gh, dqh = (x.permute(1, 2, 0, 3) for x in (q, k, v, out, grad_out, dq))
         dkh, dvh = dk.permute(1, 2, 0, 3), dv.permute(1, 2, 0, 3)
-        for (i, n, e), (s_pre, s_diag) in zip(runs, ctx.pieces):
+        for (i, n, e), state in zip(ctx.runs, ctx.states):
             a = e - n
-            rows = (gh[:, :, i:i + n], qh[:, :, i:i + n])
-            o_run, l_run = oh[:, :, i:i + n], lse[:, :, i:i + n]
-            dq_d, dk_d, dv_d = kernel.backward(*rows, kh[:, :, a:e], vh[:, :, a:e], o_run, l_run, s_diag, True,
-                                               scale)
-            dkh[:, :, a:e] += dk_d
-            dvh[:, :, a:e] += dv_d
             if a == 0:
-                dqh[:, :, i:i + n].copy_(dq_d)
                 continue
-            dq_p, dk_p, dv_p = kernel.backward(*rows, kh[:, :, :a], vh[:, :, :a], o_run, l_run, s_pre, False,
-                                               scale)
+            dq_p, dk_p, dv_p = ctx.kernel.backward(gh[:, :, i:i + n], qh[:, :, i:i + n], kh[:, :, :a],
+                                                   vh[:, :, :a], oh[:, :, i:i + n], lse[:, :, i:i + n], state,
+                                                   False, ctx.scale)
+            dqh[:, :, i:i + n].copy_(dq_p)
             dkh[:, :, :a] += dk_p
             dvh[:, :, :a] += dv_p
-            dqh[:, :, i:i + n].copy_(dq_d.to(acc).add_(dq_p))
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), grad_out, None, None, None, None, None
 
 
 def _split_attention(q, k, v, runs, scale, kernel: PieceKernel = CUDNN_PIECES):
     """Causal attention of the query ``runs`` ``(row start, length, key end)`` (no documents; together they
-    cover the rows of ``q`` in order): the prefix and diagonal pieces of each run on ``kernel``, merged.
+    cover the rows of ``q`` in order): the diagonal and prefix pieces of each run on ``kernel``, merged.
     Returns ``(out [sq, b, HQ, D], lse [b, HQ, sq])``, the full path's contract (lse not differentiable)."""
-    return _SplitAttention.apply(q, k, v, runs, scale, kernel)
+    merged = _MergedRuns()
+    o_diag, lse_diag = _DiagonalPieces.apply(q, k, v, tuple((i, n, e - n) for i, n, e in runs), scale, kernel,
+                                             merged)
+    return _PrefixAndMerge.apply(q, k, v, o_diag, lse_diag, runs, scale, kernel, merged)
 
 
 _CUDNN_SPLIT_OK: bool | None = None  # whether cuDNN took the split path's pieces (None: not tried yet)
 
 
-def _cudnn_split(q, k, v, runs, scale):
-    """The split path on cuDNN, or None (and FA2 from then on) when cuDNN declines the inputs."""
+def _piece_kernel(q: Tensor) -> PieceKernel | None:
+    """The split path's kernel for ``q``: cuDNN on CUDA in float16/bfloat16 (D <= 256) unless flash-attn is
+    installed (its varlen kernel takes query subsets) or cuDNN declined before; None elsewhere."""
+    if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and _fa_varlen is None and _CUDNN_SPLIT_OK is not False):
+        return CUDNN_PIECES
+    return None
+
+
+def _split_step(step: Callable):
+    """``step()`` (a call of the split path), or None (and varlen FA2 from then on) when the kernel declines."""
     global _CUDNN_SPLIT_OK
-    if _CUDNN_SPLIT_OK is False:
-        return None
     try:
-        res = _split_attention(q, k, v, runs, scale)
+        res = step()
     except torch.OutOfMemoryError:  # a RuntimeError too, but not cuDNN declining the inputs
         raise
     except RuntimeError as err:
@@ -342,18 +407,64 @@ def _cudnn_split(q, k, v, runs, scale):
     return res
 
 
+class FullDiagonal(NamedTuple):
+    """``full_attention_diagonal``'s result, for ``full_attention(..., diagonal=)``: the diagonal pieces' output
+    and log-sum-exp (autograd-tracked), the query runs ``(row start, length, key end)``, their kernel, and the
+    slot through which the merge hands its result to the pieces' backward."""
+
+    out: Tensor
+    lse: Tensor
+    runs: tuple
+    kernel: PieceKernel
+    merged: _MergedRuns
+
+
+def full_attention_diagonal(q: Tensor, k_own: Tensor, v_own: Tensor, cu_seqlens: Tensor | None = None,
+                            q_positions: Tensor | None = None, softmax_scale: float | None = None
+                            ) -> FullDiagonal | None:
+    """The part of causal attention that needs only the queries' own keys: every run of consecutive query
+    positions over the keys of that run (causal, square).
+
+    ``k_own`` / ``v_own`` ``[sq, b, HKV, D]`` hold the keys and values *at the query positions* (row i at
+    ``q_positions[i]``: a context-parallel rank's own chunks), so this can run before the whole sequence's keys
+    arrive; ``full_attention(q, k, v, ..., diagonal=)`` then adds the prefix pieces. None where the split path
+    does not apply (documents, default positions, CPU, float32, flash-attn installed, runs too many or short):
+    ``full_attention`` then does everything.
+    """
+    check_qkv(q, k_own, v_own)
+    sq, b, hq, d = q.shape
+    kernel = _piece_kernel(q)
+    if kernel is None or cu_seqlens is not None or q_positions is None or k_own.shape[0] != sq:
+        return None
+    q_pos = q_positions_or_default(q_positions, sq, sq, q.device)
+    runs = _varlen_plan(None, q_positions, q_pos, b, sq, q.device).split_runs
+    if runs is None:
+        return None
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    merged = _MergedRuns()
+    pieces = tuple((i, n, i) for i, n, _ in runs)  # a run's own keys are its own rows
+    res = _split_step(lambda: _DiagonalPieces.apply(q, k_own, v_own, pieces, scale, kernel, merged))
+    return None if res is None else FullDiagonal(res[0], res[1], runs, kernel, merged)
+
+
 def full_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = None,
-                   q_positions: Tensor | None = None, softmax_scale: float | None = None
-                   ) -> tuple[Tensor, Tensor]:
+                   q_positions: Tensor | None = None, softmax_scale: float | None = None,
+                   diagonal: FullDiagonal | None = None) -> tuple[Tensor, Tensor]:
     """Causal attention (documents kept apart when ``cu_seqlens`` is given). Returns ``(out, lse)``.
 
     Same contract as the reference: ``out [sq, b, HQ, D]``, ``lse [b, HQ, sq]`` float32 (natural log; not
-    differentiable on the CUDA paths).
+    differentiable on the CUDA paths). ``diagonal``: ``full_attention_diagonal``'s result for these queries
+    (computed from their own keys earlier); only the prefix pieces and the merge are left.
     """
     check_qkv(q, k, v)
     sq, b, hq, d = q.shape
     skv = k.shape[0]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    if diagonal is not None:
+        res = _split_step(lambda: _PrefixAndMerge.apply(q, k, v, diagonal.out, diagonal.lse, diagonal.runs, scale,
+                                                        diagonal.kernel, diagonal.merged))
+        if res is not None:
+            return res
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) or d > 256:
         q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
         return _torch_masked(q, k, v, cu_seqlens, q_pos, scale)
@@ -361,9 +472,10 @@ def full_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor | None = 
     if cu_seqlens is None and default_pos and _fa_varlen is None:
         return _flash_dense(q, k, v, scale)
     q_pos = q_positions_or_default(q_positions, sq, skv, q.device)
-    if cu_seqlens is None and _fa_varlen is None:
+    kernel = _piece_kernel(q)
+    if cu_seqlens is None and kernel is not None:
         runs = _varlen_plan(None, q_positions, q_pos, b, skv, q.device).split_runs
-        res = _cudnn_split(q, k, v, runs, scale) if runs is not None else None
+        res = _split_step(lambda: _split_attention(q, k, v, runs, scale, kernel)) if runs is not None else None
         if res is not None:
             return res
     return _flash_varlen(q, k, v, cu_seqlens, q_pos, scale, q_positions=q_positions, cached=True)

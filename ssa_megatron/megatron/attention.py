@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
 from ssa_megatron.config import SSAConfig
-from ssa_megatron.megatron.context_parallel import check_cp_comm_type, gather_kv_for_local_queries
+from ssa_megatron.megatron.context_parallel import check_cp_comm_type, start_kv_gather
 from ssa_megatron.megatron.loss import alignment_loss_weight, attach_alignment_loss
 from ssa_megatron.megatron.mode import LayerMode, RecomputeReplay, in_checkpointed_forward, is_recomputing
 from ssa_megatron.megatron.rope import compiled_rope
@@ -147,15 +147,17 @@ class SSACoreAttention(MegatronModule):
         tracker = get_ssa_tracker()
         training_forward = self.training and not is_recomputing()  # recompute forwards record nothing
 
-        key, value, q_positions = gather_kv_for_local_queries(query, key, value, self.cp_group)
+        # Context parallelism: the K/V all-gather runs while ssa_attention does the work on this rank's own K/V.
+        gather = start_kv_gather(query, key, value, self.cp_group)  # None with one CP rank
         # Under activation recompute the recompute gets the same q and k, hence the same selection: it reuses the
         # table of its checkpointed forward instead of selecting again.
         replaying = self.training and is_recomputing()
         out, loss, stats = ssa_attention(
             query, key, value, gate_logits, self.ssa, mode, self.training,
-            cu_seqlens=cu_seqlens, q_positions=q_positions, softmax_scale=self.softmax_scale,
+            cu_seqlens=cu_seqlens, softmax_scale=self.softmax_scale,
             with_metrics=training_forward and tracker.collect_metrics,
             block_idx=self._recompute_selection.pop() if replaying else None,
+            q_positions=gather.q_positions if gather else None, gathered_kv=gather.wait if gather else None,
         )
         if self.training and in_checkpointed_forward():
             self._recompute_selection.push(stats.block_idx, self.mode.sampler.iteration)

@@ -9,6 +9,9 @@ reference (``ssa_megatron.ssa.reference``) elsewhere. Both expose the same three
         -> (block_idx [b, HKV, sq, K] int32, counts [b, HKV, sq] int32)
     sparse_attention(q, k, v, block_idx, block_size, q_positions, softmax_scale, starts_on_grid) -> (out, lse)
     full_attention(q, k, v, cu_seqlens, q_positions, softmax_scale) -> (out, lse)
+
+The kernels also split the full branch for context parallelism (``full_attention_diagonal``, then
+``full_attention(..., diagonal=)``), so that its part on the rank's own keys runs while K/V are being gathered.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import os
 import types
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -165,6 +168,7 @@ def ssa_attention(
     softmax_scale: float | None = None,
     with_metrics: bool = False,
     block_idx: Tensor | None = None,
+    gathered_kv: Callable[[], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, SSAStats]:
     """SSA attention for one layer.
 
@@ -179,6 +183,10 @@ def ssa_attention(
         with_metrics: also return attention statistics (O(sq·skv) memory; for periodic logging only).
         block_idx: the selection an earlier call made for these same q, k and settings (``stats.block_idx`` of
             the first forward of an activation-recomputed region): used instead of selecting again.
+        gathered_kv: context parallelism with an exchange in flight: ``k``/``v`` ``[sq, b, HKV, D]`` are then the
+            keys and values at the query positions (the rank's own), and ``gathered_kv()`` returns the whole
+            sequence's ``[skv, b, HKV, D]`` once they have arrived. What needs only the own keys (the full
+            branch's diagonal pieces, where the backend splits it) runs before that call.
 
     Returns:
         ``(out [sq, b, HQ, D], alignment_loss, stats)``; the loss is a scalar tensor, zero when not computed.
@@ -186,12 +194,23 @@ def ssa_attention(
     if mode not in ("full", "sparse"):
         raise ValueError(f"mode={mode!r}: must be 'full' or 'sparse'")
     check_inputs(q, k, v, gate, cfg, cu_seqlens, q_positions, softmax_scale)
+    if gathered_kv is not None and q_positions is None:
+        raise ValueError("q_positions=None with gathered_kv: must be the queries' global positions")
+    if gathered_kv is not None and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k rows {k.shape[0]} with gathered_kv: must equal q's {q.shape[0]} (the keys at the query "
+                         "positions)")
     if not training:
         cfg = cfg.for_inference()
     docs = cu_seqlens if cfg.document_mask else None
     backend = get_backend(cfg.backend, q.device, q.dtype)
     compute_both = training and cfg.alpha > 0
     need_sparse = mode == "sparse" or compute_both or with_metrics
+    need_full = mode == "full" or compute_both
+    diagonal = None
+    if gathered_kv is not None:
+        if need_full and hasattr(backend, "full_attention_diagonal"):
+            diagonal = backend.full_attention_diagonal(q, k, v, docs, q_positions, softmax_scale)
+        k, v = gathered_kv()
 
     def sparse_side() -> tuple[Tensor | None, Tensor | None]:
         """The selection and (when needed) the sparse branch: ``(block_idx, ungated sparse output)``."""
@@ -210,8 +229,10 @@ def ssa_attention(
         return idx, o_sparse
 
     def full_side() -> Tensor | None:
-        if mode != "full" and not compute_both:
+        if not need_full:
             return None
+        if diagonal is not None:
+            return backend.full_attention(q, k, v, docs, q_positions, softmax_scale, diagonal=diagonal)[0]
         return backend.full_attention(q, k, v, docs, q_positions, softmax_scale)[0]
 
     if compute_both and _overlap_branches(cfg, backend, q):

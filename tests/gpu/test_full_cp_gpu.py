@@ -22,7 +22,7 @@ DEV = "cuda"
 
 def _cp_inputs(t, cp, rank, b, hq, hkv, d):
     """One CP rank's queries ``[2C, b, HQ, D]`` and the gathered K/V as halves of one ``[T, b, HKV, 2D]`` tensor
-    (``gather_kv_zigzag``'s layout), bf16, with their zigzag positions."""
+    (the CP exchange's layout), bf16, with their zigzag positions."""
     pos = zigzag_positions(t // cp, cp, rank, DEV)
     q = torch.randn(t // cp, b, hq, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     kv = torch.randn(t, b, hkv, 2 * d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
