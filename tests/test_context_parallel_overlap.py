@@ -159,10 +159,10 @@ def test_gathered_kv_needs_own_keys_and_positions():
     from ssa_megatron.config import SSAConfig
     from ssa_megatron.ssa import ssa_attention
 
-    q, k = torch.randn(8, 1, 2, 4), torch.randn(8, 1, 1, 4)
-    gathered = lambda: (torch.randn(16, 1, 1, 4), torch.randn(16, 1, 1, 4))  # noqa: E731
-    cfg = SSAConfig(block_size=4, top_k=1, backend="reference")
+    q, k = torch.randn(32, 1, 2, 4), torch.randn(32, 1, 1, 4)
+    gathered = lambda: (torch.randn(64, 1, 1, 4), torch.randn(64, 1, 1, 4))  # noqa: E731
+    cfg = SSAConfig(block_size=16, top_k=1, backend="reference")
     with pytest.raises(ValueError, match="q_positions=None with gathered_kv"):
         ssa_attention(q, k, k, None, cfg, "full", True, gathered_kv=gathered)
-    with pytest.raises(ValueError, match="k rows 16 with gathered_kv: must equal q's 8"):
-        ssa_attention(q, *gathered(), None, cfg, "full", True, q_positions=torch.arange(8), gathered_kv=gathered)
+    with pytest.raises(ValueError, match="k rows 64 with gathered_kv: must equal q's 32"):
+        ssa_attention(q, *gathered(), None, cfg, "full", True, q_positions=torch.arange(32), gathered_kv=gathered)
