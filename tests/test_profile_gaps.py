@@ -39,3 +39,20 @@ def test_gaps_are_charged_to_the_host_range_of_the_late_launch(tmp_path):
     assert r["by_range"] == {"ssa_train/optimizer": {"gaps": 1, "ms": pytest.approx(0.32)}}
     with pytest.raises(ValueError, match="no GPU kernel"):
         tool.analyse([e for e in tool.load_events(tmp_path / "t.json.gz") if e["cat"] != "kernel"])
+
+
+def test_exposed_communication_is_nccl_time_without_other_gpu_work(tmp_path):
+    tool = load_tool("profile_gaps")
+
+    def ev(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {}}
+
+    events = [ev("gemm", 0, 100), ev("flash_fwd", 150, 100),
+              ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 50, 80),  # 50..130: 50 of it under gemm
+              ev("ncclDevKernel_ReduceScatter_RING_LL(x)", 300, 40),  # nothing else runs: all exposed
+              ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 160, 20)]  # inside flash_fwd: hidden
+    c = tool.communication(events)
+    assert c["comm_ms"] == pytest.approx(0.14) and c["exposed_ms"] == pytest.approx(0.07)
+    assert c["by_kernel"]["ncclDevKernel_AllGather_RING_LL"] == {"count": 2, "ms": pytest.approx(0.1),
+                                                                 "exposed_ms": pytest.approx(0.03)}
+    assert c["by_kernel"]["ncclDevKernel_ReduceScatter_RING_LL"]["exposed_ms"] == pytest.approx(0.04)

@@ -8,7 +8,9 @@ GPU into busy intervals, and reports the idle gaps inside the traced window. Eac
 ran when it finally launched the work that ended the gap: the innermost ``record_function`` range
 (``ssa_train/...`` in the training loop) and the innermost operator around that launch.
 
-    python tools/profile_gaps.py prof/full_attn.trace.json.gz [--min-us 50] [--top 15]
+    python tools/profile_gaps.py prof/full_attn.trace.json.gz [--min-us 50] [--top 15] [--comm]
+
+``--comm`` adds the NCCL kernels' time and the part of it during which no other GPU work ran (exposed).
 """
 
 from __future__ import annotations
@@ -90,11 +92,45 @@ def analyse(events: list[dict], min_us: float = 50.0) -> dict:
             "by_range": {k: {"gaps": int(v[0]), "ms": v[1] / 1e3} for k, v in by_range.items()}}
 
 
+def _is_comm(event: dict) -> bool:
+    return "nccl" in event["name"].lower()
+
+
+def communication(events: list[dict]) -> dict:
+    """NCCL kernel time and its exposed part: the time in which a collective ran and no other GPU work did (the
+    step waits for it there; it includes waiting for a late peer rank). Per kernel name (up to its first '(')."""
+    gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
+    comm = sorted((e for e in gpu if _is_comm(e)), key=lambda e: e["ts"])
+    compute = [(a, b) for a, b, _ in busy_intervals([e for e in gpu if not _is_comm(e)])]
+    starts = [a for a, _ in compute]
+
+    def exposed(start: float, end: float) -> float:
+        covered = 0.0
+        for a, b in compute[max(bisect.bisect_right(starts, start) - 1, 0):]:
+            if a >= end:
+                break
+            covered += max(0.0, min(b, end) - max(a, start))
+        return (end - start) - covered
+
+    by_kernel: dict[str, dict] = defaultdict(lambda: {"count": 0, "ms": 0.0, "exposed_ms": 0.0})
+    for e in comm:
+        row = by_kernel[e["name"].split("(")[0]]
+        row["count"] += 1
+        row["ms"] += float(e["dur"]) / 1e3
+        row["exposed_ms"] += exposed(float(e["ts"]), float(e["ts"]) + float(e["dur"])) / 1e3
+    # Totals over the union of the collectives' intervals (two collectives at once count once).
+    union = [(a, b) for a, b, _ in busy_intervals(comm)]
+    return {"comm_ms": sum(b - a for a, b in union) / 1e3, "exposed_ms": sum(exposed(a, b) for a, b in union) / 1e3,
+            "by_kernel": dict(by_kernel)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trace", type=Path)
     parser.add_argument("--min-us", type=float, default=50.0, help="smallest gap reported (µs)")
     parser.add_argument("--top", type=int, default=15, help="longest gaps listed")
+    parser.add_argument("--comm", action="store_true",
+                        help="also NCCL kernel time and the part of it no other GPU work overlapped (exposed)")
     args = parser.parse_args()
     if not args.trace.is_file():
         parser.error(f"trace {args.trace}: no such file")
@@ -109,6 +145,12 @@ def main() -> int:
     for g in sorted(r["gaps"], key=lambda g: -g["us"])[: args.top]:
         print(f"| {g['at_us'] / 1e3:.2f} | {g['us'] / 1e3:.3f} | {g['range']} | {g['op']} | {g['launch']} | "
               f"{g['next']} |")
+    if args.comm:
+        c = communication(load_events(args.trace))
+        print(f"\nNCCL: {c['comm_ms']:.2f} ms, exposed (no other GPU work) {c['exposed_ms']:.2f} ms")
+        print("\n| NCCL kernel | count | ms | exposed ms |\n|---|---|---|---|")
+        for name, v in sorted(c["by_kernel"].items(), key=lambda kv: -kv[1]["exposed_ms"]):
+            print(f"| {name} | {v['count']} | {v['ms']:.2f} | {v['exposed_ms']:.2f} |")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The full branch under context parallelism on a GPU: the cuDNN split path for zigzag query runs
 (``ssa_kernels.full._split_attention``) vs varlen FlashAttention-2 (``full._flash_varlen``, the path it replaces
-and falls back to) and the float64 reference, in bf16; and both timed at 32k, cp 2, for rank 0's and rank 1's
-queries (run with ``-s`` to see the times). Skipped without CUDA."""
+and falls back to) and the float64 reference, in bf16, also with the diagonal pieces computed first from the
+rank's own K/V (``full_attention_diagonal``, the order of context parallelism's overlapped exchange); and both
+timed at 32k, cp 2, for rank 0's and rank 1's queries (run with ``-s`` to see the times). Skipped without CUDA."""
 
 import statistics
 
@@ -71,6 +72,32 @@ def test_split_path_bf16_vs_fa2_and_float64(case):
             assert torch.isfinite(a).all(), name
             assert e_new < 1e-2 and rel_err(a, f) < 1e-2, f"{name}: split {e_new}, vs FA2 {rel_err(a, f)}"
             assert e_new <= 2 * e_fa2 + 1e-3, f"{name}: split {e_new} vs FA2 varlen {e_fa2}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_diagonal_from_own_keys_matches_split(case):
+    """The context-parallel order in bf16 on cuDNN: the diagonal pieces from the rank's own K/V (Megatron's
+    strided views), then the prefix pieces on the gathered K/V, against the split path on the gathered K/V alone
+    (the same pieces on the same values) and the float64 reference."""
+    from ssa_megatron.megatron.context_parallel import split_zigzag
+
+    t, cp, b, hq, hkv, d = case
+    for rank in range(cp):
+        pos, q, kv = _cp_inputs(t, cp, rank, b, hq, hkv, d)
+        do = torch.randn(t // cp, b, hq, d, device=DEV, dtype=torch.bfloat16)
+        own = split_zigzag(kv, cp, rank)
+        diag = kfull.full_attention_diagonal(q, own[..., :d], own[..., d:], None, pos)
+        assert diag is not None, "the split path did not apply to the own keys"
+        out, lse = kfull.full_attention(q, kv[..., :d], kv[..., d:], None, pos, diagonal=diag)
+        new = (out, lse) + torch.autograd.grad(out, (q, kv), do)
+        split = _with_grads(_split, q, kv, pos, do)
+        qd, kvd = (x.detach().double().requires_grad_() for x in (q, kv))
+        ro, rl = R.full_attention(qd, kvd[..., :d], kvd[..., d:], None, pos)
+        ref = (ro, rl) + torch.autograd.grad(ro, (qd, kvd), do.double())
+        for name, a, s_, r in zip(("out", "lse", "dq", "dkv"), new, split, ref):
+            print(f"t={t} cp={cp} rank={rank} {name}: own-keys path vs split {rel_err(a, s_):.2e}, "
+                  f"vs float64 {rel_err(a, r):.2e}")
+            assert rel_err(a, s_) < 1e-3 and rel_err(a, r) < 1e-2, name
 
 
 def _time_ms(fn, reps=10, warmup=3):
