@@ -50,8 +50,13 @@ def test_exposed_communication_is_nccl_time_without_other_gpu_work(tmp_path):
     events = [ev("gemm", 0, 100), ev("flash_fwd", 150, 100),
               ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 50, 80),  # 50..130: 50 of it under gemm
               ev("ncclDevKernel_ReduceScatter_RING_LL(x)", 300, 40),  # nothing else runs: all exposed
-              ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 160, 20)]  # inside flash_fwd: hidden
+              ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 160, 20),  # inside flash_fwd: hidden
+              ev("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgs)", 400, 10)]  # the optimizer's, exposed
+    events[-1]["args"] = {"Collective name": "_allgather_base", "Process Group Description": "dp_cp"}
     c = tool.communication(events)
+    assert c["by_kernel"].pop("ncclDevKernel_AllGather_RING_LL (_allgather_base, group dp_cp)") == {
+        "count": 1, "ms": pytest.approx(0.01), "exposed_ms": pytest.approx(0.01)}
+    c = tool.communication(events[:-1])
     assert c["comm_ms"] == pytest.approx(0.14) and c["exposed_ms"] == pytest.approx(0.07)
     assert c["by_kernel"]["ncclDevKernel_AllGather_RING_LL"] == {"count": 2, "ms": pytest.approx(0.1),
                                                                  "exposed_ms": pytest.approx(0.03)}

@@ -96,9 +96,20 @@ def _is_comm(event: dict) -> bool:
     return "nccl" in event["name"].lower()
 
 
+def _comm_label(event: dict) -> str:
+    """The kernel name (up to its first '('), with the collective and its process group where the profiler
+    recorded them (the CP exchange and the optimizer both run all-gathers and reduce-scatters)."""
+    args = event.get("args", {})
+    label = event["name"].split("(")[0]
+    group = args.get("Process Group Description") or args.get("Process Group Name")
+    extra = [x for x in (args.get("Collective name"), group and f"group {group}") if x]
+    return f"{label} ({', '.join(extra)})" if extra else label
+
+
 def communication(events: list[dict]) -> dict:
     """NCCL kernel time and its exposed part: the time in which a collective ran and no other GPU work did (the
-    step waits for it there; it includes waiting for a late peer rank). Per kernel name (up to its first '(')."""
+    step waits for it there; it includes waiting for a late peer rank). Per kernel, collective and process group
+    (``_comm_label``)."""
     gpu = [e for e in events if e.get("cat") in GPU_CATEGORIES]
     comm = sorted((e for e in gpu if _is_comm(e)), key=lambda e: e["ts"])
     compute = [(a, b) for a, b, _ in busy_intervals([e for e in gpu if not _is_comm(e)])]
@@ -114,7 +125,7 @@ def communication(events: list[dict]) -> dict:
 
     by_kernel: dict[str, dict] = defaultdict(lambda: {"count": 0, "ms": 0.0, "exposed_ms": 0.0})
     for e in comm:
-        row = by_kernel[e["name"].split("(")[0]]
+        row = by_kernel[_comm_label(e)]
         row["count"] += 1
         row["ms"] += float(e["dur"]) / 1e3
         row["exposed_ms"] += exposed(float(e["ts"]), float(e["ts"]) + float(e["dur"])) / 1e3
@@ -148,7 +159,7 @@ def main() -> int:
     if args.comm:
         c = communication(load_events(args.trace))
         print(f"\nNCCL: {c['comm_ms']:.2f} ms, exposed (no other GPU work) {c['exposed_ms']:.2f} ms")
-        print("\n| NCCL kernel | count | ms | exposed ms |\n|---|---|---|---|")
+        print("\n| NCCL kernel (collective, group) | count | ms | exposed ms |\n|---|---|---|---|")
         for name, v in sorted(c["by_kernel"].items(), key=lambda kv: -kv[1]["exposed_ms"]):
             print(f"| {name} | {v['count']} | {v['ms']:.2f} | {v['exposed_ms']:.2f} |")
     return 0
