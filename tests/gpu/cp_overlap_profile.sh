@@ -7,6 +7,7 @@
 #
 #   OUT=/tmp/cp_overlap bash tests/gpu/cp_overlap_profile.sh                      # from the repository root
 #   BEFORE_DIR=before OUT=/tmp/cp_overlap bash tests/gpu/cp_overlap_profile.sh    # plus the tree in ./before
+#   BEFORE_ONLY=1 BEFORE_DIR=before OUT=/tmp/cp_overlap bash tests/gpu/cp_overlap_profile.sh   # only ./before
 #
 # ./before can be made with
 #   mkdir before && git archive ebe6dde^ | tar -x -C before && echo /before/ >> .git/info/exclude
@@ -22,10 +23,12 @@ $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git rev-parse --short HEAD 2>/dev/null || echo "no git here"
 date -u
 
-echo "=== bf16 split path and own-keys diagonal (one GPU)"
-PYTHONPATH="$HERE:$HERE/kernels" timeout 300 $PYTHON -m pytest -q -s tests/gpu/test_full_cp_gpu.py -k "own_keys or bf16" \
-    2>&1 | grep -E "own-keys|passed|failed|Error"
-echo "rc ${PIPESTATUS[0]}"
+if [ -z "${BEFORE_ONLY:-}" ]; then
+    echo "=== bf16 split path and own-keys diagonal (one GPU)"
+    PYTHONPATH="$HERE:$HERE/kernels" timeout 300 $PYTHON -m pytest -q -s tests/gpu/test_full_cp_gpu.py \
+        -k "own_keys or bf16" 2>&1 | grep -E "own-keys|passed|failed|Error"
+    echo "rc ${PIPESTATUS[0]}"
+fi
 
 profile_tree() {  # $1: label, $2: tree
     echo "=== $1: torchrun 2 GPUs, 32k, CP 2, one profiled step ($2)"
@@ -44,7 +47,7 @@ profile_tree() {  # $1: label, $2: tree
     done
 }
 
-profile_tree overlap "$HERE"
+[ -n "${BEFORE_ONLY:-}" ] || profile_tree overlap "$HERE"
 if [ -n "${BEFORE_DIR:-}" ]; then
     profile_tree before "$BEFORE_DIR"
 fi
