@@ -11,8 +11,9 @@
 #
 # ./before can be made with
 #   mkdir before && git archive ebe6dde^ | tar -x -C before && echo /before/ >> .git/info/exclude
-# (ebe6dde is the commit that overlaps the exchange; carry ./before to the GPU machine). About 3 minutes per tree; step times in $OUT/<tree>.json, traces in
-# $OUT/<tree>/ssa.rank<r>.trace.json.gz, NCCL tables in $OUT/<tree>.rank<r>.comm.txt.
+# (ebe6dde is the commit that overlaps the exchange; carry ./before to the GPU machine). About 3 minutes per
+# tree; step times in $OUT/<tree>.json, traces in $OUT/<tree>/ssa.rank<r>.trace.json.gz, NCCL tables in
+# $OUT/<tree>.rank<r>.comm.txt.
 set -u
 OUT=$(realpath -m "${OUT:-/tmp/cp_overlap}")
 PYTHON=${PYTHON:-python3}
@@ -32,11 +33,11 @@ fi
 
 profile_tree() {  # $1: label, $2: tree
     echo "=== $1: torchrun 2 GPUs, 32k, CP 2, one profiled step ($2)"
-    (cd "$2" && PYTHONPATH="$PWD:$PWD/kernels" timeout 420 $PYTHON -m torch.distributed.run --nproc_per_node=2 \
-        tools/bench_training.py --modes ssa --seq 32768 --recompute selective --micro-batches 1 --steps 3 \
-        --fallback-layers 0 --profile "$OUT/$1" --json "$OUT/$1.json" parallel.context_parallel=2 2>&1 \
-        | grep -vE "Warn|warn")
-    echo "rc ${PIPESTATUS[0]}"
+    (set -o pipefail; cd "$2" && PYTHONPATH="$PWD:$PWD/kernels" timeout 420 $PYTHON -m torch.distributed.run \
+        --nproc_per_node=2 tools/bench_training.py --modes ssa --seq 32768 --recompute selective \
+        --micro-batches 1 --steps 3 --fallback-layers 0 --profile "$OUT/$1" --json "$OUT/$1.json" \
+        parallel.context_parallel=2 2>&1 | grep -vE "Warn|warn")
+    echo "rc $?"
     for r in 0 1; do
         trace="$OUT/$1/ssa.rank$r.trace.json.gz"
         [ -f "$trace" ] || { echo "no trace $trace"; continue; }
