@@ -26,14 +26,14 @@ date -u
 
 if [ -z "${BEFORE_ONLY:-}" ]; then
     echo "=== bf16 split path and own-keys diagonal (one GPU)"
-    PYTHONPATH="$HERE:$HERE/kernels" timeout 300 $PYTHON -m pytest -q -s tests/gpu/test_full_cp_gpu.py \
+    PYTHONPATH="$HERE:$HERE/kernels${PYTHONPATH:+:$PYTHONPATH}" timeout 300 $PYTHON -m pytest -q -s tests/gpu/test_full_cp_gpu.py \
         -k "own_keys or bf16" 2>&1 | grep -E "own-keys|passed|failed|Error"
     echo "rc ${PIPESTATUS[0]}"
 fi
 
 profile_tree() {  # $1: label, $2: tree
     echo "=== $1: torchrun 2 GPUs, 32k, CP 2, one profiled step ($2)"
-    (set -o pipefail; cd "$2" && PYTHONPATH="$PWD:$PWD/kernels" timeout 420 $PYTHON -m torch.distributed.run \
+    (set -o pipefail; cd "$2" && PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" timeout 420 $PYTHON -m torch.distributed.run \
         --nproc_per_node=2 tools/bench_training.py --modes ssa --seq 32768 --recompute selective \
         --micro-batches 1 --steps 3 --fallback-layers 0 --profile "$OUT/$1" --json "$OUT/$1.json" \
         parallel.context_parallel=2 2>&1 | grep -vE "Warn|warn")
