@@ -26,8 +26,10 @@ records the row as timed out and goes on with the next. ``--profile`` runs one m
 
     python tools/bench_decode.py --out bench_decode.json
 
-Tiny CPU run: ``python tools/bench_decode.py --shape tiny --device cpu --context 64 200 --batch 1 2
---paths eager-static eager-dynamic baseline --steps 3``.
+The model's projections are fused on every path (one GEMM for q|k|v|g and one for gate|up per layer, as
+``from_pretrained`` loads it); ``--separate-projections`` keeps Llama's six GEMMs. Tiny CPU run:
+``python tools/bench_decode.py --shape tiny --device cpu --context 64 200 --batch 1 2 --paths eager-static
+eager-dynamic baseline --steps 3``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds one path of one configuration may take; then its stack is printed and it is skipped")
     p.add_argument("--profile", action="store_true", help="profile one extra step per path (kernel table)")
     p.add_argument("--profile-dir", type=Path, default=None, help="write each profile table here")
+    p.add_argument("--separate-projections", action="store_true",
+                   help="keep q/k/v/g and gate/up as separate GEMMs (default: fused, as from_pretrained loads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -117,6 +121,8 @@ def build_model(args):
             model = SSALlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default)
+    if not args.separate_projections:
+        model.fuse_projections()
     return model, config
 
 
@@ -326,7 +332,8 @@ def summarise(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configs = [(b, c, m) for c in args.context for b in args.batch for m in args.modes]
-    print(f"bench_decode: {args.shape} shape, {args.dtype} on {args.device}, {len(configs)} configurations "
+    print(f"bench_decode: {args.shape} shape, {args.dtype} on {args.device}, "
+          f"{'separate' if args.separate_projections else 'fused'} projections, {len(configs)} configurations "
           f"(batch {args.batch}, context {args.context}, modes {args.modes}) x paths {args.paths}, "
           f"{args.steps} timed steps ({args.baseline_steps} for the baseline), top_k {args.top_k} x block "
           f"{args.block_size}", flush=True)

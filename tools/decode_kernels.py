@@ -15,6 +15,7 @@ torch 2.11.
 
     python tools/decode_kernels.py --mode sparse --batch 1 --context 32768        # about a minute on 2 cores
     python tools/decode_kernels.py --mode full --batch 1 32                       # batch 1, then 32: the recompile
+    python tools/decode_kernels.py --mode full --separate-projections             # Llama's six projection GEMMs
 """
 
 from __future__ import annotations
@@ -104,10 +105,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="compiled in turn by one torch.compile")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--options", default=None, help="Inductor options as JSON, e.g. '{\"combo_kernels\": true}'")
+    p.add_argument("--separate-projections", action="store_true",
+                   help="q/k/v/g and gate/up as separate GEMMs (default: fused, as from_pretrained loads the model)")
     p.add_argument("--out", type=Path, default=Path("decode_step_cuda.py"), help="the last generated module")
     args = p.parse_args(argv)
     print(f"decode_kernels: {args.shape} shape, {args.mode} mode, batch {args.batch}, context {args.context}, "
-          "Inductor CUDA code without a GPU", flush=True)
+          f"{'separate' if args.separate_projections else 'fused'} projections, Inductor CUDA code without a GPU",
+          flush=True)
     import json
 
     from torch._inductor.codecache import PyCodeCache
@@ -128,7 +132,8 @@ def main(argv=None) -> int:
 
     PyCodeCache.load_by_key_path = classmethod(keep)
     torch.Tensor.normal_ = torch.Tensor.uniform_ = lambda self, *a, **k: self  # no random init of fake weights
-    bench = bench_decode.parse_args(["--shape", args.shape, "--device", "cuda", "--dtype", "bf16"])
+    bench = bench_decode.parse_args(["--shape", args.shape, "--device", "cuda", "--dtype", "bf16"]
+                                    + ["--separate-projections"] * args.separate_projections)
     options = json.loads(args.options) if args.options else None
     with FakeTensorMode(allow_non_fake_inputs=True):
         model, config = bench_decode.build_model(bench)

@@ -71,6 +71,10 @@ def write_export(out: str | Path, config: SSALlamaConfig, state: dict[str, Tenso
         plain_llama = config.ssa_gate == "none"
     for stale in (*out.glob("*.safetensors"), out / "model.safetensors.index.json", *map(out.joinpath, REMOTE_CODE)):
         stale.unlink(missing_ok=True)  # a re-export into the same folder must not mix old shards or code
+    # A view of part of a storage (the state dict of a model with fused projections holds such views of its stacked
+    # weights) is refused by save_torch_state_dict: write a copy of it.
+    state = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+             for k, v in state.items()}
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
     if plain_llama:
         plain_llama_config(config).save_pretrained(out)

@@ -14,6 +14,11 @@ selected blocks only; a static cache's step compiles into one graph (CUDA graphs
 with zeros) is not supported: SSA's block grid is defined on unpadded rows; batch equal-length rows or run one row
 at a time.
 
+Fused projections (:class:`FusedProjections`): ``from_pretrained`` (or ``fuse_projections()``) stacks each layer's
+q/k/v/g projections into ``self_attn.qkvg_proj`` and gate/up into ``mlp.gate_up_proj``, so that a token runs two GEMMs
+where Llama runs six. Weights are held once, and ``state_dict()``, ``load_state_dict()`` and ``save_pretrained`` keep
+Llama's names, so files on disk never change.
+
 Remote code: this file, ``configuration.py``, ``decoding.py`` and the package's ``ssa/reference.py`` are copied
 into every gated export (``ssa_megatron.hf.export``), where ``trust_remote_code=True`` loads them with only torch
 and transformers installed. There (``IN_PACKAGE`` false) ``ssa_megatron`` is never imported and the attention core
@@ -32,10 +37,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaForCausalLM,
+    LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
     apply_rotary_pos_emb,
 )
+from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
 from .decoding import decode_attention, valid_keys
@@ -45,6 +52,8 @@ if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote
     apply_gate = importlib.import_module("ssa_megatron.ssa.reference").apply_gate
 else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
     from .reference import apply_gate, full_attention, select_blocks, sparse_attention
+
+logger = logging.get_logger(__name__)
 
 
 def _exported_attention(q, k, v, gate, config: SSALlamaConfig, cu_seqlens, softmax_scale):
@@ -62,8 +71,129 @@ def _exported_attention(q, k, v, gate, config: SSALlamaConfig, cu_seqlens, softm
     return apply_gate(out, gate)
 
 
-class SSALlamaAttention(LlamaAttention):
-    """Llama attention whose core is ``ssa_attention``. Input/output ``[b, s, hidden]``."""
+class FusedProjections:
+    """Mixin for a module whose bias-free ``nn.Linear`` children :meth:`projection_names` all read the same input.
+
+    :meth:`fuse` replaces them by one linear, named ``fused_name``, whose weight stacks theirs by output rows: one
+    GEMM per input instead of several, which at batch 1 decoding is one kernel launch instead of several (k, v and
+    the gate are tiny GEMVs bound by their launch). :meth:`unfuse` splits it back. No weight is held twice: the
+    stacked weight is new storage, and the separate linears are dropped (their storage is freed unless something
+    else, such as an optimizer, still holds them; fuse before building one).
+
+    Names stay Llama's in both layouts: a state-dict post-hook splits the stacked weight into views named as the
+    separate weights, in the unfused key order, and a load pre-hook stacks such weights, so ``state_dict()``,
+    ``load_state_dict()``, ``save_pretrained``, the export and the converters see the same keys and tensors.
+
+    Numerics: every output element is the same dot product over the input features. Only the kernel can differ:
+    the fused GEMM is wider, so a BLAS may block it otherwise or pick another kernel, and sum in another order. On
+    CPU, GEMMs of a few rows (decode steps, float32 and bfloat16) give bitwise equal outputs, and GEMMs of many rows
+    (a prefill) agree to float rounding. On CUDA in bf16, cuBLAS may choose another kernel for the wider GEMM, and
+    an output may then round to a neighbouring bf16 value of the float32 sum: tests/gpu/test_fused_projections_gpu.py
+    bounds the gap by one bf16 step at the largest output, and prints how many outputs differ.
+    """
+
+    fused_name: str
+
+    def projection_names(self) -> tuple[str, ...]:
+        """The separate linears, in the order of their rows in the stacked weight."""
+        raise NotImplementedError
+
+    def _init_fusion(self) -> None:
+        setattr(self, self.fused_name, None)
+        self.fused_sizes: tuple[int, ...] | None = None
+        """Output rows of each separate linear in the stacked weight, in :meth:`projection_names` order; None when
+        unfused."""
+        self._unfused_order: list[str] | None = None
+        self.register_state_dict_post_hook(_split_fused_state)
+        self.register_load_state_dict_pre_hook(_stack_fused_state)
+
+    def fusion_blocker(self) -> str | None:
+        """Why :meth:`fuse` cannot run here (a quantized, biased, offloaded or distributed projection), else None."""
+        if self.fused_sizes is not None:
+            return None
+        names = self.projection_names()
+        for name in names:
+            part = getattr(self, name)
+            if type(part) is not nn.Linear:
+                return f"{name} is a {type(part).__name__}, not an nn.Linear"
+            if part.bias is not None:
+                return f"{name} has a bias"
+        first = getattr(self, names[0]).weight
+        for name in names:
+            w = getattr(self, name).weight
+            if w.device.type == "meta" or getattr(w, "placements", None) is not None:
+                return f"{name}.weight is offloaded (meta) or distributed (DTensor)"
+            if (w.device, w.dtype, w.requires_grad) != (first.device, first.dtype, first.requires_grad):
+                return f"{name}.weight differs from {names[0]}.weight in device, dtype or requires_grad"
+        return None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Stacks the separate projections into ``fused_name`` (idempotent)."""
+        if self.fused_sizes is not None:
+            return
+        reason = self.fusion_blocker()
+        if reason is not None:
+            raise ValueError(f"{type(self).__name__}.fuse: {reason}; only bias-free nn.Linear projections with "
+                             "materialised weights on one device can be fused")
+        names = self.projection_names()
+        parts = [getattr(self, name) for name in names]
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=parts[0].weight.requires_grad)
+        self._unfused_order = list(self._modules)
+        self.fused_sizes = tuple(p.out_features for p in parts)
+        del parts
+        for name in names:
+            delattr(self, name)
+        setattr(self, self.fused_name, fused)
+        _reorder(self._modules, [self.fused_name if n == names[0] else n for n in self._unfused_order
+                                 if n not in names[1:]])
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Splits ``fused_name`` back into the separate projections, in their original module order (idempotent)."""
+        if self.fused_sizes is None:
+            return
+        fused = getattr(self, self.fused_name)
+        for name, w in zip(self.projection_names(), fused.weight.split(self.fused_sizes)):
+            part = nn.Linear(fused.in_features, w.shape[0], bias=False, device="meta")
+            part.weight = nn.Parameter(w.clone(), requires_grad=fused.weight.requires_grad)
+            setattr(self, name, part)
+        delattr(self, self.fused_name)
+        setattr(self, self.fused_name, None)
+        _reorder(self._modules, self._unfused_order)
+        self.fused_sizes = self._unfused_order = None
+
+
+def _reorder(modules: dict, order: list[str]) -> None:
+    for name in order:
+        modules[name] = modules.pop(name)
+
+
+def _split_fused_state(module: FusedProjections, state: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: the stacked weight as the separate weights (views), keys in the unfused order."""
+    if module.fused_sizes is None:
+        return
+    pieces = state.pop(f"{prefix}{module.fused_name}.weight").split(module.fused_sizes)
+    pieces = {f"{prefix}{name}.weight": w for name, w in zip(module.projection_names(), pieces)}
+    mine = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}  # this module's keys end the dict
+    state.update((k, v) for k, v in mine.items() if "." not in k[len(prefix):])  # its own tensors come first
+    for name in module._unfused_order:
+        state.update((k, v) for k, v in (*pieces.items(), *mine.items()) if k.startswith(f"{prefix}{name}."))
+
+
+def _stack_fused_state(module: FusedProjections, state: dict, prefix: str, *args) -> None:
+    """Load pre-hook: the separate weights of a state dict stacked into the fused one."""
+    keys = [f"{prefix}{name}.weight" for name in module.projection_names()]
+    if module.fused_sizes is not None and all(k in state for k in keys):
+        state[f"{prefix}{module.fused_name}.weight"] = torch.cat([state.pop(k) for k in keys])
+
+
+class SSALlamaAttention(FusedProjections, LlamaAttention):
+    """Llama attention whose core is ``ssa_attention``. Input/output ``[b, s, hidden]``. Fused
+    (:class:`FusedProjections`), ``qkvg_proj`` holds the rows of q_proj, k_proj, v_proj and g_proj (when gated)."""
+
+    fused_name = "qkvg_proj"
 
     def __init__(self, config: SSALlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -77,18 +207,25 @@ class SSALlamaAttention(LlamaAttention):
         then run ``ssa_attention(..., training=True)`` with it (both branches when alpha > 0) and keep the layer's
         unweighted alignment loss in ``alignment_loss``. Package only."""
         self.alignment_loss: torch.Tensor | None = None
+        self._init_fusion()
+
+    def projection_names(self) -> tuple[str, ...]:
+        return ("q_proj", "k_proj", "v_proj") + (("g_proj",) if self.config.ssa_gate == "per_head" else ())
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                 past_key_values=None, cu_seqlens=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         b, s = hidden_states.shape[:2]
         shape = (b, s, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [b, HQ, s, D]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [b, HKV, s, D]
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.qkvg_proj is not None:  # one GEMM; the split outputs are views
+            q, k, v, *g = self.qkvg_proj(hidden_states).split(self.fused_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            g = [self.g_proj(hidden_states)] if self.g_proj is not None else []
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [b, HQ, s, D], [b, HKV, s, D] twice
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        gate = self.g_proj(hidden_states).transpose(0, 1) if self.g_proj is not None else None  # [s, b, HQ]
+        gate = g[0].transpose(0, 1) if g else None  # [s, b, HQ]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
             layer = cache.layers[self.layer_idx]
@@ -119,6 +256,26 @@ class SSALlamaAttention(LlamaAttention):
         return self.o_proj(out), None
 
 
+class SSALlamaMLP(FusedProjections, LlamaMLP):
+    """Llama's SwiGLU MLP; fused (:class:`FusedProjections`), ``gate_up_proj`` holds the rows of gate_proj then
+    up_proj (Megatron's ``linear_fc1`` layout)."""
+
+    fused_name = "gate_up_proj"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._init_fusion()
+
+    def projection_names(self) -> tuple[str, ...]:
+        return ("gate_proj", "up_proj")
+
+    def forward(self, x):
+        if self.gate_up_proj is None:
+            return super().forward(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
 class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
     config: SSALlamaConfig
     config_class = SSALlamaConfig
@@ -128,14 +285,63 @@ class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
     _can_compile_fullgraph = False
     _supports_attention_backend = False
 
+    @classmethod
+    def from_pretrained(cls, *args, fuse_projections: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``, then :meth:`fuse_projections` (unless ``fuse_projections=False``,
+        or a projection cannot be fused: quantized, biased, offloaded or distributed ones stay separate), as serving
+        stacks fuse at load. The files read are Llama's, and what the model saves stays Llama's."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        if fuse_projections:
+            reason = model.projection_fusion_blocker()
+            if reason is None:
+                model.fuse_projections()
+            else:
+                logger.info("%s.from_pretrained: projections left separate: %s", cls.__name__, reason)
+        return loaded
+
+    def projection_modules(self) -> list[FusedProjections]:
+        return [m for m in self.modules() if isinstance(m, FusedProjections)]
+
+    def projection_fusion_blocker(self) -> str | None:
+        """Why :meth:`fuse_projections` cannot run (the first module that blocks it), else None."""
+        for name, module in self.named_modules():
+            if isinstance(module, FusedProjections) and (reason := module.fusion_blocker()) is not None:
+                return f"{name}: {reason}"
+        return None
+
+    def fuse_projections(self) -> None:
+        """Per decoder layer, one GEMM for q|k|v|g (``self_attn.qkvg_proj``) and one for gate|up
+        (``mlp.gate_up_proj``) instead of six (:class:`FusedProjections`: no weight held twice, state-dict names
+        unchanged, CPU decode steps bitwise equal). ``from_pretrained`` does it by default; call it on a model built
+        or loaded another way before decoding, and before making an optimizer, whose parameters it replaces.
+        Training runs through the fused linears as well; :meth:`unfuse_projections` restores Llama's modules
+        (for code that addresses ``q_proj`` and the others by name, such as PEFT's ``target_modules``)."""
+        reason = self.projection_fusion_blocker()
+        if reason is not None:
+            raise ValueError(f"fuse_projections: {reason}; only bias-free nn.Linear projections with materialised "
+                             "weights on one device can be fused")
+        for module in self.projection_modules():
+            module.fuse()
+
+    def unfuse_projections(self) -> None:
+        """Undoes :meth:`fuse_projections` (new storage for the separate weights; the stacked ones are freed)."""
+        for module in self.projection_modules():
+            module.unfuse()
+
+    @property
+    def projections_fused(self) -> bool:
+        return any(m.fused_sizes is not None for m in self.projection_modules())
+
 
 class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
-    """``LlamaModel`` whose decoder layers use :class:`SSALlamaAttention`."""
+    """``LlamaModel`` whose decoder layers use :class:`SSALlamaAttention` and :class:`SSALlamaMLP`."""
 
     def __init__(self, config: SSALlamaConfig):
         super().__init__(config)
         for i, layer in enumerate(self.layers):
             layer.self_attn = SSALlamaAttention(config, i)
+            layer.mlp = SSALlamaMLP(config)
         self.post_init()
 
 
