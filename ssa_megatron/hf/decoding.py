@@ -211,24 +211,21 @@ def top_k_later_first(scores: Tensor, selectable: Tensor, top_k: int) -> Tensor:
     return F.pad(chosen, (0, top_k - chosen.shape[-1]), value=-1) if chosen.shape[-1] < top_k else chosen
 
 
-SORT_CHUNK = 512
-"""Longest sort Inductor writes as one Triton kernel (``ir.Sort``'s persistent-kernel limit in torch 2.11)."""
-SORT_ROWS = 16
-"""Most rows (batch × KV heads) ranked by sorts when compiled; above it, ``topk``. On an H200 the sorts took a 1B
-decode step at batch 1 (2 rows) from 1.785 to 1.623 ms, but at batch 32 (64 rows) the step did not compile within
-70 s, twice (docs/benchmarks.md, run AF), where ``topk``'s compiles in 41 s."""
+SORT_CHUNK = 128
+"""Keys per sort of the compiled top-k. Inductor writes a sort of at most 512 keys as one Triton kernel, but on an
+H200 a batch-32 decode step with 512-key sorts did not compile within 70 s, twice; with 128-key sorts it compiles
+in 53 s and runs in 2.329 ms against 2.520 with ``topk`` (docs/benchmarks.md, runs AF and AG)."""
 
 
 def _largest(keys: Tensor, k: int) -> Tensor:
     """The ``k`` largest of distinct ``keys`` along the last dim (at least ``k`` of them), in no particular order.
 
-    Eager, or above :data:`SORT_ROWS` rows: ``topk``. Compiled: a tournament of sorts of at most :data:`SORT_CHUNK`
-    keys, each keeping its chunk's ``k`` largest (a superset of the overall ``k`` largest), until one sort is left.
-    Inductor writes each such sort as one Triton kernel fused with the code that computes the keys; ``topk`` stays a
-    library call whose radix select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md,
-    session 7): at batch 1 the largest kernel of a sparse decode step after the weight GEMMs."""
-    rows = keys.numel() // max(keys.shape[-1], 1)
-    if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2 or rows > SORT_ROWS:
+    Eager: ``topk``. Compiled: a tournament of sorts of at most :data:`SORT_CHUNK` keys, each keeping its chunk's
+    ``k`` largest (a superset of the overall ``k`` largest), until one sort is left. Inductor writes each such sort
+    as one Triton kernel fused with the code that computes the keys; ``topk`` stays a library call whose radix
+    select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md, session 7): at batch 1 the
+    largest kernel of a sparse decode step after the weight GEMMs."""
+    if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2:
         return torch.topk(keys, k, dim=-1, sorted=False).values  # unsorted: no sort kernel
     while keys.shape[-1] > SORT_CHUNK:
         keys = F.pad(keys, (0, -keys.shape[-1] % SORT_CHUNK), value=torch.iinfo(torch.int64).min)
