@@ -260,18 +260,20 @@ def _operand(x: Tensor) -> Tensor:
     return x.to(scoring_dtype(x.dtype))
 
 
-def _products(a: Tensor, b: Tensor, exact_a: bool = False) -> Tensor:
-    """``a @ b.T`` over the last dim in float32: ``a [..., M, D]`` float32, ``b [..., N, D]`` (cast to ``a``'s
-    dtype). ``exact_a``: ``a`` holds ``b.dtype`` values exactly (a query from :func:`_operand`).
+def _products(a: Tensor, b: Tensor, kernel_operands: bool = False) -> Tensor:
+    """``a @ b.T`` over the last dim in float32: ``a [..., M, D]`` float32, ``b [..., N, D]``.
 
-    - CUDA, ``exact_a``, ``b`` bf16/fp16: one tensor-core GEMM of the input-dtype operands with float32 output
-      (``bmm(out_dtype=float32)``), the training kernel's ``tl.dot`` contract: exact products, float32 sums. It
-      reads ``b`` once; at batch 32 the products below read it once per query head of the group, which made the
+    - CUDA, ``kernel_operands``, ``b`` bf16/fp16: ``a`` rounded to ``b``'s dtype, then one tensor-core GEMM with
+      float32 output (``bmm(out_dtype=float32)``): the Triton kernels' ``tl.dot`` contract, which the training runs
+      on a GPU. For a query from :func:`_operand` the rounding is exact (exact products, float32 sums, "Precision of
+      the selection"); for attention probabilities it is the sparse kernel's ``p.to(v.dtype)``. The GEMM reads
+      ``b`` once, where the products below read it once per query head of the group: at batch 32 that made the
       block scoring the largest kernel of a sparse step (docs/benchmarks.md, run AB).
     - Otherwise, compiled: products and a sum, which Inductor fuses with the cast (and with a gather that produced
-      ``b``) into one pass over ``b``; a matmul would first write ``b`` out in float32.
+      ``b``) into one pass over ``b``; a matmul would first write ``b`` out in float32. ``a`` is not rounded: the
+      reference's (CPU) contract.
     - Otherwise, eager: the matmul, far cheaper than the products there."""
-    if exact_a and b.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
+    if kernel_operands and b.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
         lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.to(b.dtype).expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
@@ -293,8 +295,8 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     own = (length - 1) // bs
     j = torch.arange(n, device=pooled.device)
     candidates = j < own  # complete blocks strictly before the own block
-    exact = q.dtype == pooled.dtype
-    logits = _products(_operand(q.reshape(b, hkv, -1, d)), pooled, exact_a=exact)  # [b, HKV, G, n]
+    exact = q.dtype == pooled.dtype  # the query then holds the pooled keys' dtype exactly
+    logits = _products(_operand(q.reshape(b, hkv, -1, d)), pooled, kernel_operands=exact)  # [b, HKV, G, n]
     if config.ssa_score == "group_softmax":
         probs = torch.softmax((scale * logits).masked_fill(~candidates, -math.inf), dim=-1)
         scores = torch.where(candidates, probs, 0.0).sum(dim=2)
@@ -318,10 +320,10 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
     qg = _operand(q.reshape(b, hkv, hq // hkv, d))  # query head h reads KV head h // G
-    logits = scale * _products(qg, torch.gather(keys, 2, pos), exact_a=q.dtype == keys.dtype)
+    logits = scale * _products(qg, torch.gather(keys, 2, pos), kernel_operands=q.dtype == keys.dtype)
     logits = logits.masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
-    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2))  # [b, HKV, G, D]
+    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=True)  # [b, HKV, G, D]
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
