@@ -309,6 +309,10 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     return top_k_later_first(scores, selectable, config.ssa_top_k)
 
 
+PV_GEMM_ROWS = 16
+"""Fewest rows (batch × KV heads) for which :func:`sparse_decode` weighs the values by a GEMM (below, products)."""
+
+
 def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
                   scale: float) -> Tensor:
     """Sparse attention of one new token per row over the cache. ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L,
@@ -323,7 +327,10 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     logits = scale * _products(qg, torch.gather(keys, 2, pos), kernel_operands=q.dtype == keys.dtype)
     logits = logits.masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
-    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=True)  # [b, HKV, G, D]
+    # As a GEMM only with many rows: at 64 (batch 32) it took the step from 2.346 to 2.153 ms, at 2 (batch 1) from
+    # 1.568 to 1.938 (H200, docs/benchmarks.md run AI), where the products re-read a few gathered values from cache.
+    gemm = b * hkv >= PV_GEMM_ROWS
+    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=gemm)  # [b, HKV, G, D]
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 
