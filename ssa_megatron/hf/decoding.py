@@ -327,8 +327,8 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     logits = scale * _products(qg, torch.gather(keys, 2, pos), kernel_operands=q.dtype == keys.dtype)
     logits = logits.masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
-    # As a GEMM only with many rows: at 64 (batch 32) it took the step from 2.346 to 2.153 ms, at 2 (batch 1) from
-    # 1.568 to 1.938 (H200, docs/benchmarks.md run AI), where the products re-read a few gathered values from cache.
+    # As a GEMM only with many rows: at 64 (batch 32) it took the step from 2.346 to 2.153 ms; at 2 (batch 1) it
+    # takes 2.4 us per layer against the products' 1.7 (H200, docs/benchmarks.md runs AH and AI profiles).
     gemm = b * hkv >= PV_GEMM_ROWS
     out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=gemm)  # [b, HKV, G, D]
     return out.reshape(b, hq, 1, d).to(q.dtype)
