@@ -191,6 +191,7 @@ class Watchdog:
 
     def __init__(self, seconds: float | None, what: str):
         self.seconds, self.what, self.fired, self.timer = seconds, what, False, None
+        self.handler = None
 
     def _fire(self):
         self.fired = True
@@ -201,6 +202,9 @@ class Watchdog:
 
     def __enter__(self):
         if self.seconds:
+            # Python's own SIGINT handler for the duration: a process started in the background by a
+            # non-interactive shell (nohup, `cmd &` in a batch script) inherits SIGINT ignored.
+            self.handler = signal.signal(signal.SIGINT, signal.default_int_handler)
             self.timer = threading.Timer(self.seconds, self._fire)
             self.timer.daemon = True
             self.timer.start()
@@ -209,6 +213,8 @@ class Watchdog:
     def __exit__(self, *exc):
         if self.timer is not None:
             self.timer.cancel()
+        if self.handler is not None:
+            signal.signal(signal.SIGINT, self.handler)
         return exc[0] is KeyboardInterrupt and self.fired  # our interrupt: swallowed, the caller reads .fired
 
 
