@@ -152,7 +152,7 @@ def main() -> int:
     print("\n| host range at the launch that ended the gap | gaps | idle ms |\n|---|---|---|")
     for name, v in sorted(r["by_range"].items(), key=lambda kv: -kv[1]["ms"]):
         print(f"| {name} | {v['gaps']} | {v['ms']:.2f} |")
-    print(f"\n| at ms | gap ms | host range | host operator | launch | next GPU work |\n|---|---|---|---|---|---|")
+    print("\n| at ms | gap ms | host range | host operator | launch | next GPU work |\n|---|---|---|---|---|---|")
     for g in sorted(r["gaps"], key=lambda g: -g["us"])[: args.top]:
         print(f"| {g['at_us'] / 1e3:.2f} | {g['us'] / 1e3:.3f} | {g['range']} | {g['op']} | {g['launch']} | "
               f"{g['next']} |")
