@@ -18,9 +18,10 @@ bf16; Megatron's own cross entropy adds fp32 copies). :func:`chunked_lm_loss` gi
 The weight gradient of several chunks is summed in fp32 and rounded to the weight's dtype once, as a single GEMM
 would: on CUDA with bf16/fp16 weights each chunk's GEMM accumulates into the fp32 sum itself (``torch.addmm`` with
 ``out_dtype=float32``: 16-bit inputs on the tensor cores, fp32 output); elsewhere each chunk's part is rounded to
-the weight's dtype and added. It is returned through autograd, so it lands in ``weight.grad`` (and, through
-Megatron DDP's hooks, in ``main_grad``) like the output layer's; this requires ``gradient_accumulation_fusion``
-off, which ``transformer_config_from_recipe`` always sets. Tied embeddings pass the embedding weight (GPTModel's
+the weight's dtype and added. It is returned through autograd, so it lands in ``weight.grad``, which Megatron
+DDP's backward hook adds to ``main_grad``. That holds with ``gradient_accumulation_fusion`` on too: the fusion lives
+in Megatron's linear layers, which mark the weights they accumulated themselves (``grad_added_to_main_grad``), and
+this path does not run the output layer's. Tied embeddings pass the embedding weight (GPTModel's
 ``output_weight``); both uses sum into its gradient as before.
 
 Tensor parallelism: the weight is split by vocabulary. The hidden states enter through Megatron's own region
