@@ -218,20 +218,17 @@ class Watchdog:
         return exc[0] is KeyboardInterrupt and self.fired  # our interrupt: swallowed, the caller reads .fired
 
 
-def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> tuple[float, float]:
-    """Seconds of the ``warmup`` steps together (compilation, recording), and mean seconds per step after them."""
-    sync(device)
-    start = time.perf_counter()
+def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> float:
+    """Mean seconds per step over ``steps`` after ``warmup`` untimed ones (compilation, recording)."""
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
-            warm = time.perf_counter() - start
             start = time.perf_counter()
         if compiled and str(device).startswith("cuda"):
             torch.compiler.cudagraph_mark_step_begin()
         step(tokens)
     sync(device)
-    return warm, (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps
 
 
 def profile_step(step, tokens, device, compiled: bool, label: str, args) -> dict:
@@ -296,7 +293,7 @@ def run_config(model, config, args, batch: int, context: int, mode: str) -> list
                 def step(t, cache=cache):
                     return forward(model, t, cache)
 
-                warm, seconds = time_steps(step, tokens, steps, args.warmup, device, compiled)
+                seconds = time_steps(step, tokens, steps, args.warmup, device, compiled)
                 warm = time.perf_counter() - started - seconds * steps
                 if args.profile:
                     row.update(profile_step(step, tokens, device, compiled, label, args))
