@@ -225,7 +225,7 @@ def _largest(keys: Tensor, k: int) -> Tensor:
     as one Triton kernel fused with the code that computes the keys; ``topk`` stays a library call whose radix
     select takes 15-18 us on an H200 whether it ranks 2 rows or 64 (docs/benchmarks.md, session 7): at batch 1 the
     largest kernel of a sparse decode step after the weight GEMMs."""
-    if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2:
+    if not torch.compiler.is_compiling() or k >= SORT_CHUNK // 2:  # a round would keep half its keys or more
         return torch.topk(keys, k, dim=-1, sorted=False).values  # unsorted: no sort kernel
     while keys.shape[-1] > SORT_CHUNK:
         keys = F.pad(keys, (0, -keys.shape[-1] % SORT_CHUNK), value=torch.iinfo(torch.int64).min)
