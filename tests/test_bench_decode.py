@@ -34,6 +34,7 @@ def test_bench_decode_tiny_cpu(tmp_path, capsys):
     assert weights == 4 * (2 * (64 * 64 * 2 + 32 * 64 * 2 + 4 * 64 + 3 * 64 * 128 + 2 * 64) + 64 + 256 * 64)
     for r in rows:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3)
+        assert 0 < r["host_ms_per_step"] <= r["ms_per_step"]  # on CPU the host does all the work
         assert r["weights_bound_ms"] == pytest.approx(weights / 4.8e12 * 1e3)
         per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
         read = 40 * per_token if r["mode"] == "full" else 2 * 16 * per_token + 40 // 16 * 2 * 16 * 4

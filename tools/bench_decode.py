@@ -22,7 +22,8 @@ the same cache. ``compile_s`` is the time of the untimed steps (compilation, CUD
 ``--config-timeout S`` stops a path that runs longer than S seconds: it prints every thread's stack (where it hung),
 records the row as timed out and goes on with the next. ``--profile`` runs one more step of each path under
 ``torch.profiler`` and prints its kernels per step and the top kernels by device time (also written to
-``--profile-dir``). 1B shape on one H200 (the default set takes about 4 minutes, mostly compilation):
+``--profile-dir``, with the step's Chrome trace for ``tools/profile_gaps.py``). 1B shape on one H200 (the default
+set takes about 4 minutes, mostly compilation):
 
     python tools/bench_decode.py --out bench_decode.json
 
@@ -36,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gzip
 import json
+import shutil
 import signal
 import sys
 import threading
@@ -80,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config-timeout", type=float, default=None,
                    help="seconds one path of one configuration may take; then its stack is printed and it is skipped")
     p.add_argument("--profile", action="store_true", help="profile one extra step per path (kernel table)")
-    p.add_argument("--profile-dir", type=Path, default=None, help="write each profile table here")
+    p.add_argument("--profile-dir", type=Path, default=None, help="write each profile table and trace here")
     p.add_argument("--separate-projections", action="store_true",
                    help="keep q/k/v/g and gate/up as separate GEMMs (default: fused, as from_pretrained loads)")
     p.add_argument("--seed", type=int, default=0)
@@ -218,17 +221,23 @@ class Watchdog:
         return exc[0] is KeyboardInterrupt and self.fired  # our interrupt: swallowed, the caller reads .fired
 
 
-def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> float:
-    """Mean seconds per step over ``steps`` after ``warmup`` untimed ones (compilation, recording)."""
+def time_steps(step, tokens, steps: int, warmup: int, device, compiled: bool) -> tuple[float, float]:
+    """Mean seconds per step over ``steps`` after ``warmup`` untimed ones (compilation, recording), and the mean
+    seconds the host spent in each step call. On a GPU the calls only queue work, so a host time near the step
+    time means the step is bound by the host (guards, CUDA-graph replay), not by its kernels."""
+    host = 0.0
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
+        called = time.perf_counter()
         if compiled and str(device).startswith("cuda"):
             torch.compiler.cudagraph_mark_step_begin()
         step(tokens)
+        if i >= warmup:
+            host += time.perf_counter() - called
     sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, host / steps
 
 
 def profile_step(step, tokens, device, compiled: bool, label: str, args) -> dict:
@@ -247,9 +256,15 @@ def profile_step(step, tokens, device, compiled: bool, label: str, args) -> dict
     table = prof.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=70)
     print(f"  profile {label}: {len(kernels)} device kernels in one step, "
           f"{sum(e.device_time for e in kernels) / 1e3:.3f} ms of kernel time\n{table}", flush=True)
-    if args.profile_dir is not None:
+    if args.profile_dir is not None:  # the table, and the step's timeline for tools/profile_gaps.py (idle gaps)
         args.profile_dir.mkdir(parents=True, exist_ok=True)
-        (args.profile_dir / f"{label.replace(' ', '_')}.txt").write_text(table)
+        name = label.replace(' ', '_')
+        (args.profile_dir / f"{name}.txt").write_text(table)
+        trace = args.profile_dir / f"{name}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
     return dict(kernels_per_step=len(kernels), kernel_ms=sum(e.device_time for e in kernels) / 1e3)
 
 
@@ -293,7 +308,7 @@ def run_config(model, config, args, batch: int, context: int, mode: str) -> list
                 def step(t, cache=cache):
                     return forward(model, t, cache)
 
-                seconds = time_steps(step, tokens, steps, args.warmup, device, compiled)
+                seconds, host_seconds = time_steps(step, tokens, steps, args.warmup, device, compiled)
                 warm = time.perf_counter() - started - seconds * steps
                 if args.profile:
                     row.update(profile_step(step, tokens, device, compiled, label, args))
@@ -303,13 +318,15 @@ def run_config(model, config, args, batch: int, context: int, mode: str) -> list
             print(f"  {label}: TIMED OUT after {args.config_timeout:.0f}s (stacks above); skipped", flush=True)
             rows.append(row)
             continue
-        row.update(ms_per_step=seconds * 1e3, tokens_per_s=batch / seconds, compile_s=warm,
+        row.update(ms_per_step=seconds * 1e3, host_ms_per_step=host_seconds * 1e3, tokens_per_s=batch / seconds,
+                   compile_s=warm,
                    weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
                    step_over_bound=seconds / (bound_w + bound_kv))
         rows.append(row)
         check = row.get("check_rel_diff")
         print(f"  batch {batch:>3} context {context:>6} {mode:>6} {path:>15}: {row['ms_per_step']:8.3f} ms/step "
-              f"{row['tokens_per_s']:10.1f} tok/s  bound {row['weights_bound_ms']:.3f}+{row['kv_bound_ms']:.3f} ms "
+              f"(host {row['host_ms_per_step']:.3f}) {row['tokens_per_s']:10.1f} tok/s  "
+              f"bound {row['weights_bound_ms']:.3f}+{row['kv_bound_ms']:.3f} ms "
               f"(x{row['step_over_bound']:.2f})  warm-up {warm:.1f}s"
               + (f"  check {check:.1e}" if check is not None else ""), flush=True)
         if device.type == "cuda":
