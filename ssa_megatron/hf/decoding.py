@@ -44,6 +44,8 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
+from .decode_select import kernels_select, select_by_kernels
+
 IN_PACKAGE = __name__.startswith("ssa_megatron.")
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     _reference = importlib.import_module("ssa_megatron.ssa.reference")
@@ -290,6 +292,10 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     number; entries from the own block on are ignored. The scores are ``reference.block_scores``'s (docs/ssa.md
     rule 2 and "Precision of the selection": input-dtype operands, float32 products and sums): ``group_softmax``
     sums each group head's softmax of ``scale · q·k̄`` over the candidates, ``dot`` averages ``q·k̄``."""
+    if kernels_select(q, pooled):  # CUDA, bf16/fp16: the same selection as three Triton kernels
+        if not isinstance(length, Tensor):  # a dynamic cache's length
+            length = torch.tensor(length, device=q.device)
+        return select_by_kernels(q, pooled, length, config, scale)
     b, hkv, n, d = pooled.shape
     bs = config.ssa_block_size
     own = (length - 1) // bs

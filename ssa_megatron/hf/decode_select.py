@@ -1,0 +1,168 @@
+"""The sparse-mode block selection of one new token per row, as three Triton kernels (CUDA, bf16/fp16 models):
+what :func:`decoding.select_decode_blocks` computes, with the scores never leaving float32 and the top-k done in
+the same pass.
+
+Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
+softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
+configurations also vary from one compile to the next. On an H200 at batch 32 and 32k context they took 45-70 us
+per layer, the largest part of a sparse decode step after the weight GEMMs (docs/benchmarks.md, session 8).
+
+The three kernels, for ``R = b * HKV`` rows (a batch entry's KV head and its ``G`` query heads) and ``n`` pooled
+blocks in ``S = ceil(n / BLOCK_N)`` chunks:
+
+1. ``_logits_kernel`` (grid R x S): ``logits [R, G, n] = q · k̄`` in float32 from the model-dtype query and pooled
+   keys (``tl.dot``: exact products, float32 sums, the training kernels' contract and docs/ssa.md "Precision of the
+   selection"), and for ``group_softmax`` each chunk's softmax statistics (max and sum of ``exp``) per query head
+   over the chunk's candidates;
+2. ``_chunk_top_k_kernel`` (grid R x S): the chunk's scores from the combined statistics (``group_softmax``: the
+   sum over the group of each head's softmax; ``dot``: the mean of ``q · k̄``), the forced blocks (own, sink,
+   local) at +inf, and the chunk's ``top_k`` largest (score, block) keys;
+3. ``_top_k_kernel`` (grid R): the ``top_k`` largest of the chunks' survivors.
+
+Ranking keys are those of ``decoding.top_k_later_first``: ``(order-preserving int32 of the score) << 32 | block``,
+unique, so ties go to the later block with no sort; -1 pads where fewer blocks are selectable.
+
+This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
+imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
+triton is missing, and :func:`kernels_select` then says no.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build: decoding.py selects with torch operations
+    triton = None
+
+BLOCK_N = 128
+"""Pooled blocks per program of kernels 1 and 2."""
+
+
+def kernels_select(q: Tensor, pooled: Tensor) -> bool:
+    """Whether these kernels select for ``q`` and ``pooled``: a CUDA tensor in bfloat16 or float16 (the dtypes
+    whose products ``tl.dot`` computes exactly) for both, and triton installed."""
+    return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and pooled.dtype == q.dtype)
+
+
+def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
+    """``decoding.select_decode_blocks`` by the kernels: ``q [b, HQ, 1, D]`` at position ``length - 1`` (a 0-d
+    int64 tensor on ``q``'s device), ``pooled [b, HKV, n, D]``; returns ``[b, HKV, top_k]`` int64 block numbers in
+    no particular order, -1 padded."""
+    b, hq, _, d = q.shape
+    hkv, n = pooled.shape[1], pooled.shape[2]
+    g, top_k = hq // hkv, config.ssa_top_k
+    rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
+    q = q[:, :, 0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if pooled.stride(-1) != 1:
+        pooled = pooled.contiguous()
+    group_p, dim_p = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))  # tl.dot: >= 16
+    softmax = config.ssa_score == "group_softmax"
+    logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
+    stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
+    survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
+    chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
+    _logits_kernel[(rows, chunks)](
+        q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
+        pooled.stride(2), n, scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
+    _chunk_top_k_kernel[(rows, chunks)](
+        length, logits, stats, survivors, n, chunks, scale, G=g, BS=config.ssa_block_size,
+        SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
+        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
+    _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
+                           KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=4)
+    return chosen
+
+
+if triton is not None:
+
+    @triton.jit
+    def _own_block(length_ptr, BS: tl.constexpr):
+        """The new token's block number (its position is ``length - 1``)."""
+        return (tl.load(length_ptr) - 1) // BS
+
+    @triton.jit
+    def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n, scale,
+                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                       GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        bi, h = row // HKV, row % HKV
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :],
+                    mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+        k = tl.load(k_ptr + bi * k_sb + h * k_sh + j[:, None] * k_sn + d[None, :],
+                    mask=(j < n)[:, None] & (d < D)[None, :], other=0.0)
+        logits = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] float32
+        tl.store(logits_ptr + (row * G + g)[:, None] * n + j[None, :], logits,
+                 mask=(g < G)[:, None] & (j < n)[None, :])
+        if SOFTMAX:  # this chunk's softmax statistics per query head, over its candidates (blocks before the own)
+            candidate = j < _own_block(length_ptr, BS)
+            z = tl.where(candidate[None, :], logits * scale, -float("inf"))
+            top = tl.max(z, 1)
+            total = tl.sum(tl.exp(z - tl.where(top == -float("inf"), 0.0, top)[:, None]), 1)
+            base = stats_ptr + (row * tl.num_programs(1) + chunk) * 2 * GROUP_P
+            tl.store(base + g, top)
+            tl.store(base + GROUP_P + g, total)
+
+    @triton.jit
+    def _store_largest(keys, out_ptr, TOP_K: tl.constexpr, AS_BLOCKS: tl.constexpr):
+        """Stores the ``TOP_K`` largest of the distinct ``keys`` at ``out_ptr``: the keys themselves (int64 min where
+        fewer exist), or with ``AS_BLOCKS`` their block numbers (-1 there)."""
+        for i in tl.static_range(TOP_K):
+            best = tl.max(keys, 0)
+            if AS_BLOCKS:
+                tl.store(out_ptr + i, tl.where(best == -9223372036854775808, -1, best & 0xFFFFFFFF))
+            else:
+                tl.store(out_ptr + i, best)
+            keys = tl.where(keys == best, -9223372036854775808, keys)
+
+    @triton.jit
+    def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, scale, G: tl.constexpr,
+                            BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TOP_K: tl.constexpr,
+                            CHUNKS_P: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SOFTMAX: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        g = tl.arange(0, GROUP_P)
+        j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+        own = _own_block(length_ptr, BS)
+        candidate = j < own
+        logits = tl.load(logits_ptr + (row * G + g)[:, None] * n + j[None, :],
+                         mask=(g < G)[:, None] & (j < n)[None, :], other=0.0)
+        if SOFTMAX:  # softmax over all candidates per head: combine the chunks' statistics
+            c = tl.arange(0, CHUNKS_P)
+            base = stats_ptr + row * chunks * 2 * GROUP_P
+            mask = (c < chunks)[:, None]
+            tops = tl.load(base + c[:, None] * 2 * GROUP_P + g[None, :], mask=mask, other=-float("inf"))
+            sums = tl.load(base + c[:, None] * 2 * GROUP_P + GROUP_P + g[None, :], mask=mask, other=0.0)
+            top = tl.max(tops, 0)
+            safe = tl.where(top == -float("inf"), 0.0, top)
+            total = tl.sum(sums * tl.exp(tops - safe[None, :]), 0)
+            total = tl.where(total == 0.0, 1.0, total)  # a head with no candidate: its probabilities are masked
+            probs = tl.exp(logits * scale - safe[:, None]) / total[:, None]
+            scores = tl.sum(tl.where((g < G)[:, None] & candidate[None, :], probs, 0.0), 0)
+        else:  # "dot": the group's mean of q · k̄
+            scores = tl.sum(logits, 0) / G
+        scores = tl.where(candidate, scores, -float("inf"))
+        forced = candidate & ((j < SINK) | (j >= own - LOCAL))
+        scores = tl.where(forced | (j == own), float("inf"), scores)
+        bits = tl.where(scores == 0.0, 0.0, scores).to(tl.int32, bitcast=True)  # -0.0 equals +0.0
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # monotone in the score
+        keys = (ordered << 32) + j
+        keys = tl.where((candidate | (j == own)) & (j < n), keys, -9223372036854775808)
+        _store_largest(keys, out_ptr + (row * chunks + chunk) * TOP_K, TOP_K, False)
+
+    @triton.jit
+    def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, KEYS_P: tl.constexpr):
+        row = tl.program_id(0)
+        i = tl.arange(0, KEYS_P)
+        keys = tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808)
+        _store_largest(keys, out_ptr + row * TOP_K, TOP_K, True)
