@@ -70,10 +70,10 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
     _logits_kernel[(rows, chunks)](
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
-        pooled.stride(2), n, scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
+        pooled.stride(2), n, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
         BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
-        length, logits, stats, survivors, n, chunks, scale, G=g, BS=config.ssa_block_size,
+        length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
         CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
     _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
@@ -89,8 +89,8 @@ if triton is not None:
         return (tl.load(length_ptr) - 1) // BS
 
     @triton.jit
-    def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n, scale,
-                       HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n,
+                       SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
@@ -106,7 +106,7 @@ if triton is not None:
                  mask=(g < G)[:, None] & (j < n)[None, :])
         if SOFTMAX:  # this chunk's softmax statistics per query head, over its candidates (blocks before the own)
             candidate = j < _own_block(length_ptr, BS)
-            z = tl.where(candidate[None, :], logits * scale, -float("inf"))
+            z = tl.where(candidate[None, :], logits * SCALE, -float("inf"))
             top = tl.max(z, 1)
             total = tl.sum(tl.exp(z - tl.where(top == -float("inf"), 0.0, top)[:, None]), 1)
             base = stats_ptr + (row * tl.num_programs(1) + chunk) * 2 * GROUP_P
@@ -126,7 +126,8 @@ if triton is not None:
             keys = tl.where(keys == best, -9223372036854775808, keys)
 
     @triton.jit
-    def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, scale, G: tl.constexpr,
+    def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
+                            G: tl.constexpr,
                             BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TOP_K: tl.constexpr,
                             CHUNKS_P: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr,
                             SOFTMAX: tl.constexpr):
@@ -147,14 +148,14 @@ if triton is not None:
             safe = tl.where(top == -float("inf"), 0.0, top)
             total = tl.sum(sums * tl.exp(tops - safe[None, :]), 0)
             total = tl.where(total == 0.0, 1.0, total)  # a head with no candidate: its probabilities are masked
-            probs = tl.exp(logits * scale - safe[:, None]) / total[:, None]
+            probs = tl.exp(logits * SCALE - safe[:, None]) / total[:, None]
             scores = tl.sum(tl.where((g < G)[:, None] & candidate[None, :], probs, 0.0), 0)
         else:  # "dot": the group's mean of q · k̄
             scores = tl.sum(logits, 0) / G
         scores = tl.where(candidate, scores, -float("inf"))
         forced = candidate & ((j < SINK) | (j >= own - LOCAL))
         scores = tl.where(forced | (j == own), float("inf"), scores)
-        bits = tl.where(scores == 0.0, 0.0, scores).to(tl.int32, bitcast=True)  # -0.0 equals +0.0
+        bits = tl.where(scores == 0.0, 0.0, scores).to(tl.float32).to(tl.int32, bitcast=True)  # -0.0 is +0.0
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # monotone in the score
         keys = (ordered << 32) + j
         keys = tl.where((candidate | (j == own)) & (j < n), keys, -9223372036854775808)
