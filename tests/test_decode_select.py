@@ -14,6 +14,7 @@ from helpers.decoding import TIE_RTOL, selection_gaps
 from ssa_megatron.hf import decode_select, decoding
 
 pytestmark = pytest.mark.skipif(decode_select.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 
 CASES = [  # b, HQ, HKV, D, blocks in the buffer, length (the new token is at length - 1), config changes
     (2, 4, 2, 16, 20, 250, {}),  # G 2, one chunk
@@ -28,21 +29,22 @@ CASES = [  # b, HQ, HKV, D, blocks in the buffer, length (the new token is at le
 
 
 @pytest.mark.parametrize("b, hq, hkv, d, n, length, changes", CASES)
-def test_kernel_selection_is_the_reference_selection(b, hq, hkv, d, n, length, changes):
+def test_kernel_selection_is_the_reference_selection(monkeypatch, b, hq, hkv, d, n, length, changes):
     config = SimpleNamespace(ssa_block_size=16, ssa_top_k=4, ssa_sink_blocks=1, ssa_local_blocks=1,
                              ssa_score="group_softmax")
     for name, value in changes.items():
         setattr(config, name, value)
     gen = torch.Generator().manual_seed(b * 1000 + n)
-    q = torch.randn(b, hq, 1, d, generator=gen).half()
-    pooled = torch.randn(b, hkv, n, d, generator=gen).half()
-    length = torch.tensor(length)
+    q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
+    pooled = torch.randn(b, hkv, n, d, generator=gen).half().to(DEVICE)
+    length = torch.tensor(length, device=DEVICE)
     scale = 1 / math.sqrt(d)
     got = decode_select.select_by_kernels(q, pooled, length, config, scale)
     assert got.shape == (b, hkv, config.ssa_top_k) and got.dtype == torch.int64
     gaps = selection_gaps(got, q, pooled, length, config, scale)
     assert gaps.max() <= TIE_RTOL, gaps.max().item()
-    torch_path = decoding.select_decode_blocks(q, pooled, length, config, scale)  # CPU: the torch operations
+    monkeypatch.setattr(decoding, "kernels_select", lambda q, pooled: False)  # on a GPU too: the torch operations
+    torch_path = decoding.select_decode_blocks(q, pooled, length, config, scale)
     assert torch.equal(got.sort(-1).values, torch_path.sort(-1).values)
 
 
@@ -51,9 +53,9 @@ def test_kernel_ties_go_to_the_later_block():
     sink and own blocks)."""
     config = SimpleNamespace(ssa_block_size=16, ssa_top_k=5, ssa_sink_blocks=1, ssa_local_blocks=0,
                              ssa_score="group_softmax")
-    q = torch.randn(1, 4, 1, 16).half()
-    pooled = torch.randn(1, 1, 1, 16).half().expand(1, 1, 200, 16).contiguous()
-    got = decode_select.select_by_kernels(q, pooled, torch.tensor(150 * 16 + 3), config, 0.25)
+    q = torch.randn(1, 4, 1, 16).half().to(DEVICE)
+    pooled = torch.randn(1, 1, 1, 16).half().expand(1, 1, 200, 16).contiguous().to(DEVICE)
+    got = decode_select.select_by_kernels(q, pooled, torch.tensor(150 * 16 + 3, device=DEVICE), config, 0.25)
     assert got.sort(-1).values.tolist() == [[[0, 147, 148, 149, 150]]]
 
 

@@ -40,6 +40,9 @@ except ImportError:  # a CPU-only torch build: decoding.py selects with torch op
 
 BLOCK_N = 128
 """Pooled blocks per program of kernels 1 and 2."""
+TOP_K_WARPS = 1
+"""Warps of the two top-k kernels: their ``top_k`` rounds of max-and-remove are reductions over 128-512 keys, which
+one warp does with shuffles alone; more warps add a shared-memory exchange and a barrier to every round."""
 
 
 def kernels_select(q: Tensor, pooled: Tensor) -> bool:
@@ -75,9 +78,9 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
-        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
+        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=TOP_K_WARPS)
     _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
-                           KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=4)
+                           KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=TOP_K_WARPS)
     return chosen
 
 
