@@ -18,7 +18,8 @@ all T cached keys.
   fills ``top_k``, ties to the later block (rule 3, as ``reference.select_blocks`` ranks). Only the selected
   blocks' keys and values are gathered and attended: O(top_k · block_size) reads per KV head. This is the
   reference's selection restated for one query in block units and written for speed (fused products, one
-  ``topk``); tests/test_hf_decoding.py holds it to the full forward through the reference;
+  ``topk``; on CUDA in bf16/fp16, the Triton kernels of ``decode_select.py``); tests/test_hf_decoding.py holds it
+  to the full forward through the reference;
 - full: causal attention over the first ``length`` cached keys. On a static cache this is FlexAttention with a
   block mask built from the cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
 
