@@ -78,7 +78,8 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
-        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=TOP_K_WARPS)
+        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax,
+        num_warps=TOP_K_WARPS)
     _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
                            KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=TOP_K_WARPS)
     return chosen
