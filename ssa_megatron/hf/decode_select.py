@@ -131,10 +131,9 @@ if triton is not None:
 
     @triton.jit
     def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
-                            G: tl.constexpr,
-                            BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, TOP_K: tl.constexpr,
-                            CHUNKS_P: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SOFTMAX: tl.constexpr):
+                            G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+                            TOP_K: tl.constexpr, CHUNKS_P: tl.constexpr, GROUP_P: tl.constexpr,
+                            BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
