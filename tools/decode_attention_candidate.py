@@ -12,9 +12,9 @@ sparse training kernel's precision: float32 scores and softmax, the probabilitie
 
 On a GPU (``--device cuda``, the default there) the script times, at the 1B shape on a static-cache-sized buffer,
 ``decoding.sparse_decode`` as the package runs it against the production selection followed by :func:`attend`, each
-compiled (``fullgraph``, static shapes) and captured in a CUDA graph of ``--calls`` calls, and prints the largest
-difference of their outputs (bf16). On CPU it runs the kernel under Triton's interpreter in float16, as
-``tests/test_decode_attention_candidate.py`` does (set ``TRITON_INTERPRET=1``).
+compiled (``fullgraph``, static shapes) and timed in a CUDA graph (``triton.testing.do_bench_cudagraph``, median),
+and prints the largest difference of their outputs (bf16). On CPU it runs the kernel under Triton's interpreter in
+float16, as ``tests/test_decode_attention_candidate.py`` does (set ``TRITON_INTERPRET=1``).
 
     python tools/decode_attention_candidate.py --batch 1 32 --context 32768                     # GPU
     TRITON_INTERPRET=1 python tools/decode_attention_candidate.py --batch 1 2 --context 500    # CPU check
@@ -103,34 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--calls", type=int, default=50, help="calls per CUDA graph")
-    p.add_argument("--replays", type=int, default=5)
+    p.add_argument("--rep", type=int, default=20, help="milliseconds of calls per CUDA graph")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
-    for name in ("context", "top_k", "block_size", "calls", "replays"):
+    for name in ("context", "top_k", "block_size", "rep"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     return args
-
-
-def _graph_us(fn, calls: int, replays: int) -> float:
-    """Microseconds per ``fn()`` from a CUDA graph of ``calls`` calls (compiled code captured after a warm-up)."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def main(argv=None) -> int:
@@ -176,8 +156,10 @@ def main(argv=None) -> int:
         diff = float((package().float() - candidate().float()).abs().max())
         line = f"  batch {batch:>3}: largest |package - candidate| {diff:.2e}"
         if cuda:
-            package_us = _graph_us(package, args.calls, args.replays)
-            candidate_us = _graph_us(candidate, args.calls, args.replays)
+            from triton.testing import do_bench_cudagraph
+
+            package_us, candidate_us = (1e3 * do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
+                                        for fn in (package, candidate))
             line += (f"; selection + attention per layer: package {package_us:.2f} us, candidate "
                      f"{candidate_us:.2f} us ({package_us / candidate_us:.2f}x)")
         print(line, flush=True)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Times the decode-time block selection kernels (``ssa_megatron/hf/decode_select.py``) alone, for each launch
-setting (``TOP_K_WARPS`` x ``BLOCK_N``), on one GPU: a CUDA graph of ``--calls`` selections, replayed ``--replays``
-times, gives the time per selection with no launch overhead. The 1B shape by default (32 query heads, 2 KV heads,
-head dim 64, top_k 16 x block 16); ``--context`` sets the pooled blocks (context + 1 tokens rounded up to 128, as
-the static cache rounds, over the block size). Prints one line per setting and the fastest per batch.
+setting (``TOP_K_WARPS`` x ``BLOCK_N``), on one GPU: ``triton.testing.do_bench_cudagraph`` (the calls captured in a
+CUDA graph, so no launch overhead; the median of its repeats) gives the time per selection. The 1B shape by default
+(32 query heads, 2 KV heads, head dim 64, top_k 16 x block 16); ``--context`` sets the pooled blocks (context + 1
+tokens rounded up to 128, as the static cache rounds, over the block size). Prints one line per setting and the
+fastest per batch.
 
     python tools/tune_decode_select.py --batch 1 32 --context 32768
 """
@@ -32,32 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="TOP_K_WARPS values")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="BLOCK_N values")
-    p.add_argument("--calls", type=int, default=50, help="selections per CUDA graph")
-    p.add_argument("--replays", type=int, default=5)
+    p.add_argument("--rep", type=int, default=20, help="milliseconds of calls per CUDA graph")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
     return args
-
-
-def time_selection(q, pooled, length, config, scale, calls: int, replays: int) -> float:
-    """Microseconds per :func:`select_by_kernels` call, from a CUDA graph of ``calls`` calls."""
-    from ssa_megatron.hf import decode_select
-
-    decode_select.select_by_kernels(q, pooled, length, config, scale)  # compiles the kernels outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            decode_select.select_by_kernels(q, pooled, length, config, scale)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * replays)
 
 
 def main(argv=None) -> int:
@@ -65,6 +45,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tune_decode_select: needs a CUDA GPU (the kernels' launch settings are what it times)")
         return 1
+    from triton.testing import do_bench_cudagraph
+
     from ssa_megatron.hf import decode_select
 
     blocks = -(-(args.context + 1) // 128) * 128 // args.block_size  # room for the new token's block
@@ -83,8 +65,9 @@ def main(argv=None) -> int:
             times = {}
             for warps, block_n in settings:
                 decode_select.TOP_K_WARPS, decode_select.BLOCK_N = warps, block_n
-                times[warps, block_n] = time_selection(q, pooled, length, config, args.head_dim ** -0.5,
-                                                       args.calls, args.replays)
+                times[warps, block_n] = 1e3 * do_bench_cudagraph(
+                    lambda: decode_select.select_by_kernels(q, pooled, length, config, args.head_dim ** -0.5),
+                    rep=args.rep, return_mode="median")
                 print(f"  batch {batch:>3}  TOP_K_WARPS {warps}  BLOCK_N {block_n:>4}: "
                       f"{times[warps, block_n]:7.2f} us per selection", flush=True)
             best = min(times, key=times.get)
