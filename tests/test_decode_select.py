@@ -65,3 +65,13 @@ def test_kernels_select_only_cuda_half_precision():
     if torch.cuda.is_available():
         assert decode_select.kernels_select(q.cuda(), pooled.cuda())
         assert not decode_select.kernels_select(q.cuda().float(), pooled.cuda().float())
+
+
+def test_an_export_does_not_demand_triton():
+    """transformers' remote-code check demands every package the copied files import; decode_select.py imports triton
+    inside ``try``, which the check skips, so an export loads where triton is missing (``kernels_select`` is then
+    false and the torch operations select). decoding.py imports it relatively, so the loader copies it."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_imports
+
+    assert "triton" not in get_imports(decode_select.__file__)
+    assert "decode_select" in get_relative_imports(decoding.__file__)
