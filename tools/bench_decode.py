@@ -319,8 +319,7 @@ def run_config(model, config, args, batch: int, context: int, mode: str) -> list
             rows.append(row)
             continue
         row.update(ms_per_step=seconds * 1e3, host_ms_per_step=host_seconds * 1e3, tokens_per_s=batch / seconds,
-                   compile_s=warm,
-                   weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
+                   compile_s=warm, weights_bound_ms=bound_w * 1e3, kv_bound_ms=bound_kv * 1e3,
                    step_over_bound=seconds / (bound_w + bound_kv))
         rows.append(row)
         check = row.get("check_rel_diff")

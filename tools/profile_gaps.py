@@ -145,7 +145,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.trace.is_file():
         parser.error(f"trace {args.trace}: no such file")
-    r = analyse(load_events(args.trace), args.min_us)
+    events = load_events(args.trace)
+    r = analyse(events, args.min_us)
     print(f"{args.trace}: GPU window {r['span_ms']:.1f} ms, busy {r['busy_ms']:.1f} ms, idle {r['idle_ms']:.1f} ms "
           f"({100 * r['idle_ms'] / r['span_ms']:.1f} %); gaps >= {args.min_us:g} us: {len(r['gaps'])}, "
           f"{r['gaps_ms']:.1f} ms")
@@ -157,7 +158,7 @@ def main() -> int:
         print(f"| {g['at_us'] / 1e3:.2f} | {g['us'] / 1e3:.3f} | {g['range']} | {g['op']} | {g['launch']} | "
               f"{g['next']} |")
     if args.comm:
-        c = communication(load_events(args.trace))
+        c = communication(events)
         print(f"\nNCCL: {c['comm_ms']:.2f} ms, exposed (no other GPU work) {c['exposed_ms']:.2f} ms")
         print("\n| NCCL kernel (collective, group) | count | ms | exposed ms |\n|---|---|---|---|")
         for name, v in sorted(c["by_kernel"].items(), key=lambda kv: -kv[1]["exposed_ms"]):

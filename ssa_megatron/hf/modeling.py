@@ -72,6 +72,11 @@ def _exported_attention(q, k, v, gate, config: SSALlamaConfig, cu_seqlens, softm
     return apply_gate(out, gate)
 
 
+FUSABLE = "only bias-free nn.Linear projections with materialised weights on one device can be fused"
+"""What :meth:`FusedProjections.fuse` and :meth:`SSALlamaPreTrainedModel.fuse_projections` accept (their errors
+say it)."""
+
+
 class FusedProjections:
     """Mixin for a module whose bias-free ``nn.Linear`` children :meth:`projection_names` all read the same input.
 
@@ -135,8 +140,7 @@ class FusedProjections:
             return
         reason = self.fusion_blocker()
         if reason is not None:
-            raise ValueError(f"{type(self).__name__}.fuse: {reason}; only bias-free nn.Linear projections with "
-                             "materialised weights on one device can be fused")
+            raise ValueError(f"{type(self).__name__}.fuse: {reason}; {FUSABLE}")
         names = self.projection_names()
         parts = [getattr(self, name) for name in names]
         fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False, device="meta")
@@ -320,8 +324,7 @@ class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
         (for code that addresses ``q_proj`` and the others by name, such as PEFT's ``target_modules``)."""
         reason = self.projection_fusion_blocker()
         if reason is not None:
-            raise ValueError(f"fuse_projections: {reason}; only bias-free nn.Linear projections with materialised "
-                             "weights on one device can be fused")
+            raise ValueError(f"fuse_projections: {reason}; {FUSABLE}")
         for module in self.projection_modules():
             module.fuse()
 
