@@ -44,6 +44,18 @@ def test_bench_decode_tiny_cpu(tmp_path, capsys):
     assert f"rows written to {out}" in printed
 
 
+def test_bench_decode_profile_writes_the_table_and_a_trace_profile_gaps_reads(tmp_path):
+    bench = _tool()
+    args = ["--shape", "tiny", "--device", "cpu", "--context", "40", "--batch", "1", "--modes", "sparse", "--paths",
+            "eager-static", "--steps", "1", "--warmup", "1", "--profile", "--profile-dir", str(tmp_path)]
+    assert bench.main(args) == 0
+    name = "batch_1_context_40_sparse_eager-static"
+    assert "Self CPU" in (tmp_path / f"{name}.txt").read_text()
+    gaps = load_tool("profile_gaps")
+    ops = [e for e in gaps.load_events(tmp_path / f"{name}.trace.json.gz") if e.get("cat") == "cpu_op"]
+    assert ops and not (tmp_path / f"{name}.trace.json").exists()  # only the compressed trace is kept
+
+
 def test_bench_decode_bad_values_are_named(capsys):
     bench = _tool()
     with pytest.raises(SystemExit):
