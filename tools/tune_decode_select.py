@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Times the decode-time block selection kernels (``ssa_megatron/hf/decode_select.py``) alone, for each launch
+"""Times the decode-time block selection kernels (``ssa_megatron/hf/decode_triton.py``) alone, for each launch
 setting (``TOP_K_WARPS`` x ``BLOCK_N``), on one GPU: ``triton.testing.do_bench_cudagraph`` (the calls captured in a
 CUDA graph, so no launch overhead; the median of its repeats) gives the time per selection. The 1B shape by default
 (32 query heads, 2 KV heads, head dim 64, top_k 16 x block 16); ``--context`` sets the pooled blocks (context + 1
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 1
     from triton.testing import do_bench_cudagraph
 
-    from ssa_megatron.hf import decode_select
+    from ssa_megatron.hf import decode_triton
 
     blocks = -(-(args.context + 1) // 128) * 128 // args.block_size  # room for the new token's block
     config = SimpleNamespace(ssa_block_size=args.block_size, ssa_top_k=args.top_k, ssa_sink_blocks=0,
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     print(f"tune_decode_select: {torch.cuda.get_device_name()}, batch {args.batch}, {blocks} pooled blocks "
           f"({args.context} tokens), {args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, top_k "
           f"{args.top_k}; {len(settings)} settings", flush=True)
-    defaults = decode_select.TOP_K_WARPS, decode_select.BLOCK_N
+    defaults = decode_triton.TOP_K_WARPS, decode_triton.BLOCK_N
     try:
         for batch in args.batch:
             q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
             length = torch.tensor(args.context + 1, device="cuda")
             times = {}
             for warps, block_n in settings:
-                decode_select.TOP_K_WARPS, decode_select.BLOCK_N = warps, block_n
+                decode_triton.TOP_K_WARPS, decode_triton.BLOCK_N = warps, block_n
                 times[warps, block_n] = 1e3 * do_bench_cudagraph(
-                    lambda: decode_select.select_by_kernels(q, pooled, length, config, args.head_dim ** -0.5),
+                    lambda: decode_triton.select_by_kernels(q, pooled, length, config, args.head_dim ** -0.5),
                     rep=args.rep, return_mode="median")
                 print(f"  batch {batch:>3}  TOP_K_WARPS {warps}  BLOCK_N {block_n:>4}: "
                       f"{times[warps, block_n]:7.2f} us per selection", flush=True)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
             print(f"batch {batch}: fastest TOP_K_WARPS {best[0]}, BLOCK_N {best[1]} ({times[best]:.2f} us); "
                   f"the defaults {defaults} take {times.get(defaults, float('nan')):.2f} us")
     finally:
-        decode_select.TOP_K_WARPS, decode_select.BLOCK_N = defaults
+        decode_triton.TOP_K_WARPS, decode_triton.BLOCK_N = defaults
     return 0
 
 

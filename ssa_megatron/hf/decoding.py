@@ -18,8 +18,8 @@ all T cached keys.
   fills ``top_k``, ties to the later block (rule 3, as ``reference.select_blocks`` ranks). Only the selected
   blocks' keys and values are gathered and attended: O(top_k · block_size) reads per KV head. This is the
   reference's selection restated for one query in block units and written for speed (fused products, one
-  ``topk``; on CUDA in bf16/fp16, the Triton kernels of ``decode_select.py``); tests/test_hf_decoding.py holds it
-  to the full forward through the reference;
+  ``topk``; on CUDA in bf16/fp16, the Triton kernels of ``decode_triton.py``, which also attend);
+  tests/test_hf_decoding.py holds it to the full forward through the reference;
 - full: causal attention over the first ``length`` cached keys. On a static cache this is FlexAttention with a
   block mask built from the cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
 
@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from .decode_select import kernels_select, select_by_kernels
+from .decode_triton import attend_by_kernels, select_by_kernels, use_kernels
 
 IN_PACKAGE = __name__.startswith("ssa_megatron.")
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
@@ -293,10 +293,8 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     number; entries from the own block on are ignored. The scores are ``reference.block_scores``'s (docs/ssa.md
     rule 2 and "Precision of the selection": input-dtype operands, float32 products and sums): ``group_softmax``
     sums each group head's softmax of ``scale · q·k̄`` over the candidates, ``dot`` averages ``q·k̄``."""
-    if kernels_select(q, pooled):  # CUDA, bf16/fp16: the same selection as three Triton kernels
-        if not isinstance(length, Tensor):  # a dynamic cache's length
-            length = torch.tensor(length, device=q.device)
-        return select_by_kernels(q, pooled, length, config, scale)
+    if use_kernels(q, pooled):  # CUDA, bf16/fp16: the same selection as three Triton kernels
+        return select_by_kernels(q, pooled, torch.as_tensor(length, device=q.device), config, scale)
     b, hkv, n, d = pooled.shape
     bs = config.ssa_block_size
     own = (length - 1) // bs
@@ -316,10 +314,6 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
     return top_k_later_first(scores, selectable, config.ssa_top_k)
 
 
-PV_GEMM_ROWS = 16
-"""Fewest rows (batch × KV heads) for which :func:`sparse_decode` weighs the values by a GEMM (below, products)."""
-
-
 def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
                   scale: float) -> Tensor:
     """Sparse attention of one new token per row over the cache. ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L,
@@ -327,17 +321,17 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     b, hq, _, d = q.shape
     hkv, bs = keys.shape[1], config.ssa_block_size
     idx = select_decode_blocks(q, pooled, length, config, scale)  # [b, HKV, K]
+    if use_kernels(q, keys):  # CUDA, bf16/fp16: gather and attend in one Triton kernel
+        return attend_by_kernels(q, keys, values, idx, torch.as_tensor(length, device=q.device), bs, scale)
     pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
     qg = _operand(q.reshape(b, hkv, hq // hkv, d))  # query head h reads KV head h // G
-    logits = scale * _products(qg, torch.gather(keys, 2, pos), kernel_operands=q.dtype == keys.dtype)
+    exact = q.dtype == keys.dtype
+    logits = scale * _products(qg, torch.gather(keys, 2, pos), kernel_operands=exact)
     logits = logits.masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
-    # As a GEMM only with many rows: at 64 (batch 32) it took the step from 2.346 to 2.153 ms; at 2 (batch 1) it
-    # takes 2.4 us per layer against the products' 1.7 (H200, docs/benchmarks.md runs AH and AI profiles).
-    gemm = b * hkv >= PV_GEMM_ROWS
-    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=gemm)  # [b, HKV, G, D]
+    out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=exact)  # [b, HKV, G, D]
     return out.reshape(b, hq, 1, d).to(q.dtype)
 
 

@@ -5,7 +5,7 @@
   ``AutoModelForCausalLM.from_pretrained(folder)`` needs no custom code.
 - Gated (``ssa_gate='per_head'``): ``ssa_llama`` with ``auto_map`` in config.json and the remote code beside the
   weights: :data:`REMOTE_CODE` lists the package files copied verbatim (``hf/configuration.py``,
-  ``hf/modeling.py``, ``hf/decoding.py``, ``hf/decode_select.py`` and ``ssa/reference.py``, the SSA math);
+  ``hf/modeling.py``, ``hf/decoding.py``, ``hf/decode_triton.py`` and ``ssa/reference.py``, the SSA math);
   ``from_pretrained(folder, trust_remote_code=True)`` loads them with only torch and transformers installed.
   Inside the package (``import ssa_megatron.hf``) the registered classes are used instead and
   ``trust_remote_code`` is not needed.
@@ -28,11 +28,11 @@ REMOTE_CODE = {
     "configuration.py": _PACKAGE / "hf" / "configuration.py",
     "modeling.py": _PACKAGE / "hf" / "modeling.py",
     "decoding.py": _PACKAGE / "hf" / "decoding.py",
-    "decode_select.py": _PACKAGE / "hf" / "decode_select.py",
+    "decode_triton.py": _PACKAGE / "hf" / "decode_triton.py",
     "reference.py": _PACKAGE / "ssa" / "reference.py",
 }
 """Export-folder name -> package file. modeling.py imports ``.configuration``, ``.decoding`` and (outside the
-package) ``.reference``; decoding.py imports ``.decode_select`` and, there, ``.reference``; decode_select.py imports
+package) ``.reference``; decoding.py imports ``.decode_triton`` and, there, ``.reference``; decode_triton.py imports
 torch and, inside ``try``, triton; reference.py imports only torch."""
 AUTO_MAP = {
     "AutoConfig": "configuration.SSALlamaConfig",

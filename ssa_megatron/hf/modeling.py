@@ -19,13 +19,14 @@ q/k/v/g projections into ``self_attn.qkvg_proj`` and gate/up into ``mlp.gate_up_
 where Llama runs six. Weights are held once, and ``state_dict()``, ``load_state_dict()`` and ``save_pretrained`` keep
 Llama's names, so files on disk never change.
 
-Remote code: this file, ``configuration.py``, ``decoding.py``, ``decode_select.py`` and the package's
+Remote code: this file, ``configuration.py``, ``decoding.py``, ``decode_triton.py`` and the package's
 ``ssa/reference.py`` are copied into every gated export (``ssa_megatron.hf.export``), where
 ``trust_remote_code=True`` loads them with only torch and transformers installed. There (``IN_PACKAGE`` false)
 ``ssa_megatron`` is never imported and the attention core is :func:`_exported_attention`: the inference branch of
 ``ssa_attention`` (``training=False``: select, attend, gate) calling the copied reference, the same functions
 ``ssa_attention`` calls on CPU. The training kernels and the attention statistics (``collect_attention_metrics``)
-need the package; the decode-time selection kernels (``decode_select.py``) travel with the export.
+need the package; the sparse decode kernels (``decode_triton.py``, selection and attention) travel with the
+export.
 """
 
 from __future__ import annotations

@@ -86,12 +86,12 @@ def test_generate_static_matches_dynamic():
 
 @pytest.mark.parametrize("batch, n, length", [(1, 2056, 32768), (32, 2056, 32768), (4, 520, 3000)])
 def test_selection_kernels_match_the_reference_and_the_torch_path(monkeypatch, batch, n, length):
-    """The Triton selection (``decode_select``, what a bf16 decode step on CUDA runs, eager or compiled) against
+    """The Triton selection (``decode_triton``, what a bf16 decode step on CUDA runs, eager or compiled) against
     the float64 reference on the same inputs (tie-aware, ``TIE_RTOL``) and against the torch path it replaces (one
     scoring GEMM, softmax, top-k), at the 1B shape's group of 16 and 32k context."""
     from types import SimpleNamespace
 
-    from ssa_megatron.hf import decode_select, decoding
+    from ssa_megatron.hf import decode_triton, decoding
     from helpers.decoding import selection_gaps
 
     config = SimpleNamespace(ssa_block_size=16, ssa_top_k=16, ssa_sink_blocks=1, ssa_local_blocks=2,
@@ -100,10 +100,10 @@ def test_selection_kernels_match_the_reference_and_the_torch_path(monkeypatch, b
     q = torch.randn(batch, 32, 1, 64, generator=gen, device=DEVICE).bfloat16()
     pooled = torch.randn(batch, 2, n, 64, generator=gen, device=DEVICE).bfloat16()
     length = torch.tensor(length, device=DEVICE)
-    assert decode_select.kernels_select(q, pooled)
+    assert decode_triton.use_kernels(q, pooled)
     got = decoding.select_decode_blocks(q, pooled, length, config, 0.125)
     compiled = torch.compile(decoding.select_decode_blocks, fullgraph=True)(q, pooled, length, config, 0.125)
-    monkeypatch.setattr(decoding, "kernels_select", lambda q, pooled: False)
+    monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
     torch_path = decoding.select_decode_blocks(q, pooled, length, config, 0.125)
     for name, idx in (("kernels", got), ("compiled kernels", compiled), ("torch", torch_path)):
         gaps = selection_gaps(idx, q, pooled, length, config, 0.125)

@@ -1,6 +1,7 @@
-"""The sparse-mode block selection of one new token per row, as three Triton kernels (CUDA, bf16/fp16 models):
-what :func:`decoding.select_decode_blocks` computes, with the scores never leaving float32 and the top-k done in
-the same pass.
+"""Sparse-mode decoding of one new token per row as Triton kernels (CUDA, bf16/fp16 models): the block selection
+(:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never leaving
+float32 and the top-k done in the same pass) and the attention over the selected blocks (:func:`attend_by_kernels`,
+what :func:`decoding.sparse_decode` computes after selecting).
 
 Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
 softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
@@ -22,9 +23,14 @@ blocks in ``S = ceil(n / BLOCK_N)`` chunks:
 Ranking keys are those of ``decoding.top_k_later_first``: ``(order-preserving int32 of the score) << 32 | block``,
 unique, so ties go to the later block with no sort; -1 pads where fewer blocks are selectable.
 
+The attention (``_sparse_attention_kernel``, grid R) gathers the ``top_k · block_size`` selected keys and values of
+a row at once and attends its ``G`` query heads to them, causal inside the own block, with the sparse training
+kernel's precision: float32 scores and softmax, the probabilities rounded to the values' dtype for ``tl.dot``. In
+torch operations this was a gather, two GEMMs and a softmax, 4 launches per layer.
+
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
-triton is missing, and :func:`kernels_select` then says no.
+triton is missing, and :func:`use_kernels` then says no.
 """
 
 from __future__ import annotations
@@ -45,11 +51,11 @@ TOP_K_WARPS = 1
 one warp does with shuffles alone; more warps add a shared-memory exchange and a barrier to every round."""
 
 
-def kernels_select(q: Tensor, pooled: Tensor) -> bool:
-    """Whether these kernels select for ``q`` and ``pooled``: a CUDA tensor in bfloat16 or float16 (the dtypes
-    whose products ``tl.dot`` computes exactly) for both, and triton installed."""
+def use_kernels(q: Tensor, cached: Tensor) -> bool:
+    """Whether these kernels decode for ``q`` and the cached ``cached`` (pooled keys, keys): CUDA tensors in
+    bfloat16 or float16 (the dtypes whose products ``tl.dot`` computes exactly) for both, and triton installed."""
     return (triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and pooled.dtype == q.dtype)
+            and cached.dtype == q.dtype)
 
 
 def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
@@ -83,6 +89,28 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
                            KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=TOP_K_WARPS)
     return chosen
+
+
+def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, length: Tensor, block_size: int,
+                      scale: float) -> Tensor:
+    """The attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) to the selected
+    ``blocks [b, HKV, K]`` (-1 padded) of ``keys``/``values [b, HKV, L, D]``; returns ``[b, HQ, 1, D]`` in ``q``'s
+    dtype."""
+    b, hq, _, d = q.shape
+    hkv, top_k = keys.shape[1], blocks.shape[-1]
+    g = hq // hkv
+    q = q[:, :, 0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    keys, values, blocks = (x if x.stride(-1) == 1 else x.contiguous() for x in (keys, values, blocks))
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    _sparse_attention_kernel[(b * hkv,)](
+        q, keys, values, blocks, length, out, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), blocks.stride(0), blocks.stride(1),
+        SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=max(16, triton.next_power_of_2(g)),
+        DIM_P=max(16, triton.next_power_of_2(d)), KEYS_P=max(16, triton.next_power_of_2(top_k * block_size)),
+        num_warps=8)
+    return out[:, :, None]
 
 
 if triton is not None:
@@ -170,3 +198,31 @@ if triton is not None:
         i = tl.arange(0, KEYS_P)
         keys = tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808)
         _store_largest(keys, out_ptr + row * TOP_K, TOP_K, True)
+
+    @triton.jit
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, blocks_ptr, length_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,
+                                 v_sb, v_sh, v_sn, i_sb, i_sh, SCALE: tl.constexpr, HKV: tl.constexpr,
+                                 G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOP_K: tl.constexpr,
+                                 GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr):
+        row = tl.program_id(0)
+        bi, h = row // HKV, row % HKV
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        t = tl.arange(0, KEYS_P)  # the t-th gathered key: token t % BS of selected block t // BS
+        block = tl.load(blocks_ptr + bi * i_sb + h * i_sh + t // BS, mask=t < TOP_K * BS, other=-1)
+        pos = block * BS + t % BS
+        valid = (block >= 0) & (pos < tl.load(length_ptr))  # causal inside the own block
+        pos = tl.where(valid, pos, 0)
+        dim = (d < D)[None, :]
+        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=(g < G)[:, None] & dim,
+                    other=0.0)
+        k = tl.load(k_ptr + bi * k_sb + h * k_sh + pos[:, None] * k_sn + d[None, :], mask=valid[:, None] & dim,
+                    other=0.0)
+        v = tl.load(v_ptr + bi * v_sb + h * v_sh + pos[:, None] * v_sn + d[None, :], mask=valid[:, None] & dim,
+                    other=0.0)
+        s = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * SCALE, -float("inf"))  # [GROUP_P, KEYS_P] float32
+        p = tl.exp(s - tl.max(s, 1)[:, None])  # the own block's new token is always valid: a finite max
+        p = p / tl.sum(p, 1)[:, None]
+        out = tl.dot(p.to(v.dtype), v)
+        tl.store(out_ptr + (bi * HKV * G + h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(g < G)[:, None] & dim)

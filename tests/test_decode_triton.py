@@ -1,0 +1,116 @@
+"""The decode-time block selection's Triton kernels (ssa_megatron/hf/decode_triton.py), under the Triton interpreter
+in float16 (its bf16 ``tl.dot`` is wrong): each selection is the float64 reference's on the same query and pooled
+keys, up to float32 rounding (``TIE_RTOL``), and equals the torch path's (``decoding.select_decode_blocks`` on CPU)
+block for block. Shapes: GQA groups 1 to 16, head dims that are not powers of two, block counts that are not whole
+chunks, fewer candidates than the budget, one chunk and several, both scores."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers.decoding import TIE_RTOL, selection_gaps
+from ssa_megatron.hf import decode_triton, decoding
+
+pytestmark = pytest.mark.skipif(decode_triton.triton is None, reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
+
+CASES = [  # b, HQ, HKV, D, blocks in the buffer, length (the new token is at length - 1), config changes
+    (2, 4, 2, 16, 20, 250, {}),  # G 2, one chunk
+    (1, 16, 1, 64, 300, 4000, dict(ssa_top_k=16)),  # G 16, 3 chunks, the last partial
+    (3, 8, 8, 32, 9, 40, {}),  # G 1, 2 candidates against a budget of 4
+    (1, 2, 2, 16, 5, 17, {}),  # one candidate, forced as sink
+    (2, 32, 2, 64, 140, 2200, dict(ssa_score="dot", ssa_top_k=8)),
+    (1, 12, 4, 24, 33, 500, dict(ssa_sink_blocks=0, ssa_local_blocks=0)),  # G 3, D 24: padded in the kernel
+    (2, 8, 2, 16, 260, 4100, dict(ssa_top_k=16, ssa_local_blocks=3)),  # 256 candidates in 3 chunks
+    (1, 4, 4, 16, 3, 1, {}),  # the first token: no candidate, only the own block
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, n, length, changes", CASES)
+def test_kernel_selection_is_the_reference_selection(monkeypatch, b, hq, hkv, d, n, length, changes):
+    config = SimpleNamespace(ssa_block_size=16, ssa_top_k=4, ssa_sink_blocks=1, ssa_local_blocks=1,
+                             ssa_score="group_softmax")
+    for name, value in changes.items():
+        setattr(config, name, value)
+    gen = torch.Generator().manual_seed(b * 1000 + n)
+    q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
+    pooled = torch.randn(b, hkv, n, d, generator=gen).half().to(DEVICE)
+    length = torch.tensor(length, device=DEVICE)
+    scale = 1 / math.sqrt(d)
+    got = decode_triton.select_by_kernels(q, pooled, length, config, scale)
+    assert got.shape == (b, hkv, config.ssa_top_k) and got.dtype == torch.int64
+    gaps = selection_gaps(got, q, pooled, length, config, scale)
+    assert gaps.max() <= TIE_RTOL, gaps.max().item()
+    monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)  # on a GPU too: the torch operations
+    torch_path = decoding.select_decode_blocks(q, pooled, length, config, scale)
+    assert torch.equal(got.sort(-1).values, torch_path.sort(-1).values)
+
+
+def test_kernel_ties_go_to_the_later_block():
+    """Every pooled key equal: all scores tie exactly, so the budget goes to the latest candidates (and the forced
+    sink and own blocks)."""
+    config = SimpleNamespace(ssa_block_size=16, ssa_top_k=5, ssa_sink_blocks=1, ssa_local_blocks=0,
+                             ssa_score="group_softmax")
+    q = torch.randn(1, 4, 1, 16).half().to(DEVICE)
+    pooled = torch.randn(1, 1, 1, 16).half().expand(1, 1, 200, 16).contiguous().to(DEVICE)
+    got = decode_triton.select_by_kernels(q, pooled, torch.tensor(150 * 16 + 3, device=DEVICE), config, 0.25)
+    assert got.sort(-1).values.tolist() == [[[0, 147, 148, 149, 150]]]
+
+
+def test_kernels_only_for_cuda_half_precision():
+    q, pooled = torch.zeros(1, 2, 1, 16, dtype=torch.float16), torch.zeros(1, 1, 4, 16, dtype=torch.float16)
+    assert not decode_triton.use_kernels(q, pooled)  # CPU: the torch path
+    if torch.cuda.is_available():
+        assert decode_triton.use_kernels(q.cuda(), pooled.cuda())
+        assert not decode_triton.use_kernels(q.cuda().float(), pooled.cuda().float())
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, bs, top_k, length", [
+    (2, 4, 2, 16, 16, 4, 250),  # G 2
+    (1, 16, 1, 64, 16, 16, 4000),  # G 16, the 1B shape's group and budget
+    (3, 8, 8, 32, 16, 4, 40),  # G 1, fewer blocks than the budget: -1 padding
+    (1, 12, 4, 24, 8, 5, 97),  # G 3, D 24, block 8: padded in the kernel
+    (2, 4, 1, 16, 32, 2, 33),  # the own block holds one token
+])
+def test_kernel_attention_is_the_torch_attention(monkeypatch, b, hq, hkv, d, bs, top_k, length):
+    """``sparse_decode`` with the attention kernel against its torch operations on the same selection, and that
+    selection's attention in float64 from the reference (``sparse_attention`` of the one query): the kernel rounds
+    the probabilities to float16 before weighing the values, as the sparse training kernel does."""
+    from ssa_megatron.ssa import reference
+
+    config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=top_k, ssa_sink_blocks=1, ssa_local_blocks=1,
+                             ssa_score="group_softmax")
+    gen = torch.Generator().manual_seed(b * 100 + length)
+    cap = -(-(length + 5) // bs) * bs
+    q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
+    keys = torch.randn(b, hkv, cap, d, generator=gen).half().to(DEVICE)
+    values = torch.randn(b, hkv, cap, d, generator=gen).half().to(DEVICE)
+    pooled = decoding.pool_blocks(keys, bs)
+    length = torch.tensor(length, device=DEVICE)
+    scale = 1 / math.sqrt(d)
+    idx = decode_triton.select_by_kernels(q, pooled, length, config, scale)
+    got = decode_triton.attend_by_kernels(q, keys, values, idx, length, bs, scale)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
+    torch_path = decoding.sparse_decode(q, keys, values, pooled, length, config, scale)
+    torch.testing.assert_close(got.float(), torch_path.float(), atol=2e-3, rtol=2e-3)
+    # float64: the same blocks through the reference's sparse attention of the one query at position length - 1
+    n = int(length)
+    starts = torch.where(idx >= 0, idx * bs, -1).cpu()[:, :, None]  # [b, HKV, 1, K] block starts
+    expected, _ = reference.sparse_attention(
+        q.double().cpu().permute(2, 0, 1, 3), keys.double().cpu()[:, :, :n].permute(2, 0, 1, 3),
+        values.double().cpu()[:, :, :n].permute(2, 0, 1, 3), starts, bs, q_positions=torch.tensor([n - 1]),
+        softmax_scale=scale)
+    torch.testing.assert_close(got.double().cpu(), expected.permute(1, 2, 0, 3), atol=5e-3, rtol=5e-3)
+
+
+def test_an_export_does_not_demand_triton():
+    """transformers' remote-code check demands every package the copied files import; decode_triton.py imports triton
+    inside ``try``, which the check skips, so an export loads where triton is missing (``use_kernels`` is then
+    false and the torch operations select). decoding.py imports it relatively, so the loader copies it."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_imports
+
+    assert "triton" not in get_imports(decode_triton.__file__)
+    assert "decode_triton" in get_relative_imports(decoding.__file__)
