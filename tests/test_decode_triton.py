@@ -114,3 +114,43 @@ def test_an_export_does_not_demand_triton():
 
     assert "triton" not in get_imports(decode_triton.__file__)
     assert "decode_triton" in get_relative_imports(decoding.__file__)
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, capacity, length, programs", [
+    (2, 4, 2, 16, 256, 250, None),  # G 2, the length not a multiple of the tile
+    (1, 16, 1, 64, 4096, 4000, None),  # G 16, the 1B shape's group: 64 one-tile ranges
+    (3, 8, 8, 32, 256, 40, None),  # G 1, most ranges past the length
+    (1, 12, 4, 24, 200, 97, None),  # G 3, D 24, a buffer that is not whole tiles
+    (2, 4, 1, 16, 128, 1, None),  # the first token: one key
+    (1, 8, 2, 16, 640, 640, 4),  # a full buffer; 2 ranges of 5 tiles per row
+    (4, 32, 2, 64, 1024, 1000, 24),  # 3 ranges per row, the last shorter
+])
+def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, capacity, length, programs):
+    """Full mode's split-KV kernels (``full_attend_by_kernels``) against the float64 reference's causal attention
+    of the one query at ``length - 1``, and against FlexAttention's path (``full_decode`` without the kernels)
+    where the buffer is whole ``KV_TILE`` tiles. ``programs`` sets ``FULL_PROGRAMS`` to make several tiles per key
+    range at small shapes."""
+    from ssa_megatron.ssa import reference
+
+    if programs is not None:
+        monkeypatch.setattr(decode_triton, "FULL_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(b * 100 + length)
+    q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
+    keys = torch.randn(b, hkv, capacity, d, generator=gen).half().to(DEVICE)
+    values = torch.randn(b, hkv, capacity, d, generator=gen).half().to(DEVICE)
+    keys[:, :, length:] = float("nan")  # never read: past the length
+    values[:, :, length:] = float("nan")
+    length_t = torch.tensor(length, device=DEVICE)
+    scale = 1 / math.sqrt(d)
+    got = decode_triton.full_attend_by_kernels(q, keys, values, length_t, scale)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    expected, _ = reference.full_attention(
+        q.double().cpu().permute(2, 0, 1, 3), keys.double().cpu()[:, :, :length].permute(2, 0, 1, 3),
+        values.double().cpu()[:, :, :length].permute(2, 0, 1, 3), q_positions=torch.tensor([length - 1]),
+        softmax_scale=scale)
+    torch.testing.assert_close(got.double().cpu(), expected.permute(1, 2, 0, 3), atol=3e-3, rtol=3e-3)
+    if capacity % decoding.KV_TILE == 0:
+        tiles = torch.arange(capacity // decoding.KV_TILE, dtype=torch.int32, device=DEVICE).view(1, 1, 1, -1)
+        monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
+        flex = decoding.full_decode(q, keys.nan_to_num(), values.nan_to_num(), length_t, tiles, scale)
+        torch.testing.assert_close(got.float(), flex.float(), atol=3e-3, rtol=3e-3)

@@ -113,6 +113,45 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
     return out[:, :, None]
 
 
+
+FULL_BLOCK_N = 64
+"""Keys per tile of the full-mode split kernel."""
+FULL_WARPS = 4
+"""Warps of the full-mode split kernel."""
+FULL_PROGRAMS = 528
+"""Programs the full-mode split kernel aims at: 4 per SM of an H100 or H200 (132 SMs). A shape-only constant, so a
+compiled step's grid stays fixed: batch x KV heads rows, each split into ``FULL_PROGRAMS // rows`` key ranges."""
+
+
+def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float) -> Tensor:
+    """Causal attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) over the first
+    ``length`` keys of the static buffers ``keys``/``values [b, HKV, L, D]``; returns ``[b, HQ, 1, D]`` in ``q``'s
+    dtype. Split-KV: each program attends a row's group to one key range and keeps the float32 partial (max, sum,
+    weighted values); a second kernel combines a row's ranges. Ranges past ``length`` return at once."""
+    b, hq, _, d = q.shape
+    hkv, capacity = keys.shape[1], keys.shape[2]
+    g, rows = hq // hkv, b * hkv
+    tiles = triton.cdiv(capacity, FULL_BLOCK_N)
+    per_split = triton.cdiv(tiles, min(tiles, max(1, FULL_PROGRAMS // rows)))  # tiles per key range
+    splits = triton.cdiv(tiles, per_split)
+    q = q[:, :, 0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (keys, values))
+    group_p, dim_p = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))  # tl.dot: >= 16
+    partial = torch.empty(rows, splits, group_p, dim_p, device=q.device, dtype=torch.float32)
+    stats = torch.empty(rows, splits, 2, group_p, device=q.device, dtype=torch.float32)
+    _full_split_kernel[(rows, splits)](
+        q, keys, values, length, partial, stats, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), SCALE=scale, HKV=hkv, G=g, D=d,
+        GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=FULL_BLOCK_N, PER_SPLIT=per_split, num_warps=FULL_WARPS,
+        num_stages=3)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    _full_combine_kernel[(rows, g)](partial, stats, out, splits, G=g, D=d, GROUP_P=group_p, DIM_P=dim_p,
+                                    SPLITS_TILE=min(64, triton.next_power_of_2(splits)), num_warps=4)
+    return out[:, :, None]
+
+
 if triton is not None:
 
     @triton.jit
@@ -226,3 +265,70 @@ if triton is not None:
         out = tl.dot(p.to(v.dtype), v)
         tl.store(out_ptr + (bi * HKV * G + h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(g < G)[:, None] & dim)
+
+
+    @triton.jit
+    def _full_split_kernel(q_ptr, k_ptr, v_ptr, length_ptr, partial_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,
+                           v_sb, v_sh, v_sn, SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                           D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           PER_SPLIT: tl.constexpr):
+        row, split = tl.program_id(0), tl.program_id(1)
+        bi, h = row // HKV, row % HKV
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        dim = (d < D)[None, :]
+        length = tl.load(length_ptr)
+        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=(g < G)[:, None] & dim,
+                    other=0.0)
+        # Base-2 exponents: the scale and log2(e) folded into one factor. Every tile the loop visits starts below
+        # length, so each row's running max is finite from the first tile on (padded group rows score 0).
+        top = tl.full((GROUP_P,), -float("inf"), tl.float32)
+        total = tl.zeros((GROUP_P,), tl.float32)
+        acc = tl.zeros((GROUP_P, DIM_P), tl.float32)
+        start = split * PER_SPLIT * BLOCK_N
+        end = tl.minimum(start + PER_SPLIT * BLOCK_N, length)
+        for first in range(start, end, BLOCK_N):
+            pos = first + tl.arange(0, BLOCK_N)
+            valid = pos < length
+            k = tl.load(k_ptr + bi * k_sb + h * k_sh + pos[:, None] * k_sn + d[None, :], mask=valid[:, None] & dim,
+                        other=0.0)
+            v = tl.load(v_ptr + bi * v_sb + h * v_sh + pos[:, None] * v_sn + d[None, :], mask=valid[:, None] & dim,
+                        other=0.0)
+            z = tl.where(valid[None, :], tl.dot(q, tl.trans(k)) * (SCALE * 1.4426950408889634), -float("inf"))
+            new_top = tl.maximum(top, tl.max(z, 1))
+            p = tl.exp2(z - new_top[:, None])
+            alpha = tl.exp2(top - new_top)
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            top = new_top
+        base = row * tl.num_programs(1) + split
+        tl.store(partial_ptr + (base * GROUP_P + g)[:, None] * DIM_P + d[None, :], acc)
+        tl.store(stats_ptr + base * 2 * GROUP_P + g, top)
+        tl.store(stats_ptr + base * 2 * GROUP_P + GROUP_P + g, total)
+
+    @triton.jit
+    def _full_combine_kernel(partial_ptr, stats_ptr, out_ptr, splits, G: tl.constexpr, D: tl.constexpr,
+                             GROUP_P: tl.constexpr, DIM_P: tl.constexpr, SPLITS_TILE: tl.constexpr):
+        """One query head's output from its row's key ranges: ranges past the length carry a -inf max and weigh 0;
+        the first range always holds key 0, so the overall max is finite."""
+        row, head = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, DIM_P)
+        top = tl.full((SPLITS_TILE,), -float("inf"), tl.float32)
+        for first in range(0, splits, SPLITS_TILE):  # the overall max first, then one weighted pass
+            i = first + tl.arange(0, SPLITS_TILE)
+            m = tl.load(stats_ptr + (row * splits + i) * 2 * GROUP_P + head, mask=i < splits, other=-float("inf"))
+            top = tl.maximum(top, m)
+        overall = tl.max(top, 0)
+        total = tl.zeros((SPLITS_TILE,), tl.float32)
+        acc = tl.zeros((SPLITS_TILE, DIM_P), tl.float32)
+        for first in range(0, splits, SPLITS_TILE):
+            i = first + tl.arange(0, SPLITS_TILE)
+            base = (row * splits + i) * 2 * GROUP_P + head
+            m = tl.load(stats_ptr + base, mask=i < splits, other=-float("inf"))
+            w = tl.exp2(m - overall)
+            total += w * tl.load(stats_ptr + base + GROUP_P, mask=i < splits, other=0.0)
+            part = tl.load(partial_ptr + (((row * splits + i) * GROUP_P + head) * DIM_P)[:, None] + d[None, :],
+                           mask=(i < splits)[:, None], other=0.0)
+            acc += w[:, None] * part
+        out = tl.sum(acc, 0) / tl.sum(total, 0)
+        tl.store(out_ptr + (row * G + head) * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from .decode_triton import attend_by_kernels, select_by_kernels, use_kernels
+from .decode_triton import attend_by_kernels, full_attend_by_kernels, select_by_kernels, use_kernels
 
 IN_PACKAGE = __name__.startswith("ssa_megatron.")
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
@@ -344,7 +344,13 @@ def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: 
     No query-direction blocks (``compute_q_blocks=False``): only a backward reads them, and computing them costs a
     sort kernel per layer and step. Inductor lowers this to its split-KV decoding kernel only when the batch and
     head sizes are static; compile the step with ``dynamic=False`` (a recompile for a second batch size otherwise
-    makes the batch symbolic, and the main FlexAttention kernel then walks all keys of a row in one program)."""
+    makes the batch symbolic, and the main FlexAttention kernel then walks all keys of a row in one program).
+
+    On CUDA in bf16/fp16 the split-KV Triton kernels of ``decode_triton.py`` attend instead: FlexAttention's
+    decoding kernel and the 6 kernels Inductor writes around it took about 20 us per layer at batch 1 and 32k on an
+    H200, for 17 MB of keys and values (docs/benchmarks.md, session 9)."""
+    if use_kernels(q, keys):
+        return full_attend_by_kernels(q, keys, values, torch.as_tensor(length, device=q.device), scale)
     kv_num_blocks = ((length + KV_TILE - 1) // KV_TILE).to(torch.int32).view(1, 1, 1)
 
     def causal(b, h, q_idx, kv_idx):
