@@ -114,13 +114,15 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
 
 
 
-FULL_BLOCK_N = 64
+FULL_BLOCK_N = 128
 """Keys per tile of the full-mode split kernel."""
 FULL_WARPS = 4
 """Warps of the full-mode split kernel."""
-FULL_PROGRAMS = 528
-"""Programs the full-mode split kernel aims at: 4 per SM of an H100 or H200 (132 SMs). A shape-only constant, so a
-compiled step's grid stays fixed: batch x KV heads rows, each split into ``FULL_PROGRAMS // rows`` key ranges."""
+FULL_PROGRAMS = 264
+"""Programs the full-mode split kernel aims at: 2 per SM of an H100 or H200 (132 SMs). A shape-only constant, so a
+compiled step's grid stays fixed: batch x KV heads rows, each split into ``FULL_PROGRAMS // rows`` key ranges.
+These three were the fastest of 12 settings at the 1B shape and 32k on an H200 at batch 32, and within 4 % of the
+fastest at batch 1 (docs/benchmarks.md, session 9); more programs make the combine longer at batch 1."""
 
 
 def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float) -> Tensor:
@@ -148,7 +150,7 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
         num_stages=3)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _full_combine_kernel[(rows, g)](partial, stats, out, splits, G=g, D=d, GROUP_P=group_p, DIM_P=dim_p,
-                                    SPLITS_TILE=min(64, triton.next_power_of_2(splits)), num_warps=4)
+                                    SPLITS_TILE=min(128, triton.next_power_of_2(splits)), num_warps=8)
     return out[:, :, None]
 
 
