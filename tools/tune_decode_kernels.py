@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Times the sparse and full decode kernels of ``ssa_megatron/hf/decode_triton.py`` alone, per launch setting, on
+one GPU. ``triton.testing.do_bench_cudagraph`` gives each time: the calls captured in a CUDA graph (no launch
+overhead), the median of its repeats. The 1B shape by default: 32 query heads, 2 KV heads, head dim 64, top_k 16 x
+block 16, bf16.
+
+- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``BLOCK_N``. ``--context`` sets the
+  pooled blocks: context + 1 tokens, rounded up to 128 as the static cache rounds, over the block size.
+- ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
+  ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
+  decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
+  once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
+
+Prints one line per setting and the fastest per batch, next to the module's defaults.
+
+    python tools/tune_decode_kernels.py --batch 1 32 --context 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+L2_BYTES = 256 * 2 ** 20
+"""Bytes of cache copies the ``full`` timing cycles through: several times an H100's or H200's L2 (50 MB)."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kernels", nargs="+", choices=["select", "full"], default=["select", "full"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--context", type=int, default=32768, help="cached tokens before the new one")
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="select: TOP_K_WARPS values")
+    p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="select: BLOCK_N values")
+    p.add_argument("--full-block-n", type=int, nargs="+", default=[64, 128], help="full: FULL_BLOCK_N values")
+    p.add_argument("--full-warps", type=int, nargs="+", default=[4, 8], help="full: FULL_WARPS values")
+    p.add_argument("--full-programs", type=int, nargs="+", default=[264, 528, 1056],
+                   help="full: FULL_PROGRAMS values")
+    p.add_argument("--rep", type=int, default=20, help="milliseconds of calls per CUDA graph")
+    args = p.parse_args(argv)
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
+    for name in ("batch", "warps", "block_n", "full_block_n", "full_warps", "full_programs"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            p.error(f"--{name.replace('_', '-')} {bad[0]}: must be >= 1")
+    if args.context < 1:
+        p.error(f"--context {args.context}: must be >= 1")
+    return args
+
+
+def sweep(module, names: tuple[str, ...], settings, time_one, batch: int) -> None:
+    """Times ``time_one()`` with each setting of the module constants ``names``, prints the lines and the fastest,
+    and restores the defaults."""
+    defaults = tuple(getattr(module, n) for n in names)
+    times = {}
+    try:
+        for setting in settings:
+            for name, value in zip(names, setting):
+                setattr(module, name, value)
+            times[setting] = time_one()
+            print(f"  batch {batch:>3}  " + "  ".join(f"{n} {v:>4}" for n, v in zip(names, setting))
+                  + f": {times[setting]:8.2f} us", flush=True)
+    finally:
+        for name, value in zip(names, defaults):
+            setattr(module, name, value)
+    best = min(times, key=times.get)
+    print(f"batch {batch}: fastest {dict(zip(names, best))} ({times[best]:.2f} us); the defaults {defaults} take "
+          f"{times.get(defaults, float('nan')):.2f} us", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_decode_kernels: needs a CUDA GPU (the kernels' launch settings are what it times)")
+        return 1
+    from triton.testing import do_bench_cudagraph
+
+    from ssa_megatron.hf import decode_triton, decoding
+
+    def bench(fn) -> float:
+        return 1e3 * do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
+
+    capacity = -(-(args.context + 1) // 128) * 128  # as SSAStaticLayer rounds its buffers
+    length = torch.tensor(args.context + 1, device="cuda")
+    scale = args.head_dim ** -0.5
+    print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
+          f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
+    for batch in args.batch:
+        q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
+        if "select" in args.kernels:
+            pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
+                                 device="cuda").bfloat16()
+            config = SimpleNamespace(ssa_block_size=args.block_size, ssa_top_k=args.top_k, ssa_sink_blocks=0,
+                                     ssa_local_blocks=0, ssa_score="group_softmax")
+            print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
+            sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N"), itertools.product(args.warps, args.block_n),
+                  lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)), batch)
+            del pooled
+        if "full" in args.kernels:
+            shape = (batch, args.kv_heads, capacity, args.head_dim)
+            copies = max(1, -(-L2_BYTES // (2 * torch.Size(shape).numel() * 2)))
+            caches = [(torch.randn(shape, device="cuda").bfloat16(), torch.randn(shape, device="cuda").bfloat16())
+                      for _ in range(copies)]
+            tiles = torch.arange(capacity // decoding.KV_TILE, dtype=torch.int32, device="cuda").view(1, 1, 1, -1)
+            kernels = decoding.use_kernels
+            decoding.use_kernels = lambda q, cached: False  # FlexAttention's path, as without the kernels
+            try:
+                flex = torch.compile(decoding.full_decode, fullgraph=True, dynamic=False)
+                expected = flex(q, *caches[0], length, tiles, scale).float()
+                flex_us = bench(lambda: [flex(q, k, v, length, tiles, scale) for k, v in caches]) / copies
+            finally:
+                decoding.use_kernels = kernels
+            diff = float((decode_triton.full_attend_by_kernels(q, *caches[0], length, scale).float()
+                          - expected).abs().max())
+            print(f"full, batch {batch}: {copies} cache copies; FlexAttention {flex_us:.2f} us per call; largest "
+                  f"|kernels - FlexAttention| {diff:.1e} (the defaults)", flush=True)
+            sweep(decode_triton, ("FULL_BLOCK_N", "FULL_WARPS", "FULL_PROGRAMS"),
+                  itertools.product(args.full_block_n, args.full_warps, args.full_programs),
+                  lambda: bench(lambda: [decode_triton.full_attend_by_kernels(q, k, v, length, scale)
+                                         for k, v in caches]) / copies, batch)
+            del caches
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
