@@ -9,8 +9,9 @@ measured, and the LM head of a 32k x 32 prefill would not fit), then ``--steps``
   ``torch.compile(mode=--compile-mode, fullgraph=True, dynamic=False)`` graph (CUDA graphs with ``reduce-overhead``
   on a GPU) holding the forward and the greedy choice of the next token, which it writes into the token buffer
   the next step reads. Each (batch, context, mode) compiles afresh (``torch._dynamo.reset()``): a recompile for a
-  second batch size would make the batch symbolic, and Inductor then drops FlexAttention's split-KV decoding
-  kernel for a much slower one (full mode at batch 32, 32k: 68 ms against 5.8 ms per step on an H200);
+  second batch size would make the batch symbolic, and where full mode runs FlexAttention (float32, or triton
+  missing) Inductor then drops its split-KV decoding kernel for a much slower one (batch 32, 32k: 68 ms against 5.8
+  ms per step on an H200);
 - ``eager-static``, ``eager-dynamic``: the same decoding path uncompiled, on the static or growing SSA cache;
 - ``baseline``: transformers' plain ``DynamicCache()`` (no SSA layers), so every step runs the general path
   (``ssa_attention`` over all cached keys, re-pooling them in sparse mode): the decoding of before issue 16.
