@@ -1,7 +1,9 @@
-"""Sparse-mode decoding of one new token per row as Triton kernels (CUDA, bf16/fp16 models): the block selection
-(:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never leaving
-float32 and the top-k done in the same pass) and the attention over the selected blocks (:func:`attend_by_kernels`,
-what :func:`decoding.sparse_decode` computes after selecting).
+"""The attention of one new token per row as Triton kernels (CUDA, bf16/fp16 models). Sparse mode: the block
+selection (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never
+leaving float32 and the top-k done in the same pass) and the attention over the selected blocks
+(:func:`attend_by_kernels`, what :func:`decoding.sparse_decode` computes after selecting). Full mode on a static
+cache: split-KV attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what
+:func:`decoding.full_decode` computes with FlexAttention elsewhere).
 
 Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
 softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
@@ -27,6 +29,12 @@ The attention (``_sparse_attention_kernel``, grid R) gathers the ``top_k · bloc
 a row at once and attends its ``G`` query heads to them, causal inside the own block, with the sparse training
 kernel's precision: float32 scores and softmax, the probabilities rounded to the values' dtype for ``tl.dot``. In
 torch operations this was a gather, two GEMMs and a softmax, 4 launches per layer.
+
+Full mode (``_full_split_kernel``, grid R x ranges; ``_full_combine_kernel``, grid R x G): each program attends a
+row's group to one range of keys with an online softmax and keeps its float32 partial (max, sum, weighted values);
+the combine weighs a row's partials per query head. Compiled FlexAttention took 22 us per layer at batch 1 and 267 at
+batch 32 (1B shape, 32k, H200), in its decoding kernel and 6 kernels Inductor writes around it; these take 12.8 and
+128 (docs/benchmarks.md, session 9).
 
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where

@@ -20,8 +20,9 @@ all T cached keys.
   reference's selection restated for one query in block units and written for speed (fused products, one
   ``topk``; on CUDA in bf16/fp16, the Triton kernels of ``decode_triton.py``, which also attend);
   tests/test_hf_decoding.py holds it to the full forward through the reference;
-- full: causal attention over the first ``length`` cached keys. On a static cache this is FlexAttention with a
-  block mask built from the cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
+- full: causal attention over the first ``length`` cached keys. On a static cache this is, on CUDA in bf16/fp16,
+  the split-KV Triton kernels of ``decode_triton.py``; elsewhere FlexAttention with a block mask built from the
+  cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
 
 Everything in the static path is a fixed-shape tensor operation with no host synchronisation, so a decode step
 compiles with ``fullgraph=True`` and can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``,

@@ -25,8 +25,7 @@ Remote code: this file, ``configuration.py``, ``decoding.py``, ``decode_triton.p
 ``ssa_megatron`` is never imported and the attention core is :func:`_exported_attention`: the inference branch of
 ``ssa_attention`` (``training=False``: select, attend, gate) calling the copied reference, the same functions
 ``ssa_attention`` calls on CPU. The training kernels and the attention statistics (``collect_attention_metrics``)
-need the package; the sparse decode kernels (``decode_triton.py``, selection and attention) travel with the
-export.
+need the package; the decode kernels (``decode_triton.py``) travel with the export.
 """
 
 from __future__ import annotations
