@@ -1,8 +1,11 @@
-"""The decode-time block selection's Triton kernels (ssa_megatron/hf/decode_triton.py), under the Triton interpreter
-in float16 (its bf16 ``tl.dot`` is wrong): each selection is the float64 reference's on the same query and pooled
-keys, up to float32 rounding (``TIE_RTOL``), and equals the torch path's (``decoding.select_decode_blocks`` on CPU)
-block for block. Shapes: GQA groups 1 to 16, head dims that are not powers of two, block counts that are not whole
-chunks, fewer candidates than the budget, one chunk and several, both scores."""
+"""The decode-time Triton kernels (ssa_megatron/hf/decode_triton.py), under the Triton interpreter in float16 (its
+bf16 ``tl.dot`` is wrong), or on a GPU:
+- the block selection: each selection is the float64 reference's on the same query and pooled keys, up to float32
+  rounding (``TIE_RTOL``), and equals the torch path's (``decoding.select_decode_blocks`` on CPU) block for block.
+  Shapes: GQA groups 1 to 16, head dims that are not powers of two, block counts that are not whole chunks, fewer
+  candidates than the budget, one chunk and several, both scores;
+- the sparse attention over the selected blocks and full mode's split-KV attention: against the float64
+  reference's attention of the one query and against the torch or FlexAttention path they replace."""
 
 import math
 from types import SimpleNamespace

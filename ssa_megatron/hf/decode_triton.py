@@ -121,7 +121,6 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
     return out[:, :, None]
 
 
-
 FULL_BLOCK_N = 128
 """Keys per tile of the full-mode split kernel."""
 FULL_WARPS = 4
