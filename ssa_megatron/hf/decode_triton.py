@@ -66,6 +66,17 @@ def use_kernels(q: Tensor, cached: Tensor) -> bool:
             and cached.dtype == q.dtype)
 
 
+def _padded(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 16: a ``tl.dot`` operand's dimension."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _rows(q: Tensor, *cached: Tensor) -> tuple[Tensor, ...]:
+    """``q [b, HQ, 1, D]`` as ``[b, HQ, D]``, and each of ``cached``, with a unit stride in the last dimension, which
+    the kernels' pointer arithmetic assumes."""
+    return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q[:, :, 0], *cached))
+
+
 def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
     """``decoding.select_decode_blocks`` by the kernels: ``q [b, HQ, 1, D]`` at position ``length - 1`` (a 0-d
     int64 tensor on ``q``'s device), ``pooled [b, HKV, n, D]``; returns ``[b, HKV, top_k]`` int64 block numbers in
@@ -74,12 +85,8 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     hkv, n = pooled.shape[1], pooled.shape[2]
     g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
-    q = q[:, :, 0]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if pooled.stride(-1) != 1:
-        pooled = pooled.contiguous()
-    group_p, dim_p = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))  # tl.dot: >= 16
+    q, pooled = _rows(q, pooled)
+    group_p, dim_p = _padded(g), _padded(d)
     softmax = config.ssa_score == "group_softmax"
     logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
@@ -107,17 +114,13 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
     b, hq, _, d = q.shape
     hkv, top_k = keys.shape[1], blocks.shape[-1]
     g = hq // hkv
-    q = q[:, :, 0]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    keys, values, blocks = (x if x.stride(-1) == 1 else x.contiguous() for x in (keys, values, blocks))
+    q, keys, values, blocks = _rows(q, keys, values, blocks)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _sparse_attention_kernel[(b * hkv,)](
         q, keys, values, blocks, length, out, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), blocks.stride(0), blocks.stride(1),
-        SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=max(16, triton.next_power_of_2(g)),
-        DIM_P=max(16, triton.next_power_of_2(d)), KEYS_P=max(16, triton.next_power_of_2(top_k * block_size)),
-        num_warps=8)
+        SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=_padded(g), DIM_P=_padded(d),
+        KEYS_P=_padded(top_k * block_size), num_warps=8)
     return out[:, :, None]
 
 
@@ -143,11 +146,8 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
     tiles = triton.cdiv(capacity, FULL_BLOCK_N)
     per_split = triton.cdiv(tiles, min(tiles, max(1, FULL_PROGRAMS // rows)))  # tiles per key range
     splits = triton.cdiv(tiles, per_split)
-    q = q[:, :, 0]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    keys, values = (x if x.stride(-1) == 1 else x.contiguous() for x in (keys, values))
-    group_p, dim_p = max(16, triton.next_power_of_2(g)), max(16, triton.next_power_of_2(d))  # tl.dot: >= 16
+    q, keys, values = _rows(q, keys, values)
+    group_p, dim_p = _padded(g), _padded(d)
     partial = torch.empty(rows, splits, group_p, dim_p, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, splits, 2, group_p, device=q.device, dtype=torch.float32)
     _full_split_kernel[(rows, splits)](
@@ -169,6 +169,16 @@ if triton is not None:
         return (tl.load(length_ptr) - 1) // BS
 
     @triton.jit
+    def _group_queries(q_ptr, bi, h, q_sb, q_sh, G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                       DIM_P: tl.constexpr):
+        """The ``G`` query heads that read KV head ``h`` of batch entry ``bi``, as ``[GROUP_P, DIM_P]`` (zero
+        padded)."""
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        return tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :],
+                       mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+
+    @triton.jit
     def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
@@ -177,8 +187,7 @@ if triton is not None:
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, DIM_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :],
-                    mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+        q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
         k = tl.load(k_ptr + bi * k_sb + h * k_sh + j[:, None] * k_sn + d[None, :],
                     mask=(j < n)[:, None] & (d < D)[None, :], other=0.0)
         logits = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] float32
@@ -262,8 +271,7 @@ if triton is not None:
         valid = (block >= 0) & (pos < tl.load(length_ptr))  # causal inside the own block
         pos = tl.where(valid, pos, 0)
         dim = (d < D)[None, :]
-        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=(g < G)[:, None] & dim,
-                    other=0.0)
+        q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
         k = tl.load(k_ptr + bi * k_sb + h * k_sh + pos[:, None] * k_sn + d[None, :], mask=valid[:, None] & dim,
                     other=0.0)
         v = tl.load(v_ptr + bi * v_sb + h * v_sh + pos[:, None] * v_sn + d[None, :], mask=valid[:, None] & dim,
@@ -287,8 +295,7 @@ if triton is not None:
         d = tl.arange(0, DIM_P)
         dim = (d < D)[None, :]
         length = tl.load(length_ptr)
-        q = tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :], mask=(g < G)[:, None] & dim,
-                    other=0.0)
+        q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
         # Base-2 exponents: the scale and log2(e) folded into one factor. Every tile the loop visits starts below
         # length, so each row's running max is finite from the first tile on (padded group rows score 0).
         top = tl.full((GROUP_P,), -float("inf"), tl.float32)

@@ -321,9 +321,12 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
     b, hq, _, d = q.shape
     hkv, bs = keys.shape[1], config.ssa_block_size
+    kernels = use_kernels(q, keys)
+    if kernels:  # a dynamic cache's int length as a device tensor once, for the selection and the attention
+        length = torch.as_tensor(length, device=q.device)
     idx = select_decode_blocks(q, pooled, length, config, scale)  # [b, HKV, K]
-    if use_kernels(q, keys):  # CUDA, bf16/fp16: gather and attend in one Triton kernel
-        return attend_by_kernels(q, keys, values, idx, torch.as_tensor(length, device=q.device), bs, scale)
+    if kernels:  # CUDA, bf16/fp16: gather and attend in one Triton kernel
+        return attend_by_kernels(q, keys, values, idx, length, bs, scale)
     pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
