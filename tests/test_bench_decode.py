@@ -90,3 +90,14 @@ def test_watchdog_prints_the_stacks_and_stops_a_hung_path(capfd):
     with bench.Watchdog(5, "quick") as quick:
         pass
     assert not quick.fired
+
+
+@pytest.mark.parametrize("vocab", [97, 1024, 128256])
+def test_greedy_choice_is_argmax(vocab):
+    """The two-stage argmax picks ``argmax``'s token, the first of equal maxima, also where they lie in different
+    chunks and where the vocabulary is not whole chunks."""
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(vocab)).bfloat16()
+    logits[1, [3, vocab - 1]] = 50.0  # a tie across chunks: the first wins
+    logits[2, :] = 0.0  # all equal
+    logits[3, vocab - 1] = 60.0  # in the padded last chunk
+    torch.testing.assert_close(_tool().greedy_choice(logits), logits.argmax(-1, keepdim=True), rtol=0, atol=0)

@@ -15,6 +15,7 @@ import torch
 
 from helpers.decoding import TIE_RTOL, selection_gaps
 from ssa_megatron.hf import decode_triton, decoding
+from ssa_megatron.ssa import reference
 
 pytestmark = pytest.mark.skipif(decode_triton.triton is None, reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
@@ -157,3 +158,132 @@ def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, ca
         monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
         flex = decoding.full_decode(q, keys.nan_to_num(), values.nan_to_num(), length_t, tiles, scale)
         torch.testing.assert_close(got.float(), flex.float(), atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("b, hq, hkv, d, bs, cached", [
+    (2, 4, 2, 16, 16, 37),  # G 2, the new token inside a block
+    (1, 16, 1, 64, 64, 127),  # G 16, the 1B shape's group and block: the token completes a block
+    (3, 12, 4, 24, 8, 0),  # G 3, D 24 (padded in the kernel), the first token
+    (1, 8, 8, 32, 16, 48),  # G 1, the token starts a block
+    (2, 4, 2, 16, 16, 255),  # the last position of the buffer
+])
+def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, cached):
+    """``append_by_kernels`` against Llama's ``apply_rotary_pos_emb`` (in float32, rounded once, as the kernel and
+    Inductor compute it) and ``SSAStaticLayer.update`` on a copy of the same cache: the rotated query, the keys,
+    values and pooled keys, the length, and the ticket counter back at zero. The projections are strided views of
+    one fused output, as in the model."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(b * 1000 + cached)
+
+    def layer():
+        out = decoding.SSAStaticLayer(max_cache_len=256)
+        out.block_size = bs
+        out.lazy_initialization(torch.zeros(b, hkv, 1, d, dtype=dtype), torch.zeros(b, hkv, 1, d, dtype=dtype))
+        return out
+
+    ours, theirs = layer(), layer()
+    if cached:
+        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(dtype) for _ in range(2))
+        for x in (ours, theirs):
+            x.update(k0, v0, ssa_block_size=bs)
+    ours.keys[:, :, cached + 1:] = theirs.keys[:, :, cached + 1:] = 7.0  # stale keys after the token: pooled too
+    fused = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    q, k, v = (t.view(b, 1, -1, d).transpose(1, 2) for t in fused.split([hq * d, hkv * d, hkv * d], -1))
+    angle = torch.rand(b, 1, d // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    ours, theirs = (x if DEVICE == "cpu" else _to_cuda(x) for x in (ours, theirs))
+    q, k, v, cos, sin = (x.to(DEVICE) for x in (q, k, v, cos, sin))
+    got = decode_triton.append_by_kernels(q, k, v, cos, sin, ours.keys, ours.values, ours.pooled,
+                                          ours.cumulative_length, ours.tickets, bs)
+    want, k_rotated = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
+    theirs.update(k_rotated.to(dtype), v, ssa_block_size=bs)
+    exact = dict(rtol=0, atol=0)
+    torch.testing.assert_close(got, want.to(dtype), **exact)
+    torch.testing.assert_close(ours.keys, theirs.keys, **exact)
+    torch.testing.assert_close(ours.values, theirs.values, **exact)
+    torch.testing.assert_close(ours.pooled, theirs.pooled, rtol=1e-5, atol=1e-6)  # float32 sums, another order
+    assert int(ours.cumulative_length) == int(theirs.cumulative_length) == cached + 1
+    assert int(ours.tickets) == 0
+
+
+def _to_cuda(layer):
+    for name in ("keys", "values", "pooled", "cumulative_length", "tickets"):
+        setattr(layer, name, getattr(layer, name).cuda())
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_kernels_gate_as_apply_gate(monkeypatch, mode):
+    """The gate fused into the attention kernels' output (the full-mode combine, the sparse attention) against the
+    torch paths' ``reference.apply_gate`` on the same attention, gate logits a strided view as in the model."""
+    b, hq, hkv, d, bs, length = 2, 8, 2, 16, 16, 300
+    config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=4, ssa_sink_blocks=1, ssa_local_blocks=1,
+                             ssa_score="group_softmax")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
+    keys, values = (torch.randn(b, hkv, 384, d, generator=gen).half().to(DEVICE) for _ in range(2))
+    gate = (2 * torch.randn(b, 3 * hq, generator=gen)).half().to(DEVICE)[:, ::3]  # strided, away from 0.5
+    length_t = torch.tensor(length, device=DEVICE)
+    scale = 1 / math.sqrt(d)
+    tiles = torch.arange(384 // decoding.KV_TILE, dtype=torch.int32, device=DEVICE).view(1, 1, 1, -1)
+    pooled = decoding.pool_blocks(keys, bs)
+
+    def attend(gate):
+        if mode == "full":
+            return decoding.full_decode(q, keys, values, length_t, tiles, scale, gate)
+        return decoding.sparse_decode(q, keys, values, pooled, length_t, config, scale, gate)
+
+    monkeypatch.setattr(decoding, "use_kernels", decode_triton.use_kernels if DEVICE == "cuda" else
+                        lambda q, cached: True)  # the interpreter runs the kernels on CPU
+    got, ungated = attend(gate), attend(None)
+    monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
+    torch_path = attend(gate)
+    expected = reference.apply_gate(ungated.float().transpose(1, 2), gate.float()[:, None]).transpose(1, 2)
+    torch.testing.assert_close(got.float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got.float(), torch_path.float(), atol=3e-3, rtol=3e-3)
+    assert (got - ungated).abs().max() > 0.1  # the gate is applied, and once
+
+
+@pytest.mark.parametrize("mode", ["full", "sparse"])
+def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode):
+    """A float16 model's static-cache decode steps with the decode kernels (RoPE and the cache update in one kernel,
+    the attention, the gate) against the same steps through the torch operations, from the same prefill: logits,
+    the caches' keys, values, pooled keys and lengths. On CPU the interpreter runs the kernels."""
+    from transformers import StaticCache
+
+    from ssa_megatron.hf.configuration import SSALlamaConfig
+    from ssa_megatron.hf.modeling import SSALlamaForCausalLM
+
+    config = SSALlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=16, ssa_block_size=16,
+                            ssa_top_k=3, ssa_mode=mode)
+    torch.manual_seed(3)
+    model = SSALlamaForCausalLM(config).half().to(DEVICE).eval()
+    with torch.no_grad():
+        for attn in model.ssa_attention_modules():
+            attn.g_proj.weight.normal_(0, 0.5)  # the gate away from 0.5
+    model.fuse_projections()  # as from_pretrained loads it: q, k, v and the gate are views of one output
+    tokens = torch.randint(0, config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    kernels = decode_triton.use_kernels if DEVICE == "cuda" else lambda q, cached: q.dtype == torch.float16
+    appends = []
+    monkeypatch.setattr(decoding, "append_by_kernels",
+                        lambda *args: appends.append(1) or decode_triton.append_by_kernels(*args))
+    caches, logits = [], []
+    for use in (kernels, lambda q, cached: False):
+        monkeypatch.setattr(decoding, "use_kernels", use)
+        cache = StaticCache(config=config, max_cache_len=64)
+        steps = []
+        with torch.no_grad():
+            model(tokens[:, :29], cache=cache, use_cache=True)
+            for t in range(29, 36):  # across the block boundary at 32
+                steps.append(model(tokens[:, t:t + 1], cache=cache, use_cache=True).logits.float())
+        caches.append(cache)
+        logits.append(torch.cat(steps, 1))
+    assert len(appends) == 7 * config.num_hidden_layers  # every step of the first run, none of the second
+    torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
+    for ours, theirs in zip(caches[0].layers, caches[1].layers):
+        assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 36 and int(ours.tickets) == 0
+        for name in ("keys", "values", "pooled"):
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=2e-2, rtol=2e-2)

@@ -25,6 +25,7 @@ import collections
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -40,6 +41,7 @@ def fake_sm90() -> None:
     import torch.utils._triton as torch_triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
+    from triton.runtime import driver as triton_driver
 
     props = collections.namedtuple("Props", "name major minor multi_processor_count total_memory warp_size "
                                    "max_threads_per_multi_processor regs_per_multiprocessor "
@@ -90,6 +92,10 @@ def fake_sm90() -> None:
         setattr(interface, name, staticmethod(value))
     interface.device = NoDevice
     torch_triton.triton_backend = lambda: make_backend(GPUTarget("cuda", 90, 32))
+    # User-defined kernels (decode_triton.py): Inductor reads which arguments each one writes from its TTIR, which
+    # asks the active driver for the target; without it Inductor assumes every argument is written, and copies the
+    # views it passes in (kernels a GPU compile does not have).
+    triton_driver.set_active(SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32)))
 
 
 def count(code: str) -> tuple[list[str], list[str]]:

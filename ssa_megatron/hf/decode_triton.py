@@ -107,20 +107,57 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
 
 
 def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, length: Tensor, block_size: int,
-                      scale: float) -> Tensor:
+                      scale: float, gate: Tensor | None = None) -> Tensor:
     """The attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) to the selected
-    ``blocks [b, HKV, K]`` (-1 padded) of ``keys``/``values [b, HKV, L, D]``; returns ``[b, HQ, 1, D]`` in ``q``'s
-    dtype."""
+    ``blocks [b, HKV, K]`` (-1 padded) of ``keys``/``values [b, HKV, L, D]``, times ``sigmoid(gate)`` where gate
+    logits ``[b, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype."""
     b, hq, _, d = q.shape
     hkv, top_k = keys.shape[1], blocks.shape[-1]
     g = hq // hkv
     q, keys, values, blocks = _rows(q, keys, values, blocks)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
-        q, keys, values, blocks, length, out, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        q, keys, values, blocks, length, out, gate_ptr, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), blocks.stride(0), blocks.stride(1),
-        SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=_padded(g), DIM_P=_padded(d),
-        KEYS_P=_padded(top_k * block_size), num_warps=8)
+        gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=_padded(g),
+        DIM_P=_padded(d), KEYS_P=_padded(top_k * block_size), GATE=gate is not None, num_warps=8)
+    return out[:, :, None]
+
+
+def _gate_args(gate: Tensor | None, out: Tensor) -> tuple[Tensor, int, int]:
+    """The gate logits ``[b, HQ]`` (a view of the fused projection's output) as a kernel's pointer and strides;
+    ``out`` and zeros stand in where the model has no gate (the kernel then never reads it)."""
+    return (gate, gate.stride(0), gate.stride(1)) if gate is not None else (out, 0, 0)
+
+
+def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+                      pooled: Tensor, length: Tensor, tickets: Tensor, block_size: int) -> Tensor:
+    """RoPE of one new token per row and its cache update, in one kernel: what Llama's ``apply_rotary_pos_emb`` and
+    ``SSAStaticLayer.update`` do for one token, where Inductor launches five kernels per layer.
+
+    ``q [b, HQ, 1, D]``, ``k``/``v [b, HKV, 1, D]`` unrotated (views of the fused projection's output), ``cos``/
+    ``sin [b or 1, 1, D]`` the token's rotary embedding. Writes the rotated key and the value at position
+    ``length`` of ``keys``/``values [b, HKV, L, D]``, the pooled key of that position's block into ``pooled [b,
+    HKV, L / block_size, D]`` (``decoding.pool_blocks``'s rule over the block's cached keys with the new one), and
+    ``length + 1`` into ``length`` (a 0-d int64 tensor), once every program has read it: the last program to
+    finish, counted in ``tickets`` (an int32 zero that it resets). Returns the rotated query ``[b, HQ, 1, D]``.
+
+    The rotation is computed in float32 from the model-dtype inputs and rounded once, as Inductor computes it in a
+    compiled step."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    q, k, v, cos, sin = _rows(q, k, v, cos, sin)
+    if any(x.stride(-1) != 1 for x in (keys, values, pooled)):  # written in place: a copy would lose the writes
+        raise ValueError("append_by_kernels: the cache buffers need a unit stride in their last dimension")
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    _append_kernel[(b, hkv)](
+        q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), cos.stride(0) if cos.shape[0] > 1 else 0,
+        sin.stride(0) if sin.shape[0] > 1 else 0, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+        values.stride(1), values.stride(2), pooled.stride(0), pooled.stride(1), pooled.stride(2), keys.shape[2],
+        pooled.shape[2], G=hq // hkv, D=d, BS=block_size, GROUP_P=_padded(hq // hkv), DIM_P=_padded(d),
+        BS_P=triton.next_power_of_2(block_size), num_warps=4)
     return out[:, :, None]
 
 
@@ -135,11 +172,13 @@ These three were the fastest of 12 settings at the 1B shape and 32k on an H200 a
 fastest at batch 1 (docs/benchmarks.md, session 9); more programs make the combine longer at batch 1."""
 
 
-def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float) -> Tensor:
+def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, scale: float,
+                           gate: Tensor | None = None) -> Tensor:
     """Causal attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) over the first
-    ``length`` keys of the static buffers ``keys``/``values [b, HKV, L, D]``; returns ``[b, HQ, 1, D]`` in ``q``'s
-    dtype. Split-KV: each program attends a row's group to one key range and keeps the float32 partial (max, sum,
-    weighted values); a second kernel combines a row's ranges. Ranges past ``length`` return at once."""
+    ``length`` keys of the static buffers ``keys``/``values [b, HKV, L, D]``, times ``sigmoid(gate)`` where gate
+    logits ``[b, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype. Split-KV: each program attends a row's
+    group to one key range and keeps the float32 partial (max, sum, weighted values); a second kernel combines a
+    row's ranges and gates. Ranges past ``length`` return at once."""
     b, hq, _, d = q.shape
     hkv, capacity = keys.shape[1], keys.shape[2]
     g, rows = hq // hkv, b * hkv
@@ -156,8 +195,10 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=FULL_BLOCK_N, PER_SPLIT=per_split, num_warps=FULL_WARPS,
         num_stages=3)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _full_combine_kernel[(rows, g)](partial, stats, out, splits, G=g, D=d, GROUP_P=group_p, DIM_P=dim_p,
-                                    SPLITS_TILE=min(128, triton.next_power_of_2(splits)), num_warps=8)
+    gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
+    _full_combine_kernel[(rows, g)](partial, stats, out, gate_ptr, splits, gate_sb, gate_sh, HKV=hkv, G=g, D=d,
+                                    GROUP_P=group_p, DIM_P=dim_p, GATE=gate is not None,
+                                    SPLITS_TILE=min(256, triton.next_power_of_2(splits)), num_warps=8)
     return out[:, :, None]
 
 
@@ -177,6 +218,64 @@ if triton is not None:
         d = tl.arange(0, DIM_P)
         return tl.load(q_ptr + bi * q_sb + (h * G + g)[:, None] * q_sh + d[None, :],
                        mask=(g < G)[:, None] & (d < D)[None, :], other=0.0)
+
+    @triton.jit
+    def _gate(gate_ptr, bi, heads, gate_sb, gate_sh, mask):
+        """``sigmoid`` of query ``heads``' gate logits of batch entry ``bi``, in float32 (docs/ssa.md rule 5)."""
+        logit = tl.load(gate_ptr + bi * gate_sb + heads * gate_sh, mask=mask, other=0.0)
+        return tl.sigmoid(logit.to(tl.float32))
+
+    @triton.jit
+    def _rotated(x_ptr, rows, row_mask, d, cos, sin, D: tl.constexpr):
+        """Llama's RoPE of the ``[rows, D]`` vectors at ``x_ptr + rows`` (row offsets) in float32: ``x · cos +
+        rotate_half(x) · sin``, where ``rotate_half`` is ``(-x[D/2:], x[:D/2])``."""
+        first = d < D // 2
+        partner = tl.where(first, d + D // 2, d - D // 2)
+        mask = row_mask[:, None] & (d < D)[None, :]
+        x = tl.load(x_ptr + rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x_half = tl.load(x_ptr + rows[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        return x * cos[None, :] + tl.where(first, -x_half, x_half) * sin[None, :]
+
+    @triton.jit
+    def _append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, length_ptr,
+                       tickets_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, cos_sb, sin_sb, ks_b, ks_h, ks_n,
+                       vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, G: tl.constexpr, D: tl.constexpr,
+                       BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BS_P: tl.constexpr):
+        bi, h = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, DIM_P)
+        dim = d < D
+        one = tl.arange(0, 1)
+        cos = tl.load(cos_ptr + bi * cos_sb + d, mask=dim, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + bi * sin_sb + d, mask=dim, other=0.0).to(tl.float32)
+        length = tl.load(length_ptr)
+        # The query heads of the group, rotated and rounded to the model dtype.
+        g = tl.arange(0, GROUP_P)
+        heads = h * G + g
+        q = _rotated(q_ptr, bi * q_sb + heads * q_sh, g < G, d, cos, sin, D)
+        tl.store(out_ptr + (bi * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
+                 q.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & dim[None, :])
+        # The key, rotated, and the value, at position length (a full buffer is not written).
+        key = _rotated(k_ptr, bi * k_sb + h * k_sh + one, one == 0, d, cos, sin, D).to(keys_ptr.dtype.element_ty)
+        fits = (one < 1)[:, None] & dim[None, :] & (length < capacity)
+        tl.store(keys_ptr + bi * ks_b + h * ks_h + length * ks_n + d[None, :], key, mask=fits)
+        value = tl.load(v_ptr + bi * v_sb + h * v_sh + d[None, :], mask=(one < 1)[:, None] & dim[None, :])
+        tl.store(values_ptr + bi * vs_b + h * vs_h + length * vs_n + d[None, :], value, mask=fits)
+        # The pooled key of the token's block: the block's cached keys with the new one in its place.
+        block = tl.minimum(length // BS, blocks - 1)
+        t = tl.arange(0, BS_P)
+        pos = block * BS + t
+        inside = (t < BS) & (pos < capacity)
+        cached = tl.load(keys_ptr + bi * ks_b + h * ks_h + pos[:, None] * ks_n + d[None, :],
+                         mask=inside[:, None] & dim[None, :], other=0.0)
+        cached = tl.where((pos == length)[:, None], key, cached).to(tl.float32)
+        tl.store(pooled_ptr + bi * ps_b + h * ps_h + block * ps_n + d, (tl.sum(cached, 0) / BS).to(
+            pooled_ptr.dtype.element_ty), mask=dim)
+        # The new length, written by the last program to finish: every program has read the old one by then (the
+        # atomic orders each program's reads before its ticket).
+        ticket = tl.atomic_add(tickets_ptr, 1)
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            tl.store(length_ptr, length + 1)
+            tl.store(tickets_ptr, 0)
 
     @triton.jit
     def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n,
@@ -257,10 +356,11 @@ if triton is not None:
         _store_largest(keys, out_ptr + row * TOP_K, TOP_K, True)
 
     @triton.jit
-    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, blocks_ptr, length_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,
-                                 v_sb, v_sh, v_sn, i_sb, i_sh, SCALE: tl.constexpr, HKV: tl.constexpr,
-                                 G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TOP_K: tl.constexpr,
-                                 GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr):
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, blocks_ptr, length_ptr, out_ptr, gate_ptr, q_sb, q_sh, k_sb,
+                                 k_sh, k_sn, v_sb, v_sh, v_sn, i_sb, i_sh, gate_sb, gate_sh, SCALE: tl.constexpr,
+                                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                                 TOP_K: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
+                                 KEYS_P: tl.constexpr, GATE: tl.constexpr):
         row = tl.program_id(0)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
@@ -280,6 +380,8 @@ if triton is not None:
         p = tl.exp(s - tl.max(s, 1)[:, None])  # the own block's new token is always valid: a finite max
         p = p / tl.sum(p, 1)[:, None]
         out = tl.dot(p.to(v.dtype), v)
+        if GATE:
+            out *= _gate(gate_ptr, bi, h * G + g, gate_sb, gate_sh, g < G)[:, None]
         tl.store(out_ptr + (bi * HKV * G + h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(g < G)[:, None] & dim)
 
@@ -323,28 +425,30 @@ if triton is not None:
         tl.store(stats_ptr + base * 2 * GROUP_P + GROUP_P + g, total)
 
     @triton.jit
-    def _full_combine_kernel(partial_ptr, stats_ptr, out_ptr, splits, G: tl.constexpr, D: tl.constexpr,
-                             GROUP_P: tl.constexpr, DIM_P: tl.constexpr, SPLITS_TILE: tl.constexpr):
-        """One query head's output from its row's key ranges: ranges past the length carry a -inf max and weigh 0;
+    def _full_combine_kernel(partial_ptr, stats_ptr, out_ptr, gate_ptr, splits, gate_sb, gate_sh, HKV: tl.constexpr,
+                             G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
+                             GATE: tl.constexpr, SPLITS_TILE: tl.constexpr):
+        """One query head's output from its row's key ranges, in one pass (a single tile of ranges up to 256 of
+        them, else rescaled online as the split kernel does): ranges past the length carry a -inf max and weigh 0;
         the first range always holds key 0, so the overall max is finite."""
         row, head = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, DIM_P)
-        top = tl.full((SPLITS_TILE,), -float("inf"), tl.float32)
-        for first in range(0, splits, SPLITS_TILE):  # the overall max first, then one weighted pass
-            i = first + tl.arange(0, SPLITS_TILE)
-            m = tl.load(stats_ptr + (row * splits + i) * 2 * GROUP_P + head, mask=i < splits, other=-float("inf"))
-            top = tl.maximum(top, m)
-        overall = tl.max(top, 0)
+        top = -float("inf")
         total = tl.zeros((SPLITS_TILE,), tl.float32)
         acc = tl.zeros((SPLITS_TILE, DIM_P), tl.float32)
         for first in range(0, splits, SPLITS_TILE):
             i = first + tl.arange(0, SPLITS_TILE)
             base = (row * splits + i) * 2 * GROUP_P + head
             m = tl.load(stats_ptr + base, mask=i < splits, other=-float("inf"))
-            w = tl.exp2(m - overall)
-            total += w * tl.load(stats_ptr + base + GROUP_P, mask=i < splits, other=0.0)
+            new_top = tl.maximum(top, tl.max(m, 0))
+            alpha = tl.exp2(top - new_top)
+            w = tl.exp2(m - new_top)
+            total = total * alpha + w * tl.load(stats_ptr + base + GROUP_P, mask=i < splits, other=0.0)
             part = tl.load(partial_ptr + (((row * splits + i) * GROUP_P + head) * DIM_P)[:, None] + d[None, :],
                            mask=(i < splits)[:, None], other=0.0)
-            acc += w[:, None] * part
+            acc = acc * alpha + w[:, None] * part
+            top = new_top
         out = tl.sum(acc, 0) / tl.sum(total, 0)
+        if GATE:
+            out *= _gate(gate_ptr, row // HKV, row % HKV * G + head, gate_sb, gate_sh, True)
         tl.store(out_ptr + (row * G + head) * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)

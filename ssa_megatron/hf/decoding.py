@@ -46,14 +46,20 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from .decode_triton import attend_by_kernels, full_attend_by_kernels, select_by_kernels, use_kernels
+from .decode_triton import (
+    append_by_kernels,
+    attend_by_kernels,
+    full_attend_by_kernels,
+    select_by_kernels,
+    use_kernels,
+)
 
 IN_PACKAGE = __name__.startswith("ssa_megatron.")
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     _reference = importlib.import_module("ssa_megatron.ssa.reference")
-    scoring_dtype = _reference.scoring_dtype
+    apply_gate, scoring_dtype = _reference.apply_gate, _reference.scoring_dtype
 else:  # an export folder: ssa_megatron/ssa/reference.py is copied beside this file
-    from .reference import scoring_dtype
+    from .reference import apply_gate, scoring_dtype
 
 LAYER_TYPE = "ssa_attention"
 KV_TILE = 128
@@ -138,7 +144,8 @@ class SSAStaticLayer(StaticLayer):
     blocks before its own). This needs no branch on the length, so a decode step stays one fixed graph.
 
     ``tiles [1, 1, 1, max_cache_len // KV_TILE]`` (int32, 0, 1, ...) are the key tiles of full mode's block mask,
-    made once here: built inside a compiled step, they cost a kernel per layer and step.
+    made once here: built inside a compiled step, they cost a kernel per layer and step. ``tickets`` (one int32
+    zero) is the counter with which the one-token update kernel (:func:`append_token`) finds its last program.
     """
 
     _layer_type = LAYER_TYPE
@@ -147,6 +154,7 @@ class SSAStaticLayer(StaticLayer):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self.pooled: Tensor | None = None
         self.tiles: Tensor | None = None
+        self.tickets: Tensor | None = None
         self.block_size: int | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -157,9 +165,10 @@ class SSAStaticLayer(StaticLayer):
         self.pooled = self.keys.new_zeros(b, hkv, self.max_cache_len // self.block_size, d)
         tiles = torch.arange(self.max_cache_len // KV_TILE, dtype=torch.int32, device=self.keys.device)
         self.tiles = tiles.view(1, 1, 1, -1).clone()  # its own storage, for mark_static_address
+        self.tickets = torch.zeros(1, dtype=torch.int32, device=self.keys.device)
         if not torch.compiler.is_compiling():  # as StaticLayer does for its buffers: cudagraphs need fixed addresses
-            torch._dynamo.mark_static_address(self.pooled)
-            torch._dynamo.mark_static_address(self.tiles)
+            for buffer in (self.pooled, self.tiles, self.tickets):
+                torch._dynamo.mark_static_address(buffer)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, ssa_block_size: int | None = None, **kwargs
                ) -> tuple[Tensor, Tensor]:
@@ -316,17 +325,17 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
 
 
 def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
-                  scale: float) -> Tensor:
-    """Sparse attention of one new token per row over the cache. ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L,
-    D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
+                  scale: float, gate: Tensor | None = None) -> Tensor:
+    """Sparse attention of one new token per row over the cache, gated by the logits ``gate [b, HQ]`` where given.
+    ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L, D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
     b, hq, _, d = q.shape
     hkv, bs = keys.shape[1], config.ssa_block_size
     kernels = use_kernels(q, keys)
     if kernels:  # a dynamic cache's int length as a device tensor once, for the selection and the attention
         length = torch.as_tensor(length, device=q.device)
     idx = select_decode_blocks(q, pooled, length, config, scale)  # [b, HKV, K]
-    if kernels:  # CUDA, bf16/fp16: gather and attend in one Triton kernel
-        return attend_by_kernels(q, keys, values, idx, length, bs, scale)
+    if kernels:  # CUDA, bf16/fp16: gather, attend and gate in one Triton kernel
+        return attend_by_kernels(q, keys, values, idx, length, bs, scale, gate)
     pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)
@@ -336,14 +345,20 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
     logits = logits.masked_fill(~valid[:, :, None], -math.inf)
     probs = torch.softmax(logits, dim=-1)  # [b, HKV, G, K·bs]
     out = _products(probs, torch.gather(values, 2, pos).transpose(-1, -2), kernel_operands=exact)  # [b, HKV, G, D]
-    return out.reshape(b, hq, 1, d).to(q.dtype)
+    return _gated(out.reshape(b, hq, 1, d).to(q.dtype), gate)
 
 
-def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: Tensor, scale: float) -> Tensor:
+def _gated(out: Tensor, gate: Tensor | None) -> Tensor:
+    """``out [b, HQ, 1, D]`` times ``sigmoid(gate [b, HQ])`` (``reference.apply_gate``)."""
+    return out if gate is None else apply_gate(out.transpose(1, 2), gate[:, None]).transpose(1, 2)
+
+
+def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: Tensor, scale: float,
+                gate: Tensor | None = None) -> Tensor:
     """Causal attention of one new token per row over the first ``length`` keys of a static buffer, through
     FlexAttention: the block mask lists the :data:`KV_TILE`-key ``tiles`` (``SSAStaticLayer.tiles``) up to
     ``length`` (fixed shapes, values from the 0-d ``length`` tensor), so the compiled kernel reads only those.
-    ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``.
+    ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, gated by the logits ``gate [b, HQ]`` where given.
 
     No query-direction blocks (``compute_q_blocks=False``): only a backward reads them, and computing them costs a
     sort kernel per layer and step. Inductor lowers this to its split-KV decoding kernel only when the batch and
@@ -354,7 +369,7 @@ def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: 
     decoding kernel and the 6 kernels Inductor writes around it took about 20 us per layer at batch 1 and 32k on an
     H200, for 17 MB of keys and values (docs/benchmarks.md, session 9)."""
     if use_kernels(q, keys):
-        return full_attend_by_kernels(q, keys, values, torch.as_tensor(length, device=q.device), scale)
+        return full_attend_by_kernels(q, keys, values, torch.as_tensor(length, device=q.device), scale, gate)
     kv_num_blocks = ((length + KV_TILE - 1) // KV_TILE).to(torch.int32).view(1, 1, 1)
 
     def causal(b, h, q_idx, kv_idx):
@@ -364,15 +379,16 @@ def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: 
                                     seq_lengths=(1, keys.shape[2]), compute_q_blocks=False)
     q = q.contiguous()  # a view of the projection's [b, 1, HQ·D] output; Inductor's CPU template wants it dense
     if torch.compiler.is_compiling():
-        return flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+        return _gated(flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True), gate)
     with warnings.catch_warnings():  # eager (tests, an uncompiled static cache): the unfused path is intended
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        return flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True)
+        return _gated(flex_attention(q, keys, values, block_mask=mask, scale=scale, enable_gqa=True), gate)
 
 
-def decode_attention(q: Tensor, layer, config, scale: float) -> Tensor | None:
-    """The attention of one new token per row, ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, from an SSA cache layer
-    that already holds the token's key and value; None where the general path must run instead: a cache layer
+def decode_attention(q: Tensor, layer, config, scale: float, gate: Tensor | None = None) -> Tensor | None:
+    """The attention of one new token per row, ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, gated by the logits ``gate
+    [b, HQ]`` where given, from an SSA cache layer that already holds the token's key and value (the decode kernels
+    gate as they write their output); None where the general path must run instead: a cache layer
     of another kind, full mode on a dynamic cache (the backend's full attention is already one pass over the keys),
     or a non-default selection rule (``ssa_selection`` / ``ssa_normaliser``, when the configuration has them)."""
     if not isinstance(layer, SSA_LAYERS) or q.shape[2] != 1:
@@ -384,11 +400,31 @@ def decode_attention(q: Tensor, layer, config, scale: float) -> Tensor | None:
     if config.ssa_mode == "full":
         if not isinstance(layer, SSAStaticLayer):
             return None
-        return full_decode(q, layer.keys, layer.values, length, layer.tiles, scale)
+        return full_decode(q, layer.keys, layer.values, length, layer.tiles, scale, gate)
     pooled = layer.pooled
     if isinstance(layer, SSADynamicLayer):  # room for the own block's (unused) entry
         pooled = F.pad(pooled, (0, 0, 0, 1))
-    return sparse_decode(q, layer.keys, layer.values, pooled, length, config, scale)
+    return sparse_decode(q, layer.keys, layer.values, pooled, length, config, scale, gate)
+
+
+def append_token(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                 block_size: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Llama's RoPE and ``cache.update`` of one new token per row as one kernel
+    (``decode_triton.append_by_kernels``), where Inductor would launch five per layer: on an :class:`SSAStaticLayer`
+    that a prefill has initialised, holding CUDA bf16/fp16 buffers, in a cache that does not offload. ``q``, ``k``,
+    ``v`` are the unrotated ``[b, H, 1, D]`` projections, ``cos``/``sin [b, 1, D]`` the rotary embedding. Returns
+    what ``apply_rotary_pos_emb`` and ``cache.update`` return (the rotated query, the layer's keys and values), or
+    None where those must run instead."""
+    if q.shape[2] != 1 or getattr(cache, "offloading", False) or layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    if (not isinstance(layer, SSAStaticLayer) or not layer.is_initialized or cos.shape[-1] != q.shape[-1]
+            or not use_kernels(q, layer.keys)):
+        return None
+    layer.block_size = _check_block_size(layer, block_size)
+    q = append_by_kernels(q, k, v, cos, sin, layer.keys, layer.values, layer.pooled, layer.cumulative_length,
+                          layer.tickets, block_size)
+    return q, layer.keys, layer.values
 
 
 def valid_keys(layer, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
-from .decoding import decode_attention, valid_keys
+from .decoding import append_token, decode_attention, valid_keys
 
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     ssa_attention = importlib.import_module("ssa_megatron.ssa").ssa_attention
@@ -229,16 +229,22 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
             g = [self.g_proj(hidden_states)] if self.g_proj is not None else []
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [b, HQ, s, D], [b, HKV, s, D] twice
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        appended = None
+        if cache is not None and s == 1:  # one new token on a static cache: RoPE and the update in one kernel
+            appended = append_token(cache, self.layer_idx, q, k, v, cos, sin, self.config.ssa_block_size)
+        if appended is not None:
+            q, k, v = appended
+        else:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
         gate = g[0].transpose(0, 1) if g else None  # [s, b, HQ]
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
             layer = cache.layers[self.layer_idx]
             if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
-                out = decode_attention(q, layer, self.config, self.scaling)
+                out = decode_attention(q, layer, self.config, self.scaling, gate[0] if g else None)  # gated
                 if out is not None:
-                    out = apply_gate(out.permute(2, 0, 1, 3), gate)  # [1, b, HQ, D]
-                    return self.o_proj(out.permute(1, 0, 2, 3).reshape(b, s, -1)), None
+                    return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
             k, v = valid_keys(layer, k, v)
             if cu_seqlens is not None and k.shape[2] != s:
                 raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
