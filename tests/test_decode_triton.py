@@ -166,7 +166,8 @@ def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, ca
     (1, 16, 1, 64, 64, 127),  # G 16, the 1B shape's group and block: the token completes a block
     (3, 12, 4, 24, 8, 0),  # G 3, D 24 (padded in the kernel), the first token
     (1, 8, 8, 32, 16, 48),  # G 1, the token starts a block
-    (2, 4, 2, 16, 16, 255),  # the last position of the buffer
+    (2, 4, 2, 16, 16, 255),  # the last position of the buffer, completing the last block
+    (2, 8, 2, 16, 16, 47),  # G 4, the token completes a block
 ])
 def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, cached):
     """``append_by_kernels`` against Llama's ``apply_rotary_pos_emb`` (in float32, rounded once, as the kernel and
@@ -180,38 +181,35 @@ def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, ca
     def layer():
         out = decoding.SSAStaticLayer(max_cache_len=256)
         out.block_size = bs
-        out.lazy_initialization(torch.zeros(b, hkv, 1, d, dtype=dtype), torch.zeros(b, hkv, 1, d, dtype=dtype))
+        empty = torch.zeros(b, hkv, 1, d, dtype=dtype, device=DEVICE)
+        out.lazy_initialization(empty, empty)
         return out
 
     ours, theirs = layer(), layer()
     if cached:
-        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(dtype) for _ in range(2))
+        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
         for x in (ours, theirs):
             x.update(k0, v0, ssa_block_size=bs)
     ours.keys[:, :, cached + 1:] = theirs.keys[:, :, cached + 1:] = 7.0  # stale keys after the token: pooled too
-    fused = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    fused = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=gen).to(DEVICE, dtype)
     q, k, v = (t.view(b, 1, -1, d).transpose(1, 2) for t in fused.split([hq * d, hkv * d, hkv * d], -1))
     angle = torch.rand(b, 1, d // 2, generator=gen) * 6
-    cos, sin = (torch.cat([f(angle)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
-    ours, theirs = (x if DEVICE == "cpu" else _to_cuda(x) for x in (ours, theirs))
-    q, k, v, cos, sin = (x.to(DEVICE) for x in (q, k, v, cos, sin))
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
     got = decode_triton.append_by_kernels(q, k, v, cos, sin, ours.keys, ours.values, ours.pooled,
                                           ours.cumulative_length, ours.tickets, bs)
     want, k_rotated = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
     theirs.update(k_rotated.to(dtype), v, ssa_block_size=bs)
-    exact = dict(rtol=0, atol=0)
-    torch.testing.assert_close(got, want.to(dtype), **exact)
-    torch.testing.assert_close(ours.keys, theirs.keys, **exact)
-    torch.testing.assert_close(ours.values, theirs.values, **exact)
-    torch.testing.assert_close(ours.pooled, theirs.pooled, rtol=1e-5, atol=1e-6)  # float32 sums, another order
+    # One rounding step apart at most: a GPU contracts the kernel's products and sums into FMAs.
+    step = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want.to(dtype), **step)
+    torch.testing.assert_close(ours.keys, theirs.keys, **step)
+    torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=0)
+    complete = (cached + 1) // bs  # the kernel pools a block when its token completes it; the rest are not read
+    torch.testing.assert_close(ours.pooled[:, :, :complete], theirs.pooled[:, :, :complete], rtol=1e-5,
+                               atol=1e-6)  # float32 sums in another order
+    assert torch.equal(ours.pooled[:, :, complete:], theirs.pooled[:, :, complete:]) == ((cached + 1) % bs == 0)
     assert int(ours.cumulative_length) == int(theirs.cumulative_length) == cached + 1
     assert int(ours.tickets) == 0
-
-
-def _to_cuda(layer):
-    for name in ("keys", "values", "pooled", "cumulative_length", "tickets"):
-        setattr(layer, name, getattr(layer, name).cuda())
-    return layer
 
 
 @pytest.mark.parametrize("mode", ["full", "sparse"])
@@ -285,5 +283,6 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode):
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
     for ours, theirs in zip(caches[0].layers, caches[1].layers):
         assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 36 and int(ours.tickets) == 0
-        for name in ("keys", "values", "pooled"):
+        for name in ("keys", "values"):
             torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(ours.pooled[:, :, :2], theirs.pooled[:, :, :2], atol=2e-2, rtol=2e-2)  # complete

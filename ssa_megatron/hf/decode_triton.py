@@ -138,8 +138,9 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
 
     ``q [b, HQ, 1, D]``, ``k``/``v [b, HKV, 1, D]`` unrotated (views of the fused projection's output), ``cos``/
     ``sin [b or 1, 1, D]`` the token's rotary embedding. Writes the rotated key and the value at position
-    ``length`` of ``keys``/``values [b, HKV, L, D]``, the pooled key of that position's block into ``pooled [b,
-    HKV, L / block_size, D]`` (``decoding.pool_blocks``'s rule over the block's cached keys with the new one), and
+    ``length`` of ``keys``/``values [b, HKV, L, D]``, the pooled key of the block the token completes, if it
+    completes one, into ``pooled [b, HKV, L / block_size, D]`` (``decoding.pool_blocks``'s rule over the block's
+    cached keys with the new one; as ``SSADynamicLayer`` pools, an incomplete block's entry is left alone), and
     ``length + 1`` into ``length`` (a 0-d int64 tensor), once every program has read it: the last program to
     finish, counted in ``tickets`` (an int32 zero that it resets). Returns the rotated query ``[b, HQ, 1, D]``.
 
@@ -260,16 +261,19 @@ if triton is not None:
         tl.store(keys_ptr + bi * ks_b + h * ks_h + length * ks_n + d[None, :], key, mask=fits)
         value = tl.load(v_ptr + bi * v_sb + h * v_sh + d[None, :], mask=(one < 1)[:, None] & dim[None, :])
         tl.store(values_ptr + bi * vs_b + h * vs_h + length * vs_n + d[None, :], value, mask=fits)
-        # The pooled key of the token's block: the block's cached keys with the new one in its place.
-        block = tl.minimum(length // BS, blocks - 1)
-        t = tl.arange(0, BS_P)
-        pos = block * BS + t
-        inside = (t < BS) & (pos < capacity)
-        cached = tl.load(keys_ptr + bi * ks_b + h * ks_h + pos[:, None] * ks_n + d[None, :],
-                         mask=inside[:, None] & dim[None, :], other=0.0)
-        cached = tl.where((pos == length)[:, None], key, cached).to(tl.float32)
-        tl.store(pooled_ptr + bi * ps_b + h * ps_h + block * ps_n + d, (tl.sum(cached, 0) / BS).to(
-            pooled_ptr.dtype.element_ty), mask=dim)
+        # The pooled key of the block this token completes: its cached keys with the new one in its place. Only
+        # then: an incomplete block's entry is never scored, and reading the block at every token would lengthen
+        # each step's chain of dependent loads.
+        if length % BS == BS - 1:
+            block = tl.minimum(length // BS, blocks - 1)
+            t = tl.arange(0, BS_P)
+            pos = block * BS + t
+            inside = (t < BS) & (pos < capacity)
+            cached = tl.load(keys_ptr + bi * ks_b + h * ks_h + pos[:, None] * ks_n + d[None, :],
+                             mask=inside[:, None] & dim[None, :], other=0.0)
+            cached = tl.where((pos == length)[:, None], key, cached).to(tl.float32)
+            tl.store(pooled_ptr + bi * ps_b + h * ps_h + block * ps_n + d, (tl.sum(cached, 0) / BS).to(
+                pooled_ptr.dtype.element_ty), mask=dim)
         # The new length, written by the last program to finish: every program has read the old one by then (the
         # atomic orders each program's reads before its ticket).
         ticket = tl.atomic_add(tickets_ptr, 1)

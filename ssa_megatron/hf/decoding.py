@@ -141,7 +141,8 @@ class SSAStaticLayer(StaticLayer):
 
     Each ``update`` re-pools every block its new tokens touch, from the cache; a block's entry is final once the
     update that completes it has run, and entries of incomplete blocks are never scored (a token scores only the
-    blocks before its own). This needs no branch on the length, so a decode step stays one fixed graph.
+    blocks before its own). This needs no branch on the length, so a decode step stays one fixed graph. The
+    one-token kernel of :func:`append_token` writes a block's entry only when its token completes the block.
 
     ``tiles [1, 1, 1, max_cache_len // KV_TILE]`` (int32, 0, 1, ...) are the key tiles of full mode's block mask,
     made once here: built inside a compiled step, they cost a kernel per layer and step. ``tickets`` (one int32
