@@ -172,8 +172,8 @@ def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, ca
 def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, cached):
     """``append_by_kernels`` against Llama's ``apply_rotary_pos_emb`` (in float32, rounded once, as the kernel and
     Inductor compute it) and ``SSAStaticLayer.update`` on a copy of the same cache: the rotated query, the keys,
-    values and pooled keys, the length, and the ticket counter back at zero. The projections are strided views of
-    one fused output, as in the model."""
+    values and pooled keys, the length, and the ticket counter back at zero. The projections are slices of one
+    fused output, as in the model."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     gen = torch.Generator().manual_seed(b * 1000 + cached)
@@ -192,11 +192,12 @@ def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, ca
             x.update(k0, v0, ssa_block_size=bs)
     ours.keys[:, :, cached + 1:] = theirs.keys[:, :, cached + 1:] = 7.0  # stale keys after the token: pooled too
     fused = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=gen).to(DEVICE, dtype)
-    q, k, v = (t.view(b, 1, -1, d).transpose(1, 2) for t in fused.split([hq * d, hkv * d, hkv * d], -1))
+    q, k, v = fused.split([hq * d, hkv * d, hkv * d], -1)  # [b, 1, H·D] slices, as the model passes them
     angle = torch.rand(b, 1, d // 2, generator=gen) * 6
     cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
     got = decode_triton.append_by_kernels(q, k, v, cos, sin, ours.keys, ours.values, ours.pooled,
                                           ours.cumulative_length, ours.tickets, bs)
+    q, k, v = (t.view(b, 1, -1, d).transpose(1, 2) for t in (q, k, v))
     want, k_rotated = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float())
     theirs.update(k_rotated.to(dtype), v, ssa_block_size=bs)
     # One rounding step apart at most: a GPU contracts the kernel's products and sums into FMAs.
@@ -222,7 +223,7 @@ def test_kernels_gate_as_apply_gate(monkeypatch, mode):
     gen = torch.Generator().manual_seed(11)
     q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
     keys, values = (torch.randn(b, hkv, 384, d, generator=gen).half().to(DEVICE) for _ in range(2))
-    gate = (2 * torch.randn(b, 3 * hq, generator=gen)).half().to(DEVICE)[:, ::3]  # strided, away from 0.5
+    gate = (2 * torch.randn(b, 1, 3 * hq, generator=gen)).half().to(DEVICE)[..., ::3]  # strided, away from 0.5
     length_t = torch.tensor(length, device=DEVICE)
     scale = 1 / math.sqrt(d)
     tiles = torch.arange(384 // decoding.KV_TILE, dtype=torch.int32, device=DEVICE).view(1, 1, 1, -1)
@@ -238,7 +239,7 @@ def test_kernels_gate_as_apply_gate(monkeypatch, mode):
     got, ungated = attend(gate), attend(None)
     monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
     torch_path = attend(gate)
-    expected = reference.apply_gate(ungated.float().transpose(1, 2), gate.float()[:, None]).transpose(1, 2)
+    expected = reference.apply_gate(ungated.float().transpose(1, 2), gate.float()).transpose(1, 2)
     torch.testing.assert_close(got.float(), expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(got.float(), torch_path.float(), atol=3e-3, rtol=3e-3)
     assert (got - ungated).abs().max() > 0.1  # the gate is applied, and once

@@ -110,7 +110,7 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
                       scale: float, gate: Tensor | None = None) -> Tensor:
     """The attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) to the selected
     ``blocks [b, HKV, K]`` (-1 padded) of ``keys``/``values [b, HKV, L, D]``, times ``sigmoid(gate)`` where gate
-    logits ``[b, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype."""
+    logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype."""
     b, hq, _, d = q.shape
     hkv, top_k = keys.shape[1], blocks.shape[-1]
     g = hq // hkv
@@ -126,9 +126,9 @@ def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, l
 
 
 def _gate_args(gate: Tensor | None, out: Tensor) -> tuple[Tensor, int, int]:
-    """The gate logits ``[b, HQ]`` (a view of the fused projection's output) as a kernel's pointer and strides;
+    """The gate logits ``[b, 1, HQ]`` (a slice of the fused projection's output) as a kernel's pointer and strides;
     ``out`` and zeros stand in where the model has no gate (the kernel then never reads it)."""
-    return (gate, gate.stride(0), gate.stride(1)) if gate is not None else (out, 0, 0)
+    return (gate, gate.stride(0), gate.stride(2)) if gate is not None else (out, 0, 0)
 
 
 def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
@@ -136,29 +136,28 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     """RoPE of one new token per row and its cache update, in one kernel: what Llama's ``apply_rotary_pos_emb`` and
     ``SSAStaticLayer.update`` do for one token, where Inductor launches five kernels per layer.
 
-    ``q [b, HQ, 1, D]``, ``k``/``v [b, HKV, 1, D]`` unrotated (views of the fused projection's output), ``cos``/
-    ``sin [b or 1, 1, D]`` the token's rotary embedding. Writes the rotated key and the value at position
-    ``length`` of ``keys``/``values [b, HKV, L, D]``, the pooled key of the block the token completes, if it
-    completes one, into ``pooled [b, HKV, L / block_size, D]`` (``decoding.pool_blocks``'s rule over the block's
-    cached keys with the new one; as ``SSADynamicLayer`` pools, an incomplete block's entry is left alone), and
-    ``length + 1`` into ``length`` (a 0-d int64 tensor), once every program has read it: the last program to
+    ``q [b, 1, HQ·D]``, ``k``/``v [b, 1, HKV·D]``: the unrotated projections (slices of the fused projection's
+    output). ``cos``/``sin [b or 1, 1, D]``: the token's rotary embedding. Writes the rotated key and the value at
+    position ``length`` of ``keys``/``values [b, HKV, L, D]``; the pooled key of the block the token completes, if
+    it completes one, into ``pooled [b, HKV, L / block_size, D]`` (``decoding.pool_blocks``'s rule over the block's
+    cached keys with the new one; an incomplete block's entry is left alone, as ``SSADynamicLayer`` has none); and
+    ``length + 1`` into ``length`` (a 0-d int64 tensor) once every program has read it, by the last program to
     finish, counted in ``tickets`` (an int32 zero that it resets). Returns the rotated query ``[b, HQ, 1, D]``.
 
     The rotation is computed in float32 from the model-dtype inputs and rounded once, as Inductor computes it in a
     compiled step."""
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    q, k, v, cos, sin = _rows(q, k, v, cos, sin)
+    b, hkv, _, d = keys.shape
+    hq = q.shape[-1] // d
+    q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
     if any(x.stride(-1) != 1 for x in (keys, values, pooled)):  # written in place: a copy would lose the writes
         raise ValueError("append_by_kernels: the cache buffers need a unit stride in their last dimension")
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _append_kernel[(b, hkv)](
-        q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), cos.stride(0) if cos.shape[0] > 1 else 0,
-        sin.stride(0) if sin.shape[0] > 1 else 0, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), pooled.stride(0), pooled.stride(1), pooled.stride(2), keys.shape[2],
-        pooled.shape[2], G=hq // hkv, D=d, BS=block_size, GROUP_P=_padded(hq // hkv), DIM_P=_padded(d),
-        BS_P=triton.next_power_of_2(block_size), num_warps=4)
+        q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), k.stride(0), v.stride(0),
+        cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0, keys.stride(0),
+        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
+        pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], G=hq // hkv, D=d, BS=block_size,
+        GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size), num_warps=4)
     return out[:, :, None]
 
 
@@ -177,7 +176,7 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
                            gate: Tensor | None = None) -> Tensor:
     """Causal attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) over the first
     ``length`` keys of the static buffers ``keys``/``values [b, HKV, L, D]``, times ``sigmoid(gate)`` where gate
-    logits ``[b, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype. Split-KV: each program attends a row's
+    logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype. Split-KV: each program attends a row's
     group to one key range and keeps the float32 partial (max, sum, weighted values); a second kernel combines a
     row's ranges and gates. Ranges past ``length`` return at once."""
     b, hq, _, d = q.shape
@@ -239,7 +238,7 @@ if triton is not None:
 
     @triton.jit
     def _append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, length_ptr,
-                       tickets_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh, cos_sb, sin_sb, ks_b, ks_h, ks_n,
+                       tickets_ptr, out_ptr, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
                        vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, G: tl.constexpr, D: tl.constexpr,
                        BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BS_P: tl.constexpr):
         bi, h = tl.program_id(0), tl.program_id(1)
@@ -252,14 +251,14 @@ if triton is not None:
         # The query heads of the group, rotated and rounded to the model dtype.
         g = tl.arange(0, GROUP_P)
         heads = h * G + g
-        q = _rotated(q_ptr, bi * q_sb + heads * q_sh, g < G, d, cos, sin, D)
+        q = _rotated(q_ptr, bi * q_sb + heads * D, g < G, d, cos, sin, D)
         tl.store(out_ptr + (bi * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
                  q.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & dim[None, :])
         # The key, rotated, and the value, at position length (a full buffer is not written).
-        key = _rotated(k_ptr, bi * k_sb + h * k_sh + one, one == 0, d, cos, sin, D).to(keys_ptr.dtype.element_ty)
+        key = _rotated(k_ptr, bi * k_sb + h * D + one, one == 0, d, cos, sin, D).to(keys_ptr.dtype.element_ty)
         fits = (one < 1)[:, None] & dim[None, :] & (length < capacity)
         tl.store(keys_ptr + bi * ks_b + h * ks_h + length * ks_n + d[None, :], key, mask=fits)
-        value = tl.load(v_ptr + bi * v_sb + h * v_sh + d[None, :], mask=(one < 1)[:, None] & dim[None, :])
+        value = tl.load(v_ptr + bi * v_sb + h * D + d[None, :], mask=(one < 1)[:, None] & dim[None, :])
         tl.store(values_ptr + bi * vs_b + h * vs_h + length * vs_n + d[None, :], value, mask=fits)
         # The pooled key of the block this token completes: its cached keys with the new one in its place. Only
         # then: an incomplete block's entry is never scored, and reading the block at every token would lengthen

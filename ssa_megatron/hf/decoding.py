@@ -327,7 +327,7 @@ def select_decode_blocks(q: Tensor, pooled: Tensor, length: Tensor | int, config
 
 def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor | int, config,
                   scale: float, gate: Tensor | None = None) -> Tensor:
-    """Sparse attention of one new token per row over the cache, gated by the logits ``gate [b, HQ]`` where given.
+    """Sparse attention of one new token per row over the cache, gated by the logits ``gate [b, 1, HQ]`` if given.
     ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L, D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
     b, hq, _, d = q.shape
     hkv, bs = keys.shape[1], config.ssa_block_size
@@ -350,8 +350,8 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
 
 
 def _gated(out: Tensor, gate: Tensor | None) -> Tensor:
-    """``out [b, HQ, 1, D]`` times ``sigmoid(gate [b, HQ])`` (``reference.apply_gate``)."""
-    return out if gate is None else apply_gate(out.transpose(1, 2), gate[:, None]).transpose(1, 2)
+    """``out [b, HQ, 1, D]`` times ``sigmoid(gate [b, 1, HQ])`` (``reference.apply_gate``)."""
+    return out if gate is None else apply_gate(out.transpose(1, 2), gate).transpose(1, 2)
 
 
 def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: Tensor, scale: float,
@@ -359,7 +359,7 @@ def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: 
     """Causal attention of one new token per row over the first ``length`` keys of a static buffer, through
     FlexAttention: the block mask lists the :data:`KV_TILE`-key ``tiles`` (``SSAStaticLayer.tiles``) up to
     ``length`` (fixed shapes, values from the 0-d ``length`` tensor), so the compiled kernel reads only those.
-    ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, gated by the logits ``gate [b, HQ]`` where given.
+    ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, gated by the logits ``gate [b, 1, HQ]`` where given.
 
     No query-direction blocks (``compute_q_blocks=False``): only a backward reads them, and computing them costs a
     sort kernel per layer and step. Inductor lowers this to its split-KV decoding kernel only when the batch and
@@ -388,7 +388,7 @@ def full_decode(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, tiles: 
 
 def decode_attention(q: Tensor, layer, config, scale: float, gate: Tensor | None = None) -> Tensor | None:
     """The attention of one new token per row, ``q [b, HQ, 1, D]`` -> ``[b, HQ, 1, D]``, gated by the logits ``gate
-    [b, HQ]`` where given, from an SSA cache layer that already holds the token's key and value (the decode kernels
+    [b, 1, HQ]`` where given, from an SSA cache layer that already holds the token's key and value (the decode kernels
     gate as they write their output); None where the general path must run instead: a cache layer
     of another kind, full mode on a dynamic cache (the backend's full attention is already one pass over the keys),
     or a non-default selection rule (``ssa_selection`` / ``ssa_normaliser``, when the configuration has them)."""
@@ -413,13 +413,13 @@ def append_token(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Te
     """Llama's RoPE and ``cache.update`` of one new token per row as one kernel
     (``decode_triton.append_by_kernels``), where Inductor would launch five per layer: on an :class:`SSAStaticLayer`
     that a prefill has initialised, holding CUDA bf16/fp16 buffers, in a cache that does not offload. ``q``, ``k``,
-    ``v`` are the unrotated ``[b, H, 1, D]`` projections, ``cos``/``sin [b, 1, D]`` the rotary embedding. Returns
-    what ``apply_rotary_pos_emb`` and ``cache.update`` return (the rotated query, the layer's keys and values), or
-    None where those must run instead."""
-    if q.shape[2] != 1 or getattr(cache, "offloading", False) or layer_idx >= len(cache.layers):
+    ``v`` are the unrotated projections ``[b, 1, H·D]``, ``cos``/``sin [b, 1, D]`` the rotary embedding. Returns
+    what ``apply_rotary_pos_emb`` and ``cache.update`` return (the rotated query ``[b, HQ, 1, D]``, the layer's keys
+    and values), or None where those must run instead."""
+    if q.shape[1] != 1 or getattr(cache, "offloading", False) or layer_idx >= len(cache.layers):
         return None
     layer = cache.layers[layer_idx]
-    if (not isinstance(layer, SSAStaticLayer) or not layer.is_initialized or cos.shape[-1] != q.shape[-1]
+    if (not isinstance(layer, SSAStaticLayer) or not layer.is_initialized or cos.shape[-1] != layer.keys.shape[-1]
             or not use_kernels(q, layer.keys)):
         return None
     layer.block_size = _check_block_size(layer, block_size)

@@ -227,7 +227,6 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         else:
             q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
             g = [self.g_proj(hidden_states)] if self.g_proj is not None else []
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [b, HQ, s, D], [b, HKV, s, D] twice
         cos, sin = position_embeddings
         appended = None
         if cache is not None and s == 1:  # one new token on a static cache: RoPE and the update in one kernel
@@ -235,6 +234,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         if appended is not None:
             q, k, v = appended
         else:
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [b, HQ, s, D], [b, HKV, s, D] twice
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
@@ -242,7 +242,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         if cache is not None:
             layer = cache.layers[self.layer_idx]
             if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
-                out = decode_attention(q, layer, self.config, self.scaling, gate[0] if g else None)  # gated
+                out = decode_attention(q, layer, self.config, self.scaling, g[0] if g else None)  # gated
                 if out is not None:
                     return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
             k, v = valid_keys(layer, k, v)
