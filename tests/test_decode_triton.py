@@ -245,33 +245,40 @@ def test_kernels_gate_as_apply_gate(monkeypatch, mode):
     assert (got - ungated).abs().max() > 0.1  # the gate is applied, and once
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("mode", ["full", "sparse"])
-def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode):
+def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     """A float16 model's static-cache decode steps with the decode kernels (RoPE and the cache update in one kernel,
-    the attention, the gate) against the same steps through the torch operations, from the same prefill: logits,
-    the caches' keys, values, pooled keys and lengths. On CPU the interpreter runs the kernels."""
+    the attention, the gate; at batch 1 the projections' GEMV, with the MLP's activation) against the same steps
+    through the torch operations, from the same prefill: logits, the caches' keys, values, pooled keys and lengths.
+    On CPU the interpreter runs the kernels."""
     from transformers import StaticCache
 
+    from ssa_megatron.hf import modeling
     from ssa_megatron.hf.configuration import SSALlamaConfig
-    from ssa_megatron.hf.modeling import SSALlamaForCausalLM
 
     config = SSALlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, ssa_block_size=16,
                             ssa_top_k=3, ssa_mode=mode)
     torch.manual_seed(3)
-    model = SSALlamaForCausalLM(config).half().to(DEVICE).eval()
+    model = modeling.SSALlamaForCausalLM(config).half().to(DEVICE).eval()
     with torch.no_grad():
         for attn in model.ssa_attention_modules():
             attn.g_proj.weight.normal_(0, 0.5)  # the gate away from 0.5
     model.fuse_projections()  # as from_pretrained loads it: q, k, v and the gate are views of one output
-    tokens = torch.randint(0, config.vocab_size, (2, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    tokens = torch.randint(0, config.vocab_size, (batch, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     kernels = decode_triton.use_kernels if DEVICE == "cuda" else lambda q, cached: q.dtype == torch.float16
-    appends = []
+    gemv = decode_triton.use_gemv if DEVICE == "cuda" else (  # the same conditions but the device
+        lambda x, w: x.dtype == torch.float16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
+    appends, gemvs = [], []
     monkeypatch.setattr(decoding, "append_by_kernels",
                         lambda *args: appends.append(1) or decode_triton.append_by_kernels(*args))
+    monkeypatch.setattr(modeling, "linear_by_kernel",
+                        lambda *args, **kw: gemvs.append(1) or decode_triton.linear_by_kernel(*args, **kw))
     caches, logits = [], []
-    for use in (kernels, lambda q, cached: False):
+    for use, use_gemv in ((kernels, gemv), (lambda q, cached: False, lambda x, w: False)):
         monkeypatch.setattr(decoding, "use_kernels", use)
+        monkeypatch.setattr(modeling, "use_gemv", use_gemv)
         cache = StaticCache(config=config, max_cache_len=64)
         steps = []
         with torch.no_grad():
@@ -281,9 +288,39 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode):
         caches.append(cache)
         logits.append(torch.cat(steps, 1))
     assert len(appends) == 7 * config.num_hidden_layers  # every step of the first run, none of the second
+    assert len(gemvs) == 7 * config.num_hidden_layers * 4 * (batch == 1)  # q|k|v|g, o, gate|up, SwiGLU and down
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
     for ours, theirs in zip(caches[0].layers, caches[1].layers):
         assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 36 and int(ours.tickets) == 0
         for name in ("keys", "values"):
             torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(ours.pooled[:, :, :2], theirs.pooled[:, :, :2], atol=2e-2, rtol=2e-2)  # complete
+
+
+@pytest.mark.parametrize("n, k", [(24, 64), (37, 700), (8, 1024)])  # K one partial step, several, whole steps
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gemv_is_the_linear(n, k, swiglu):
+    """The one-row GEMV (``linear_by_kernel``) against ``F.linear`` in float64 on the same input; with ``swiglu``,
+    the input is ``silu(gate) * up`` computed by the eager float16 operations, whose roundings the kernel repeats."""
+    gen = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
+    x = torch.randn(1, 1, 2 * k if swiglu else k, generator=gen).half()
+    got = decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu=swiglu)
+    assert got.shape == (1, 1, n) and got.dtype == torch.float16
+    if swiglu:
+        gate, up = x.float().chunk(2, -1)  # float16 operations, as a GPU's eager ones round (CPU has no fp16 silu)
+        x = (torch.nn.functional.silu(gate).half().float() * up).half()
+    expected = torch.nn.functional.linear(x.double(), w.double())
+    torch.testing.assert_close(got.double().cpu(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_gemv_only_for_one_row_without_gradient():
+    w = torch.zeros(8, 16, dtype=torch.float16)
+    assert not decode_triton.use_gemv(torch.zeros(1, 1, 16, dtype=torch.float16), w)  # CPU: cuBLAS's place
+    if torch.cuda.is_available():
+        w = w.cuda()
+        assert decode_triton.use_gemv(torch.zeros(1, 1, 16, dtype=torch.float16, device="cuda"), w)
+        assert not decode_triton.use_gemv(torch.zeros(2, 1, 16, dtype=torch.float16, device="cuda"), w)
+        assert not decode_triton.use_gemv(torch.zeros(1, 16, device="cuda"), w.float())
+        assert not decode_triton.use_gemv(torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True),
+                                          w)

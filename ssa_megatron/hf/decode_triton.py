@@ -161,6 +161,43 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     return out[:, :, None]
 
 
+GEMV_BLOCK_N = 4
+"""Output features per program of the one-row GEMV: 512 programs for a 2048-feature output, enough loads in flight
+to keep HBM busy, where cuBLAS's kernels reach 1.5-2.5 TB/s on the 1B shape's small weights."""
+GEMV_BLOCK_K = 512
+"""Input features per step of the GEMV's loop."""
+GEMV_STAGES = 3
+GEMV_WARPS = 4
+"""The GEMV's launch setting: the fastest of 135 on an H200 for the q|k|v|g and o weights, and within 2 % of the
+fastest for down and gate|up (docs/benchmarks.md, session 10)."""
+
+
+def use_gemv(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: one row (a batch-1 decode step), CUDA, bf16/fp16,
+    ``weight [N, K]`` with a unit stride along K, and no gradient wanted (the kernel has no backward)."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.numel() == x.shape[-1] and weight.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False) -> Tensor:
+    """``x [..., K] @ weight [N, K]^T`` for one row, in ``x``'s dtype with float32 sums, as a GEMV kernel: each
+    program reduces ``GEMV_BLOCK_N`` weight rows, with no ``tl.dot`` (a one-row product is a pass over the weight).
+    With ``swiglu``, ``x`` holds ``[gate | up]`` (2K features) and the product's input is ``silu(gate) * up``, each
+    rounded to ``x``'s dtype as the eager operations round it: Llama's MLP with its activation fused in.
+
+    On the 1B shape at batch 1 on an H200 this took 4.2-4.4 us against cuBLAS's 6.0-6.1 for the q|k|v|g and o
+    weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection (docs/benchmarks.md,
+    session 10)."""
+    n, k = weight.shape
+    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    x = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+    _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
+        x, weight, out, n, k, weight.stride(0), SWIGLU=swiglu, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+        STAGES=GEMV_STAGES, num_warps=GEMV_WARPS)
+    return out
+
+
 FULL_BLOCK_N = 128
 """Keys per tile of the full-mode split kernel."""
 FULL_WARPS = 4
@@ -224,6 +261,26 @@ if triton is not None:
         """``sigmoid`` of query ``heads``' gate logits of batch entry ``bi``, in float32 (docs/ssa.md rule 5)."""
         logit = tl.load(gate_ptr + bi * gate_sb + heads * gate_sh, mask=mask, other=0.0)
         return tl.sigmoid(logit.to(tl.float32))
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, n, k, w_sn, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed over K once, at the end
+        for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
+            cols = start + tl.arange(0, BLOCK_K)
+            inside = cols < k
+            if SWIGLU:  # silu(gate) * up, rounded after each operation as eager rounds it
+                gate = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + k + cols, mask=inside, other=0.0).to(tl.float32)
+                act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (act * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * w_sn + cols[None, :], mask=(rows < n)[:, None] & inside[None, :],
+                        other=0.0, eviction_policy="evict_first")  # read once per step: keep L2 for the rest
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(out_ptr + rows, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=rows < n)
 
     @triton.jit
     def _rotated(x_ptr, rows, row_mask, d, cos, sin, D: tl.constexpr):

@@ -46,6 +46,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
+from .decode_triton import linear_by_kernel, use_gemv
 from .decoding import append_token, decode_attention, valid_keys
 
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
@@ -170,6 +171,14 @@ class FusedProjections:
         self.fused_sizes = self._unfused_order = None
 
 
+def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)``; for one row on CUDA in bf16/fp16 with no gradient (a batch-1 decode step), by the GEMV kernel
+    of ``decode_triton.py``, which reads the weight faster than cuBLAS does at one row."""
+    if linear.bias is None and use_gemv(x, linear.weight):
+        return linear_by_kernel(x, linear.weight)
+    return linear(x)
+
+
 def _reorder(modules: dict, order: list[str]) -> None:
     for name in order:
         modules[name] = modules.pop(name)
@@ -223,10 +232,10 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         b, s = hidden_states.shape[:2]
         shape = (b, s, -1, self.head_dim)
         if self.qkvg_proj is not None:  # one GEMM; the split outputs are views
-            q, k, v, *g = self.qkvg_proj(hidden_states).split(self.fused_sizes, dim=-1)
+            q, k, v, *g = _project(self.qkvg_proj, hidden_states).split(self.fused_sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-            g = [self.g_proj(hidden_states)] if self.g_proj is not None else []
+            q, k, v = (_project(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
+            g = [_project(self.g_proj, hidden_states)] if self.g_proj is not None else []
         cos, sin = position_embeddings
         appended = None
         if cache is not None and s == 1:  # one new token on a static cache: RoPE and the update in one kernel
@@ -244,7 +253,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
             if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
                 out = decode_attention(q, layer, self.config, self.scaling, g[0] if g else None)  # gated
                 if out is not None:
-                    return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), None
+                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1)), None
             k, v = valid_keys(layer, k, v)
             if cu_seqlens is not None and k.shape[2] != s:
                 raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
@@ -264,7 +273,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
                                  "and load without trust_remote_code)")
             out = _exported_attention(q, k, v, gate, self.config, cu_seqlens, self.scaling)
         out = out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
-        return self.o_proj(out), None
+        return _project(self.o_proj, out), None
 
 
 class SSALlamaMLP(FusedProjections, LlamaMLP):
@@ -283,8 +292,12 @@ class SSALlamaMLP(FusedProjections, LlamaMLP):
     def forward(self, x):
         if self.gate_up_proj is None:
             return super().forward(x)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        gate_up = _project(self.gate_up_proj, x)
+        if (self.config.hidden_act == "silu" and self.down_proj.bias is None
+                and use_gemv(gate_up, self.down_proj.weight)):  # the activation inside the down GEMV's loads
+            return linear_by_kernel(gate_up, self.down_proj.weight, swiglu=True)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return _project(self.down_proj, self.act_fn(gate) * up)
 
 
 class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
