@@ -10,10 +10,15 @@ block 16, bf16.
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
+- ``gemv``: the one-row GEMV of a decoder layer's projections (``linear_by_kernel``; the batch-1 weights q|k|v|g,
+  o, gate|up, and down with SwiGLU's activation in its loads), per ``GEMV_BLOCK_N`` x ``GEMV_BLOCK_K`` x
+  ``GEMV_STAGES`` x ``GEMV_WARPS``, against cuBLAS (``F.linear``, after the activation's own kernel for down), each
+  call reading another of enough weight copies to outgrow the L2 cache.
 
-Prints one line per setting and the fastest per batch, next to the module's defaults.
+Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
 
     python tools/tune_decode_kernels.py --batch 1 32 --context 32768
+    python tools/tune_decode_kernels.py --kernels gemv
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ L2_BYTES = 256 * 2 ** 20
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kernels", nargs="+", choices=["select", "full"], default=["select", "full"])
+    p.add_argument("--kernels", nargs="+", choices=["select", "full", "gemv"], default=["select", "full", "gemv"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context", type=int, default=32768, help="cached tokens before the new one")
     p.add_argument("--heads", type=int, default=32, help="query heads")
@@ -48,20 +53,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-warps", type=int, nargs="+", default=[4, 8], help="full: FULL_WARPS values")
     p.add_argument("--full-programs", type=int, nargs="+", default=[264, 528, 1056],
                    help="full: FULL_PROGRAMS values")
+    p.add_argument("--hidden", type=int, default=2048, help="gemv: hidden size")
+    p.add_argument("--ffn", type=int, default=8192, help="gemv: MLP intermediate size")
+    p.add_argument("--gemv-block-n", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="gemv: GEMV_BLOCK_N values")
+    p.add_argument("--gemv-block-k", type=int, nargs="+", default=[256, 512, 1024], help="gemv: GEMV_BLOCK_K values")
+    p.add_argument("--gemv-stages", type=int, nargs="+", default=[2, 3, 4], help="gemv: GEMV_STAGES values")
+    p.add_argument("--gemv-warps", type=int, nargs="+", default=[2, 4, 8], help="gemv: GEMV_WARPS values")
     p.add_argument("--rep", type=int, default=20, help="milliseconds of calls per CUDA graph")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
-    for name in ("batch", "warps", "block_n", "full_block_n", "full_warps", "full_programs"):
+    for name in ("batch", "warps", "block_n", "full_block_n", "full_warps", "full_programs", "gemv_block_n",
+                 "gemv_block_k", "gemv_stages", "gemv_warps"):
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name.replace('_', '-')} {bad[0]}: must be >= 1")
-    if args.context < 1:
-        p.error(f"--context {args.context}: must be >= 1")
+    for name in ("context", "hidden", "ffn"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     return args
 
 
-def sweep(module, names: tuple[str, ...], settings, time_one, batch: int) -> None:
+def sweep(module, names: tuple[str, ...], settings, time_one, label: str) -> None:
     """Times ``time_one()`` with each setting of the module constants ``names``, prints the lines and the fastest,
     and restores the defaults."""
     defaults = tuple(getattr(module, n) for n in names)
@@ -71,13 +84,13 @@ def sweep(module, names: tuple[str, ...], settings, time_one, batch: int) -> Non
             for name, value in zip(names, setting):
                 setattr(module, name, value)
             times[setting] = time_one()
-            print(f"  batch {batch:>3}  " + "  ".join(f"{n} {v:>4}" for n, v in zip(names, setting))
+            print(f"  {label}  " + "  ".join(f"{n} {v:>4}" for n, v in zip(names, setting))
                   + f": {times[setting]:8.2f} us", flush=True)
     finally:
         for name, value in zip(names, defaults):
             setattr(module, name, value)
     best = min(times, key=times.get)
-    print(f"batch {batch}: fastest {dict(zip(names, best))} ({times[best]:.2f} us); the defaults {defaults} take "
+    print(f"{label}: fastest {dict(zip(names, best))} ({times[best]:.2f} us); the defaults {defaults} take "
           f"{times.get(defaults, float('nan')):.2f} us", flush=True)
 
 
@@ -107,7 +120,8 @@ def main(argv=None) -> int:
                                      ssa_local_blocks=0, ssa_score="group_softmax")
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
             sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N"), itertools.product(args.warps, args.block_n),
-                  lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)), batch)
+                  lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
+                  f"batch {batch:>3}")
             del pooled
         if "full" in args.kernels:
             shape = (batch, args.kv_heads, capacity, args.head_dim)
@@ -130,9 +144,41 @@ def main(argv=None) -> int:
             sweep(decode_triton, ("FULL_BLOCK_N", "FULL_WARPS", "FULL_PROGRAMS"),
                   itertools.product(args.full_block_n, args.full_warps, args.full_programs),
                   lambda: bench(lambda: [decode_triton.full_attend_by_kernels(q, k, v, length, scale)
-                                         for k, v in caches]) / copies, batch)
+                                         for k, v in caches]) / copies, f"batch {batch:>3}")
             del caches
+    if "gemv" in args.kernels:
+        tune_gemv(args, decode_triton, bench)
     return 0
+
+
+def tune_gemv(args, decode_triton, bench) -> None:
+    """The ``gemv`` sweep: each decoder-layer weight at one row, cuBLAS first."""
+    f = torch.nn.functional
+    qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
+    weights = {"q|k|v|g": (qkvg, args.hidden, False), "o": (args.hidden, args.heads * args.head_dim, False),
+               "gate|up": (2 * args.ffn, args.hidden, False), "down+SwiGLU": (args.hidden, args.ffn, True)}
+    settings = [s for s in itertools.product(args.gemv_block_n, args.gemv_block_k, args.gemv_stages, args.gemv_warps)
+                if s[0] * s[1] <= 8192]  # the float32 accumulator's elements per program
+    for name, (n, k, swiglu) in weights.items():
+        w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+        x = torch.randn(1, 2 * k if swiglu else k, device="cuda").bfloat16()
+
+        def cublas(w, x=x, swiglu=swiglu):
+            if swiglu:
+                gate, up = x.chunk(2, -1)
+                x = f.silu(gate) * up
+            return f.linear(x, w)
+
+        copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]
+        expected = cublas(w).float()
+        diff = float((decode_triton.linear_by_kernel(x, w, swiglu).float() - expected).abs().max()
+                     / expected.abs().max())
+        cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
+        print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS {cublas_us:.2f} us per call; largest "
+              f"|kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
+        sweep(decode_triton, ("GEMV_BLOCK_N", "GEMV_BLOCK_K", "GEMV_STAGES", "GEMV_WARPS"), settings,
+              lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu) for wi in copies]) / len(copies),
+              f"gemv {name}")
 
 
 if __name__ == "__main__":
