@@ -1,5 +1,5 @@
-"""The attention of one new token per row as Triton kernels (CUDA, bf16/fp16 models). Sparse mode: the block
-selection (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never
+"""A decode step's kernels (one new token per row; CUDA, bf16/fp16 models): its attention in both modes, the static
+cache's one-token update, and at batch 1 the decoder layers' projections. Sparse mode: the block selection (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never
 leaving float32 and the top-k done in the same pass) and the attention over the selected blocks
 (:func:`attend_by_kernels`, what :func:`decoding.sparse_decode` computes after selecting). Full mode on a static
 cache: split-KV attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what
@@ -34,7 +34,12 @@ Full mode (``_full_split_kernel``, grid R x ranges; ``_full_combine_kernel``, gr
 row's group to one range of keys with an online softmax and keeps its float32 partial (max, sum, weighted values);
 the combine weighs a row's partials per query head. Compiled FlexAttention took 22 us per layer at batch 1 and 267 at
 batch 32 (1B shape, 32k, H200), in its decoding kernel and 6 kernels Inductor writes around it; these take 12.8 and
-128 (docs/benchmarks.md, session 9).
+128 (docs/benchmarks.md, session 9). Both modes' attention kernels multiply their output by the gate's sigmoid.
+
+Around the attention: :func:`append_by_kernels` (``_append_kernel``, grid b x HKV) is RoPE and a static cache's
+update for the new token, which Inductor wrote as five kernels per layer; :func:`linear_by_kernel`
+(``_gemv_kernel``) is the one-row product of a decoder layer's weight, where cuBLAS's kernels read the 1B shape's
+small weights at 1.5-2.5 TB/s (docs/benchmarks.md, session 10).
 
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
@@ -192,7 +197,7 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False) -> Tensor:
     session 10)."""
     n, k = weight.shape
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    x = x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
+    x = x.reshape(-1).contiguous()  # the one row, with a unit stride (a copy only where it has another)
     _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
         x, weight, out, n, k, weight.stride(0), SWIGLU=swiglu, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
         STAGES=GEMV_STAGES, num_warps=GEMV_WARPS)
