@@ -71,6 +71,11 @@ def use_kernels(q: Tensor, cached: Tensor) -> bool:
             and cached.dtype == q.dtype)
 
 
+def _stride0(x: Tensor) -> int:
+    """``x``'s stride along its first dimension, 0 where that dimension is broadcast (size 1)."""
+    return x.stride(0) if x.shape[0] > 1 else 0
+
+
 def _padded(n: int) -> int:
     """``n`` rounded up to a power of two, at least 16: a ``tl.dot`` operand's dimension."""
     return max(16, triton.next_power_of_2(n))
@@ -159,7 +164,7 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _append_kernel[(b, hkv)](
         q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), k.stride(0), v.stride(0),
-        cos.stride(0) if cos.shape[0] > 1 else 0, sin.stride(0) if sin.shape[0] > 1 else 0, keys.stride(0),
+        _stride0(cos), _stride0(sin), keys.stride(0),
         keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
         pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], G=hq // hkv, D=d, BS=block_size,
         GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size), num_warps=4)
@@ -181,8 +186,7 @@ fastest setting (8, 1024, 3, 4)."""
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: one row (a batch-1 decode step), CUDA, bf16/fp16,
     ``weight [N, K]`` with a unit stride along K, and no gradient wanted (the kernel has no backward)."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and x.numel() == x.shape[-1] and weight.stride(-1) == 1
+    return (use_kernels(x, weight) and x.numel() == x.shape[-1] and weight.stride(-1) == 1
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 

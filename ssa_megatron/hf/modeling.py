@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import (
@@ -171,11 +172,15 @@ class FusedProjections:
         self.fused_sizes = self._unfused_order = None
 
 
-def _project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x)``; for one row on CUDA in bf16/fp16 with no gradient (a batch-1 decode step), by the GEMV kernel
-    of ``decode_triton.py``, which reads the weight faster than cuBLAS does at one row."""
+def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """``linear(x)``, or with ``swiglu`` ``linear(silu(gate) * up)`` of ``x = [gate | up]``. For one row on CUDA in
+    bf16/fp16 with no gradient (a batch-1 decode step), by the GEMV kernel of ``decode_triton.py``, which reads the
+    weight faster than cuBLAS does at one row and applies SwiGLU's activation as it loads ``x``."""
     if linear.bias is None and use_gemv(x, linear.weight):
-        return linear_by_kernel(x, linear.weight)
+        return linear_by_kernel(x, linear.weight, swiglu)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
     return linear(x)
 
 
@@ -293,9 +298,8 @@ class SSALlamaMLP(FusedProjections, LlamaMLP):
         if self.gate_up_proj is None:
             return super().forward(x)
         gate_up = _project(self.gate_up_proj, x)
-        if (self.config.hidden_act == "silu" and self.down_proj.bias is None
-                and use_gemv(gate_up, self.down_proj.weight)):  # the activation inside the down GEMV's loads
-            return linear_by_kernel(gate_up, self.down_proj.weight, swiglu=True)
+        if self.config.hidden_act == "silu":  # SwiGLU: the down GEMV applies the activation itself
+            return _project(self.down_proj, gate_up, swiglu=True)
         gate, up = gate_up.chunk(2, dim=-1)
         return _project(self.down_proj, self.act_fn(gate) * up)
 
