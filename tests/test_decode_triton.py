@@ -324,3 +324,11 @@ def test_gemv_only_for_one_row_without_gradient():
         assert not decode_triton.use_gemv(torch.zeros(1, 16, device="cuda"), w.float())
         assert not decode_triton.use_gemv(torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True),
                                           w)
+
+
+def test_append_kernel_names_a_strided_cache_buffer():
+    keys = torch.zeros(1, 1, 8, 32, dtype=torch.float16)[..., ::2]  # last stride 2
+    row = torch.zeros(1, 1, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="keys has stride 2"):
+        decode_triton.append_by_kernels(row, row, row, row, row, keys, keys.contiguous(), keys.contiguous(),
+                                        torch.tensor(0), torch.zeros(1, dtype=torch.int32), 4)

@@ -159,8 +159,10 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     b, hkv, _, d = keys.shape
     hq = q.shape[-1] // d
     q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
-    if any(x.stride(-1) != 1 for x in (keys, values, pooled)):  # written in place: a copy would lose the writes
-        raise ValueError("append_by_kernels: the cache buffers need a unit stride in their last dimension")
+    for name, x in (("keys", keys), ("values", values), ("pooled", pooled)):  # written in place: no copy
+        if x.stride(-1) != 1:
+            raise ValueError(f"append_by_kernels: {name} has stride {x.stride(-1)} in its last dimension; the "
+                             "cache buffers are written in place and need 1")
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _append_kernel[(b, hkv)](
         q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), k.stride(0), v.stride(0),
