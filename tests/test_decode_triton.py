@@ -4,8 +4,10 @@ bf16 ``tl.dot`` is wrong), or on a GPU:
   rounding (``TIE_RTOL``), and equals the torch path's (``decoding.select_decode_blocks`` on CPU) block for block.
   Shapes: GQA groups 1 to 16, head dims that are not powers of two, block counts that are not whole chunks, fewer
   candidates than the budget, one chunk and several, both scores;
-- the sparse attention over the selected blocks and full mode's split-KV attention: against the float64
-  reference's attention of the one query and against the torch or FlexAttention path they replace."""
+- the sparse attention (the selection's first two kernels, then the attention kernel, which takes the final top-k
+  itself) and full mode's split-KV attention: against the float64 reference's attention of the one query and
+  against the torch or FlexAttention path they replace. Budgets that are not powers of two and budgets above
+  ``BLOCK_N`` keys (every chunk keeps all its candidates) for both the selection and the attention."""
 
 import math
 from types import SimpleNamespace
@@ -29,6 +31,10 @@ CASES = [  # b, HQ, HKV, D, blocks in the buffer, length (the new token is at le
     (1, 12, 4, 24, 33, 500, dict(ssa_sink_blocks=0, ssa_local_blocks=0)),  # G 3, D 24: padded in the kernel
     (2, 8, 2, 16, 260, 4100, dict(ssa_top_k=16, ssa_local_blocks=3)),  # 256 candidates in 3 chunks
     (1, 4, 4, 16, 3, 1, {}),  # the first token: no candidate, only the own block
+    (1, 8, 2, 16, 300, 4790, dict(ssa_top_k=12)),  # a budget that is not a power of two, 3 chunks
+    (2, 4, 2, 16, 40, 600, dict(ssa_top_k=1, ssa_sink_blocks=0, ssa_local_blocks=0)),  # the own block alone
+    (1, 4, 2, 16, 300, 4700, dict(ssa_top_k=200, ssa_score="dot")),  # above BLOCK_N: chunks keep all candidates
+    (1, 4, 1, 16, 150, 2250, dict(ssa_top_k=200)),  # above BLOCK_N, 141 selectable blocks: -1 padding
 ]
 
 
@@ -71,34 +77,39 @@ def test_kernels_only_for_cuda_half_precision():
         assert not decode_triton.use_kernels(q.cuda().float(), pooled.cuda().float())
 
 
-@pytest.mark.parametrize("b, hq, hkv, d, bs, top_k, length", [
-    (2, 4, 2, 16, 16, 4, 250),  # G 2
-    (1, 16, 1, 64, 16, 16, 4000),  # G 16, the 1B shape's group and budget
-    (3, 8, 8, 32, 16, 4, 40),  # G 1, fewer blocks than the budget: -1 padding
-    (1, 12, 4, 24, 8, 5, 97),  # G 3, D 24, block 8: padded in the kernel
-    (2, 4, 1, 16, 32, 2, 33),  # the own block holds one token
+@pytest.mark.parametrize("b, hq, hkv, d, bs, top_k, length, score, gated", [
+    (2, 4, 2, 16, 16, 4, 250, "group_softmax", True),  # G 2, the length inside a block
+    (1, 16, 1, 64, 16, 16, 4000, "group_softmax", False),  # G 16, the 1B shape's group and budget, 2 chunks
+    (3, 8, 8, 32, 16, 4, 40, "dot", True),  # G 1, fewer blocks than the budget: -1 padding
+    (1, 12, 4, 24, 8, 5, 97, "group_softmax", False),  # G 3, D 24, block 8, top_k 5: padded in the kernel
+    (2, 4, 1, 16, 32, 2, 33, "dot", False),  # G 4, the own block holds one token
+    (1, 8, 2, 16, 4, 12, 1500, "dot", True),  # top_k 12 (not a power of two), 3 chunks
+    (1, 4, 1, 16, 4, 200, 1203, "group_softmax", True),  # top_k 200 above BLOCK_N, 300 candidates in 3 chunks
+    (1, 2, 2, 16, 4, 200, 561, "dot", False),  # top_k 200, 141 selectable blocks: -1 padding
 ])
-def test_kernel_attention_is_the_torch_attention(monkeypatch, b, hq, hkv, d, bs, top_k, length):
-    """``sparse_decode`` with the attention kernel against its torch operations on the same selection, and that
-    selection's attention in float64 from the reference (``sparse_attention`` of the one query): the kernel rounds
-    the probabilities to float16 before weighing the values, as the sparse training kernel does."""
-    from ssa_megatron.ssa import reference
-
+def test_kernel_sparse_attention_is_the_torch_attention(monkeypatch, b, hq, hkv, d, bs, top_k, length, score,
+                                                        gated):
+    """``sparse_attend_by_kernels`` (the selection's first two kernels, then the attention kernel, which takes the
+    chunk survivors' top-k itself) against ``sparse_decode``'s torch operations, and against the float64
+    reference's attention of the one query at ``length - 1`` (``sparse_attention``, gated by ``apply_gate``) over
+    the blocks ``select_by_kernels`` picks (which the selection tests hold to the reference's): the kernel rounds the
+    probabilities to float16 before weighing the values, as the sparse training kernel does."""
     config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=top_k, ssa_sink_blocks=1, ssa_local_blocks=1,
-                             ssa_score="group_softmax")
+                             ssa_score=score)
     gen = torch.Generator().manual_seed(b * 100 + length)
     cap = -(-(length + 5) // bs) * bs
     q = torch.randn(b, hq, 1, d, generator=gen).half().to(DEVICE)
     keys = torch.randn(b, hkv, cap, d, generator=gen).half().to(DEVICE)
     values = torch.randn(b, hkv, cap, d, generator=gen).half().to(DEVICE)
+    gate = (2 * torch.randn(b, 1, hq, generator=gen)).half().to(DEVICE) if gated else None
     pooled = decoding.pool_blocks(keys, bs)
     length = torch.tensor(length, device=DEVICE)
     scale = 1 / math.sqrt(d)
-    idx = decode_triton.select_by_kernels(q, pooled, length, config, scale)
-    got = decode_triton.attend_by_kernels(q, keys, values, idx, length, bs, scale)
+    got = decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config, scale, gate)
     assert got.shape == q.shape and got.dtype == q.dtype
+    idx = decode_triton.select_by_kernels(q, pooled, length, config, scale)
     monkeypatch.setattr(decoding, "use_kernels", lambda q, cached: False)
-    torch_path = decoding.sparse_decode(q, keys, values, pooled, length, config, scale)
+    torch_path = decoding.sparse_decode(q, keys, values, pooled, length, config, scale, gate)
     torch.testing.assert_close(got.float(), torch_path.float(), atol=2e-3, rtol=2e-3)
     # float64: the same blocks through the reference's sparse attention of the one query at position length - 1
     n = int(length)
@@ -107,6 +118,8 @@ def test_kernel_attention_is_the_torch_attention(monkeypatch, b, hq, hkv, d, bs,
         q.double().cpu().permute(2, 0, 1, 3), keys.double().cpu()[:, :, :n].permute(2, 0, 1, 3),
         values.double().cpu()[:, :, :n].permute(2, 0, 1, 3), starts, bs, q_positions=torch.tensor([n - 1]),
         softmax_scale=scale)
+    if gated:
+        expected = reference.apply_gate(expected, gate.double().cpu().transpose(0, 1))
     torch.testing.assert_close(got.double().cpu(), expected.permute(1, 2, 0, 3), atol=5e-3, rtol=5e-3)
 
 
@@ -269,14 +282,14 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     tokens = torch.randint(0, config.vocab_size, (batch, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     kernels = decode_triton.use_kernels if DEVICE == "cuda" else lambda q, cached: q.dtype == torch.float16
     gemv = decode_triton.use_gemv if DEVICE == "cuda" else (  # the same conditions but the device
-        lambda x, w: x.dtype == torch.float16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
+        lambda x, w, *others: x.dtype == torch.float16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
     appends, gemvs = [], []
     monkeypatch.setattr(decoding, "append_by_kernels",
                         lambda *args: appends.append(1) or decode_triton.append_by_kernels(*args))
     monkeypatch.setattr(modeling, "linear_by_kernel",
-                        lambda *args, **kw: gemvs.append(1) or decode_triton.linear_by_kernel(*args, **kw))
+                        lambda *args: gemvs.append(args) or decode_triton.linear_by_kernel(*args))
     caches, logits = [], []
-    for use, use_gemv in ((kernels, gemv), (lambda q, cached: False, lambda x, w: False)):
+    for use, use_gemv in ((kernels, gemv), (lambda q, cached: False, lambda *args: False)):
         monkeypatch.setattr(decoding, "use_kernels", use)
         monkeypatch.setattr(modeling, "use_gemv", use_gemv)
         cache = StaticCache(config=config, max_cache_len=64)
@@ -289,6 +302,8 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
         logits.append(torch.cat(steps, 1))
     assert len(appends) == 7 * config.num_hidden_layers  # every step of the first run, none of the second
     assert len(gemvs) == 7 * config.num_hidden_layers * 4 * (batch == 1)  # q|k|v|g, o, gate|up, SwiGLU and down
+    fused = [(args[2], args[3] is not None, args[5] is not None) for args in gemvs[:4]]  # (swiglu, norm, residual)
+    assert fused == [(False, True, False), (False, False, True), (False, True, False), (True, False, True)][:len(fused)]
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
     for ours, theirs in zip(caches[0].layers, caches[1].layers):
         assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 36 and int(ours.tickets) == 0
@@ -312,6 +327,31 @@ def test_gemv_is_the_linear(n, k, swiglu):
         x = (torch.nn.functional.silu(gate).half().float() * up).half()
     expected = torch.nn.functional.linear(x.double(), w.double())
     torch.testing.assert_close(got.double().cpu(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("n, k", [(24, 64), (37, 700)])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_gemv_fuses_the_norm_and_the_residual(n, k, swiglu):
+    """``linear_by_kernel`` with Llama's RMSNorm before the product (without SwiGLU: the decoder layer's q|k|v|g and
+    gate|up) or a residual after it (with SwiGLU: the down projection; also o's), against the float64 norm, product
+    and addition: the norm unrounded, the product rounded to float16 before the addition, as the layer adds it."""
+    gen = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
+    x = (3 * torch.randn(1, 1, 2 * k if swiglu else k, generator=gen)).half()
+    norm = (1 + 0.3 * torch.randn(k, generator=gen)).half()
+    residual = torch.randn(1, 1, n, generator=gen).half()
+    fused = dict(residual=residual.to(DEVICE)) if swiglu else dict(norm=norm.to(DEVICE), eps=1e-5)
+    got = decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu=swiglu, **fused).double().cpu()
+    if swiglu:
+        gate, up = x.float().chunk(2, -1)
+        x = (torch.nn.functional.silu(gate).half().float() * up).half()
+        product = torch.nn.functional.linear(x.double(), w.double())
+        expected = residual.double() + product.half().double()
+    else:
+        h = x.double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
+        expected = torch.nn.functional.linear(h, w.double())
+    torch.testing.assert_close(got, expected, atol=3e-3, rtol=3e-3)
 
 
 def test_gemv_only_for_one_row_without_gradient():

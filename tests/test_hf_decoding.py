@@ -105,7 +105,7 @@ def test_pooled_keys_in_the_cache_are_the_reference_pooling(kind):
 def test_generate_static_and_dynamic_match_greedy_full_forwards():
     model, config = _model()
     prompt = torch.randint(0, config.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)  # all 20 tokens
     with torch.no_grad():
         dynamic = model.generate(prompt, **kwargs)
         static = model.generate(prompt, cache_implementation="static", **kwargs)

@@ -6,13 +6,16 @@ block 16, bf16.
 
 - ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``BLOCK_N``. ``--context`` sets the
   pooled blocks: context + 1 tokens, rounded up to 128 as the static cache rounds, over the block size.
+- ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
+  takes the selection's final top-k), per ``TOP_K_WARPS`` x ``BLOCK_N`` x ``SPARSE_WARPS``.
 - ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
 - ``gemv``: the one-row GEMV of a decoder layer's projections (``linear_by_kernel``; the batch-1 weights q|k|v|g,
-  o, gate|up, and down with SwiGLU's activation in its loads), per ``GEMV_BLOCK_N`` x ``GEMV_BLOCK_K`` x
-  ``GEMV_STAGES`` x ``GEMV_WARPS``, against cuBLAS (``F.linear``, after the activation's own kernel for down), each
+  o, gate|up, and down with SwiGLU's activation in its loads), per setting of ``GEMV_SETTING`` (or
+  ``GEMV_SETTING_LONG`` for rows of at least ``GEMV_LONG_K`` features): output features per program x input
+  features per step x stages x warps, against cuBLAS (``F.linear``, after the activation's own kernel for down), each
   call reading another of enough weight copies to outgrow the L2 cache.
 
 Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
@@ -39,7 +42,8 @@ L2_BYTES = 256 * 2 ** 20
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kernels", nargs="+", choices=["select", "full", "gemv"], default=["select", "full", "gemv"])
+    p.add_argument("--kernels", nargs="+", choices=["select", "sparse", "full", "gemv"],
+                   default=["select", "sparse", "full", "gemv"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context", type=int, default=32768, help="cached tokens before the new one")
     p.add_argument("--heads", type=int, default=32, help="query heads")
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="select: TOP_K_WARPS values")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="select: BLOCK_N values")
+    p.add_argument("--sparse-warps", type=int, nargs="+", default=[4, 8], help="sparse: SPARSE_WARPS values")
     p.add_argument("--full-block-n", type=int, nargs="+", default=[64, 128], help="full: FULL_BLOCK_N values")
     p.add_argument("--full-warps", type=int, nargs="+", default=[4, 8], help="full: FULL_WARPS values")
     p.add_argument("--full-programs", type=int, nargs="+", default=[264, 528, 1056],
@@ -63,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
-    for name in ("batch", "warps", "block_n", "full_block_n", "full_warps", "full_programs", "gemv_block_n",
-                 "gemv_block_k", "gemv_stages", "gemv_warps"):
+    for name in ("batch", "warps", "block_n", "sparse_warps", "full_block_n", "full_warps", "full_programs",
+                 "gemv_block_n", "gemv_block_k", "gemv_stages", "gemv_warps"):
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name.replace('_', '-')} {bad[0]}: must be >= 1")
@@ -84,7 +89,7 @@ def sweep(module, names: tuple[str, ...], settings, time_one, label: str) -> Non
             for name, value in zip(names, setting):
                 setattr(module, name, value)
             times[setting] = time_one()
-            print(f"  {label}  " + "  ".join(f"{n} {v:>4}" for n, v in zip(names, setting))
+            print(f"  {label}  " + "  ".join(f"{n} {v!s:>4}" for n, v in zip(names, setting))
                   + f": {times[setting]:8.2f} us", flush=True)
     finally:
         for name, value in zip(names, defaults):
@@ -113,16 +118,26 @@ def main(argv=None) -> int:
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
+        config = SimpleNamespace(ssa_block_size=args.block_size, ssa_top_k=args.top_k, ssa_sink_blocks=0,
+                                 ssa_local_blocks=0, ssa_score="group_softmax")
         if "select" in args.kernels:
             pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
                                  device="cuda").bfloat16()
-            config = SimpleNamespace(ssa_block_size=args.block_size, ssa_top_k=args.top_k, ssa_sink_blocks=0,
-                                     ssa_local_blocks=0, ssa_score="group_softmax")
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
             sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N"), itertools.product(args.warps, args.block_n),
                   lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
                   f"batch {batch:>3}")
             del pooled
+        if "sparse" in args.kernels:
+            keys, values = (torch.randn(batch, args.kv_heads, capacity, args.head_dim, device="cuda").bfloat16()
+                            for _ in range(2))
+            pooled = decoding.pool_blocks(keys, args.block_size)
+            print(f"sparse, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
+            sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N", "SPARSE_WARPS"),
+                  itertools.product(args.warps, args.block_n, args.sparse_warps),
+                  lambda: bench(lambda: decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config,
+                                                                               scale)), f"batch {batch:>3}")
+            del keys, values, pooled
         if "full" in args.kernels:
             shape = (batch, args.kv_heads, capacity, args.head_dim)
             copies = max(1, -(-L2_BYTES // (2 * torch.Size(shape).numel() * 2)))
@@ -176,7 +191,8 @@ def tune_gemv(args, decode_triton, bench) -> None:
         cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
         print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS {cublas_us:.2f} us per call; largest "
               f"|kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
-        sweep(decode_triton, ("GEMV_BLOCK_N", "GEMV_BLOCK_K", "GEMV_STAGES", "GEMV_WARPS"), settings,
+        name_of_setting = "GEMV_SETTING_LONG" if k >= decode_triton.GEMV_LONG_K else "GEMV_SETTING"
+        sweep(decode_triton, (name_of_setting,), [(s,) for s in settings],
               lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu) for wi in copies]) / len(copies),
               f"gemv {name}")
 

@@ -1,17 +1,18 @@
 """A decode step's kernels (one new token per row; CUDA, bf16/fp16 models): its attention in both modes, the static
-cache's one-token update, and at batch 1 the decoder layers' projections. Sparse mode: the block selection (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, with the scores never
-leaving float32 and the top-k done in the same pass) and the attention over the selected blocks
-(:func:`attend_by_kernels`, what :func:`decoding.sparse_decode` computes after selecting). Full mode on a static
-cache: split-KV attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what
-:func:`decoding.full_decode` computes with FlexAttention elsewhere).
+cache's one-token update, and at batch 1 the decoder layers' projections. Sparse mode: the block selection and the
+attention over the selected blocks in three kernels (:func:`sparse_attend_by_kernels`, what
+:func:`decoding.sparse_decode` computes, with the scores never leaving float32 and the top-k done in the same
+passes), or the selection alone (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes,
+also three kernels). Full mode on a static cache: split-KV attention over the first ``length`` keys
+(:func:`full_attend_by_kernels`, what :func:`decoding.full_decode` computes with FlexAttention elsewhere).
 
 Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
 softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
 configurations also vary from one compile to the next. On an H200 at batch 32 and 32k context they took 45-70 us
 per layer, the largest part of a sparse decode step after the weight GEMMs (docs/benchmarks.md, session 8).
 
-The three kernels, for ``R = b * HKV`` rows (a batch entry's KV head and its ``G`` query heads) and ``n`` pooled
-blocks in ``S = ceil(n / BLOCK_N)`` chunks:
+The selection's kernels, for ``R = b * HKV`` rows (a batch entry's KV head and its ``G`` query heads) and ``n``
+pooled blocks in ``S = ceil(n / BLOCK_N)`` chunks:
 
 1. ``_logits_kernel`` (grid R x S): ``logits [R, G, n] = q · k̄`` in float32 from the model-dtype query and pooled
    keys (``tl.dot``: exact products, float32 sums, the training kernels' contract and docs/ssa.md "Precision of the
@@ -20,15 +21,19 @@ blocks in ``S = ceil(n / BLOCK_N)`` chunks:
 2. ``_chunk_top_k_kernel`` (grid R x S): the chunk's scores from the combined statistics (``group_softmax``: the
    sum over the group of each head's softmax; ``dot``: the mean of ``q · k̄``), the forced blocks (own, sink,
    local) at +inf, and the chunk's ``top_k`` largest (score, block) keys;
-3. ``_top_k_kernel`` (grid R): the ``top_k`` largest of the chunks' survivors.
+3. the ``top_k`` largest of the chunks' survivors: ``_top_k_kernel`` (grid R) stores them for
+   :func:`select_by_kernels`; in a decode step the attention kernel takes them itself, in registers.
+
+Both top-k steps are one jit helper (``_largest``, ``tl.topk``'s bitonic partial sort).
 
 Ranking keys are those of ``decoding.top_k_later_first``: ``(order-preserving int32 of the score) << 32 | block``,
 unique, so ties go to the later block with no sort; -1 pads where fewer blocks are selectable.
 
-The attention (``_sparse_attention_kernel``, grid R) gathers the ``top_k · block_size`` selected keys and values of
-a row at once and attends its ``G`` query heads to them, causal inside the own block, with the sparse training
-kernel's precision: float32 scores and softmax, the probabilities rounded to the values' dtype for ``tl.dot``. In
-torch operations this was a gather, two GEMMs and a softmax, 4 launches per layer.
+The attention (``_sparse_attention_kernel``, grid R) takes the ``top_k`` largest of its row's chunk survivors,
+gathers the ``top_k · block_size`` selected keys and values of the row at once and attends its ``G`` query heads to
+them, causal inside the own block, with the sparse training kernel's precision: float32 scores and softmax, the
+probabilities rounded to the values' dtype for ``tl.dot``. In torch operations this was a gather, two GEMMs and a
+softmax, 4 launches per layer; a sparse decode step's attention is now 3 launches per layer in all.
 
 Full mode (``_full_split_kernel``, grid R x ranges; ``_full_combine_kernel``, grid R x G): each program attends a
 row's group to one range of keys with an online softmax and keeps its float32 partial (max, sum, weighted values);
@@ -60,8 +65,14 @@ except ImportError:  # a CPU-only torch build: decoding.py selects with torch op
 BLOCK_N = 128
 """Pooled blocks per program of kernels 1 and 2."""
 TOP_K_WARPS = 1
-"""Warps of the two top-k kernels: their ``top_k`` rounds of max-and-remove are reductions over 128-512 keys, which
-one warp does with shuffles alone; more warps add a shared-memory exchange and a barrier to every round."""
+"""Warps of the two top-k kernels (kernel 2, and kernel 3 of :func:`select_by_kernels`): their bitonic top-k over
+128-512 keys is a chain of compare-and-swap steps, which one warp does in registers and shuffles; with more warps,
+the steps across warps go through shared memory with a barrier each."""
+SPARSE_WARPS = 8
+"""Warps of the sparse attention kernel, as many as before it took the selection's final top-k: its gather of
+``top_k · block_size`` keys and values (256 x 64 on the 1B shape) and its two ``tl.dot`` want them; the top-k's
+steps across warps go through shared memory. Not yet timed against 4 (``tools/tune_decode_kernels.py --kernels
+sparse`` sweeps it)."""
 
 
 def use_kernels(q: Tensor, cached: Tensor) -> bool:
@@ -81,27 +92,31 @@ def _padded(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _top_k_length(n: int) -> int:
+    """``n`` rounded up to a power of two, at least 2: a length ``tl.topk`` takes (with k = 1 its sort reduces the
+    keys to a scalar and fails)."""
+    return max(2, triton.next_power_of_2(n))
+
+
 def _rows(q: Tensor, *cached: Tensor) -> tuple[Tensor, ...]:
     """``q [b, HQ, 1, D]`` as ``[b, HQ, D]``, and each of ``cached``, with a unit stride in the last dimension, which
     the kernels' pointer arithmetic assumes."""
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q[:, :, 0], *cached))
 
 
-def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
-    """``decoding.select_decode_blocks`` by the kernels: ``q [b, HQ, 1, D]`` at position ``length - 1`` (a 0-d
-    int64 tensor on ``q``'s device), ``pooled [b, HKV, n, D]``; returns ``[b, HKV, top_k]`` int64 block numbers in
-    no particular order, -1 padded."""
-    b, hq, _, d = q.shape
+def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
+    """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
+    tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
+    keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection."""
+    b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
     g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
-    q, pooled = _rows(q, pooled)
     group_p, dim_p = _padded(g), _padded(d)
     softmax = config.ssa_score == "group_softmax"
     logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
     survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
-    chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
     _logits_kernel[(rows, chunks)](
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
@@ -109,29 +124,45 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
-        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax,
-        num_warps=TOP_K_WARPS)
-    _top_k_kernel[(rows,)](survivors, chosen, chunks * top_k, TOP_K=top_k,
-                           KEYS_P=triton.next_power_of_2(chunks * top_k), num_warps=TOP_K_WARPS)
+        TOP_K_P=_top_k_length(top_k), CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p,
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=TOP_K_WARPS)
+    return survivors
+
+
+def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
+    """``decoding.select_decode_blocks`` by the kernels: ``q [b, HQ, 1, D]`` at position ``length - 1`` (a 0-d
+    int64 tensor on ``q``'s device), ``pooled [b, HKV, n, D]``; returns ``[b, HKV, top_k]`` int64 block numbers
+    in no particular order, -1 padded."""
+    b, hkv, top_k = q.shape[0], pooled.shape[1], config.ssa_top_k
+    q, pooled = _rows(q, pooled)
+    survivors = _chunk_survivors(q, pooled, length, config, scale)
+    chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
+    _top_k_kernel[(b * hkv,)](survivors, chosen, survivors.shape[1], TOP_K=top_k,
+                              TOP_K_P=_top_k_length(top_k),
+                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=TOP_K_WARPS)
     return chosen
 
 
-def attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, blocks: Tensor, length: Tensor, block_size: int,
-                      scale: float, gate: Tensor | None = None) -> Tensor:
-    """The attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``, a 0-d int64 tensor) to the selected
-    ``blocks [b, HKV, K]`` (-1 padded) of ``keys``/``values [b, HKV, L, D]``, times ``sigmoid(gate)`` where gate
-    logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype."""
+def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor, config,
+                             scale: float, gate: Tensor | None = None) -> Tensor:
+    """``decoding.sparse_decode`` by the kernels: the attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``,
+    a 0-d int64 tensor) to the blocks of ``keys``/``values [b, HKV, L, D]`` that the selection picks from ``pooled
+    [b, HKV, n, D]``, times ``sigmoid(gate)`` where gate logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]``
+    in ``q``'s dtype. Three kernels: the selection's first two, then the attention, which takes the chunk
+    survivors' ``top_k`` largest itself."""
     b, hq, _, d = q.shape
-    hkv, top_k = keys.shape[1], blocks.shape[-1]
+    hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
     g = hq // hkv
-    q, keys, values, blocks = _rows(q, keys, values, blocks)
+    q, keys, values, pooled = _rows(q, keys, values, pooled)
+    survivors = _chunk_survivors(q, pooled, length, config, scale)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
-        q, keys, values, blocks, length, out, gate_ptr, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
-        keys.stride(2), values.stride(0), values.stride(1), values.stride(2), blocks.stride(0), blocks.stride(1),
-        gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=block_size, TOP_K=top_k, GROUP_P=_padded(g),
-        DIM_P=_padded(d), KEYS_P=_padded(top_k * block_size), GATE=gate is not None, num_warps=8)
+        q, keys, values, survivors, length, out, gate_ptr, survivors.shape[1], q.stride(0), q.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=bs, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
+        SURVIVORS_P=_top_k_length(survivors.shape[1]), GROUP_P=_padded(g), DIM_P=_padded(d),
+        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS)
     return out[:, :, None]
 
 
@@ -173,40 +204,54 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     return out[:, :, None]
 
 
-GEMV_BLOCK_N = 4
-"""Output features per program of the one-row GEMV: 512 programs for a 2048-feature output, enough loads in flight
-to keep HBM busy, where cuBLAS's kernels reach 1.5-2.5 TB/s on the 1B shape's small weights."""
-GEMV_BLOCK_K = 512
-"""Input features per step of the GEMV's loop."""
-GEMV_STAGES = 3
-GEMV_WARPS = 4
-"""The GEMV's launch setting, from a sweep of 126 on an H200 (docs/benchmarks.md, session 10, run AV): the fastest
-for the q|k|v|g, o and gate|up weights; down with SwiGLU took at least 10.68 us with it, against 10.49 with the
-fastest setting (8, 1024, 3, 4)."""
+GEMV_SETTING = (4, 512, 3, 4)
+"""The one-row GEMV's launch setting: output features per program (512 programs for a 2048-feature output, enough
+loads in flight to keep HBM busy), input features per step of its loop, pipeline stages, warps. The fastest or
+within 1 % of it for the 1B shape's q|k|v|g, o and gate|up weights (K = 2048) in two sweeps of 126 settings on an
+H200 (docs/benchmarks.md, sessions 10 and 11)."""
+GEMV_SETTING_LONG = (8, 1024, 4, 4)
+"""The setting for rows of at least ``GEMV_LONG_K`` input features (the down projection, K = 8192): 10.5 us there,
+where ``GEMV_SETTING`` took 13.0 (session 11's sweep)."""
+GEMV_LONG_K = 4096
 
 
-def use_gemv(x: Tensor, weight: Tensor) -> bool:
+def use_gemv(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
     """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: one row (a batch-1 decode step), CUDA, bf16/fp16,
-    ``weight [N, K]`` with a unit stride along K, and no gradient wanted (the kernel has no backward)."""
+    ``weight [N, K]`` with a unit stride along K, ``others`` (a norm's weight, a residual; None for absent ones) in
+    ``x``'s dtype on its device, and no gradient wanted (the kernel has no backward)."""
+    others = [t for t in others if t is not None]
     return (use_kernels(x, weight) and x.numel() == x.shape[-1] and weight.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and all(t.dtype == x.dtype and t.device == x.device for t in others)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *others))))
 
 
-def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False) -> Tensor:
-    """``x [..., K] @ weight [N, K]^T`` for one row, in ``x``'s dtype with float32 sums, as a GEMV kernel: each
-    program reduces ``GEMV_BLOCK_N`` weight rows, with no ``tl.dot`` (a one-row product is a pass over the weight).
-    With ``swiglu``, ``x`` holds ``[gate | up]`` (2K features) and the product's input is ``silu(gate) * up``, each
-    rounded to ``x``'s dtype as the eager operations round it: Llama's MLP with its activation fused in.
+def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tensor | None = None,
+                     eps: float = 0.0, residual: Tensor | None = None) -> Tensor:
+    """``residual + rms_norm(x) @ weight [N, K]^T`` for one row ``x [..., K]``, in ``x``'s dtype with float32 sums, as
+    a GEMV kernel: each program reduces ``BLOCK_N`` weight rows, with no ``tl.dot`` (a one-row product is a pass
+    over the weight). Every part but the product is optional:
 
-    On the 1B shape at batch 1 on an H200 this took 4.2-4.4 us against cuBLAS's 6.0-6.1 for the q|k|v|g and o
-    weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection (docs/benchmarks.md,
-    session 10)."""
+    - ``norm``: Llama's RMSNorm of ``x`` with this weight and ``eps`` first. The sum of squares is taken in the
+      product's pass over ``x`` and its reciprocal root scales the sums at the end, so the norm costs no pass of its
+      own; the normalised input is not rounded to ``x``'s dtype between the norm's operations, as eager rounds it
+      (a compiled norm does not round it either).
+    - ``swiglu``: ``x`` holds ``[gate | up]`` (2K features) and the input is ``silu(gate) * up``, each rounded to
+      ``x``'s dtype as the eager operations round it: Llama's MLP with its activation fused in.
+    - ``residual [..., N]``: added to the product rounded to ``x``'s dtype, as the decoder layer adds it.
+
+    So a decoder layer's norms and residual additions run inside its projections, where a compiled step launched
+    a kernel for each. On the 1B shape at batch 1 on an H200 the plain product took 4.2-4.4 us against cuBLAS's
+    6.0-6.1 for the q|k|v|g and o weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection
+    (docs/benchmarks.md, sessions 10 and 11)."""
     n, k = weight.shape
+    block_n, block_k, stages, warps = GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     x = x.reshape(-1).contiguous()  # the one row, with a unit stride (a copy only where it has another)
-    _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
-        x, weight, out, n, k, weight.stride(0), SWIGLU=swiglu, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-        STAGES=GEMV_STAGES, num_warps=GEMV_WARPS)
+    norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads
+    res_ptr = residual.reshape(-1).contiguous() if residual is not None else x
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
     return out
 
 
@@ -275,10 +320,12 @@ if triton is not None:
         return tl.sigmoid(logit.to(tl.float32))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, n, k, w_sn, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, n, k, w_sn, eps, SWIGLU: tl.constexpr,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed over K once, at the end
+        squares = tl.zeros((BLOCK_K,), tl.float32)  # the norm's sum of squares of x, likewise
         for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_K)
             inside = cols < k
@@ -289,10 +336,19 @@ if triton is not None:
                 x = (act * up).to(x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            if NORM:  # the norm's weight now, its 1 / rms once the pass has summed the squares
+                squares += x * x
+                x *= tl.load(norm_ptr + cols, mask=inside, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * w_sn + cols[None, :], mask=(rows < n)[:, None] & inside[None, :],
                         other=0.0, eviction_policy="evict_first")  # read once per step: keep L2 for the rest
             acc += w.to(tl.float32) * x[None, :]
-        tl.store(out_ptr + rows, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=rows < n)
+        out = tl.sum(acc, 1)
+        if NORM:
+            out *= tl.math.rsqrt(tl.sum(squares, 0) / k + eps)
+        if RESIDUAL:
+            out = (tl.load(res_ptr + rows, mask=rows < n, other=0.0).to(tl.float32)
+                   + out.to(out_ptr.dtype.element_ty).to(tl.float32))
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < n)
 
     @triton.jit
     def _rotated(x_ptr, rows, row_mask, d, cos, sin, D: tl.constexpr):
@@ -374,22 +430,36 @@ if triton is not None:
             tl.store(base + GROUP_P + g, total)
 
     @triton.jit
-    def _store_largest(keys, out_ptr, TOP_K: tl.constexpr, AS_BLOCKS: tl.constexpr):
-        """Stores the ``TOP_K`` largest of the distinct ``keys`` at ``out_ptr``: the keys themselves (int64 min where
-        fewer exist), or with ``AS_BLOCKS`` their block numbers (-1 there)."""
-        for i in tl.static_range(TOP_K):
-            best = tl.max(keys, 0)
-            if AS_BLOCKS:
-                tl.store(out_ptr + i, tl.where(best == -9223372036854775808, -1, best & 0xFFFFFFFF))
-            else:
-                tl.store(out_ptr + i, best)
-            keys = tl.where(keys == best, -9223372036854775808, keys)
+    def _largest(keys, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, AS_BLOCKS: tl.constexpr):
+        """The ``TOP_K`` largest of the distinct ``keys [N]`` (N a power of two), largest first, as
+        ``[min(TOP_K_P, N)]`` (``TOP_K_P``: :func:`_top_k_length` of ``TOP_K``): the keys themselves (int64 min
+        past the ``TOP_K``-th and where fewer exist), or with ``AS_BLOCKS`` their block numbers (-1 there).
+        ``tl.topk`` is a bitonic partial sort, about ``log2(N) · log2(TOP_K_P)`` compare-and-swap steps, where
+        ``TOP_K`` rounds of max-and-remove were ``TOP_K`` reductions over all ``N`` keys."""
+        K: tl.constexpr = min(TOP_K_P, keys.shape[0])
+        best = tl.topk(keys, K)
+        best = tl.where(tl.arange(0, K) < TOP_K, best, -9223372036854775808)
+        if AS_BLOCKS:
+            best = tl.where(best == -9223372036854775808, -1, best & 0xFFFFFFFF)
+        return best
+
+    @triton.jit
+    def _store_largest(keys, out_ptr, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, AS_BLOCKS: tl.constexpr):
+        """Stores :func:`_largest` at ``out_ptr``, ``TOP_K`` entries; fewer ``keys`` than ``TOP_K`` leave the rest
+        int64 min (-1 with ``AS_BLOCKS``)."""
+        K: tl.constexpr = min(TOP_K_P, keys.shape[0])
+        i = tl.arange(0, K)
+        tl.store(out_ptr + i, _largest(keys, TOP_K, TOP_K_P, AS_BLOCKS), mask=i < TOP_K)
+        if TOP_K_P > K:
+            rest = tl.arange(0, TOP_K_P)
+            pad = tl.full([TOP_K_P], -1 if AS_BLOCKS else -9223372036854775808, tl.int64)
+            tl.store(out_ptr + rest, pad, mask=(rest >= K) & (rest < TOP_K))
 
     @triton.jit
     def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
                             G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-                            TOP_K: tl.constexpr, CHUNKS_P: tl.constexpr, GROUP_P: tl.constexpr,
-                            BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+                            TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
+                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -418,27 +488,36 @@ if triton is not None:
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # monotone in the score
         keys = (ordered << 32) + j
         keys = tl.where((candidate | (j == own)) & (j < n), keys, -9223372036854775808)
-        _store_largest(keys, out_ptr + (row * chunks + chunk) * TOP_K, TOP_K, False)
+        _store_largest(keys, out_ptr + (row * chunks + chunk) * TOP_K, TOP_K, TOP_K_P, False)
 
     @triton.jit
-    def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, KEYS_P: tl.constexpr):
+    def _survivors(keys_ptr, row, count, SURVIVORS_P: tl.constexpr):
+        """Row ``row``'s ``count`` chunk survivors (kernel 2's output), as ``[SURVIVORS_P]`` (int64 min padded)."""
+        i = tl.arange(0, SURVIVORS_P)
+        return tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808)
+
+    @triton.jit
+    def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
+                      SURVIVORS_P: tl.constexpr):
         row = tl.program_id(0)
-        i = tl.arange(0, KEYS_P)
-        keys = tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808)
-        _store_largest(keys, out_ptr + row * TOP_K, TOP_K, True)
+        _store_largest(_survivors(keys_ptr, row, count, SURVIVORS_P), out_ptr + row * TOP_K, TOP_K, TOP_K_P, True)
 
     @triton.jit
-    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, blocks_ptr, length_ptr, out_ptr, gate_ptr, q_sb, q_sh, k_sb,
-                                 k_sh, k_sn, v_sb, v_sh, v_sn, i_sb, i_sh, gate_sb, gate_sh, SCALE: tl.constexpr,
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, survivors_ptr, length_ptr, out_ptr, gate_ptr, count, q_sb,
+                                 q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh, SCALE: tl.constexpr,
                                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                                 TOP_K: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
-                                 KEYS_P: tl.constexpr, GATE: tl.constexpr):
+                                 TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, SURVIVORS_P: tl.constexpr,
+                                 GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr,
+                                 GATE: tl.constexpr):
         row = tl.program_id(0)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, DIM_P)
+        # The selection's last step (what _top_k_kernel stores for select_by_kernels), kept in registers.
+        chosen = _largest(_survivors(survivors_ptr, row, count, SURVIVORS_P), TOP_K, TOP_K_P, True)  # [TOP_K_P]
         t = tl.arange(0, KEYS_P)  # the t-th gathered key: token t % BS of selected block t // BS
-        block = tl.load(blocks_ptr + bi * i_sb + h * i_sh + t // BS, mask=t < TOP_K * BS, other=-1)
+        slot = t // BS
+        block = tl.where(slot < TOP_K, tl.gather(chosen, tl.minimum(slot, TOP_K_P - 1), 0), -1)
         pos = block * BS + t % BS
         valid = (block >= 0) & (pos < tl.load(length_ptr))  # causal inside the own block
         pos = tl.where(valid, pos, 0)

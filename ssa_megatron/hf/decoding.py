@@ -48,9 +48,9 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from .decode_triton import (
     append_by_kernels,
-    attend_by_kernels,
     full_attend_by_kernels,
     select_by_kernels,
+    sparse_attend_by_kernels,
     use_kernels,
 )
 
@@ -329,14 +329,12 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
                   scale: float, gate: Tensor | None = None) -> Tensor:
     """Sparse attention of one new token per row over the cache, gated by the logits ``gate [b, 1, HQ]`` if given.
     ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L, D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
+    if use_kernels(q, keys):  # CUDA, bf16/fp16: select, gather, attend and gate in three Triton kernels
+        return sparse_attend_by_kernels(q, keys, values, pooled, torch.as_tensor(length, device=q.device), config,
+                                        scale, gate)
     b, hq, _, d = q.shape
     hkv, bs = keys.shape[1], config.ssa_block_size
-    kernels = use_kernels(q, keys)
-    if kernels:  # a dynamic cache's int length as a device tensor once, for the selection and the attention
-        length = torch.as_tensor(length, device=q.device)
     idx = select_decode_blocks(q, pooled, length, config, scale)  # [b, HKV, K]
-    if kernels:  # CUDA, bf16/fp16: gather, attend and gate in one Triton kernel
-        return attend_by_kernels(q, keys, values, idx, length, bs, scale, gate)
     pos = idx[..., None].long() * bs + torch.arange(bs, device=q.device)  # [b, HKV, K, bs]
     valid = ((idx[..., None] >= 0) & (pos < length)).flatten(2)  # causal inside the own block
     pos = pos.flatten(2).clamp(0, keys.shape[2] - 1)[..., None].expand(-1, -1, -1, d)

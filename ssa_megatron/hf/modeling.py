@@ -1,7 +1,9 @@
 """``SSALlamaForCausalLM``: transformers' Llama with SSA attention (docs/ssa.md rules 5 and 9).
 
 Everything but the attention core is transformers' Llama (embeddings, RMSNorm, SwiGLU MLP, rotary embedding,
-decoder layer, LM head). :class:`SSALlamaAttention` keeps Llama's q/k/v/o projections and RoPE, adds the gate
+LM head); :class:`SSALlamaDecoderLayer` is Llama's layer computing the same operations in the same order, with its
+norms and residual additions handed to the projections (a batch-1 decode step fuses them into its GEMVs).
+:class:`SSALlamaAttention` keeps Llama's q/k/v/o projections and RoPE, adds the gate
 ``g_proj`` (hidden → one logit per query head, no bias; the sigmoid is applied inside ``ssa_attention``), and
 hands ``[s, b, h, d]`` views of q/k/v to :func:`ssa_megatron.ssa.ssa_attention` — the one definition of SSA's
 selection and attention — with ``training=False`` and the configured mode and budget.
@@ -38,10 +40,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
+    LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
+    LlamaRMSNorm,
     apply_rotary_pos_emb,
 )
 from transformers.utils import logging
@@ -172,16 +176,25 @@ class FusedProjections:
         self.fused_sizes = self._unfused_order = None
 
 
-def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
-    """``linear(x)``, or with ``swiglu`` ``linear(silu(gate) * up)`` of ``x = [gate | up]``. For one row on CUDA in
-    bf16/fp16 with no gradient (a batch-1 decode step), by the GEMV kernel of ``decode_triton.py``, which reads the
-    weight faster than cuBLAS does at one row and applies SwiGLU's activation as it loads ``x``."""
-    if linear.bias is None and use_gemv(x, linear.weight):
-        return linear_by_kernel(x, linear.weight, swiglu)
+def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False, norm: nn.Module | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + linear(act(norm(x)))``, each part but ``linear`` optional: ``norm`` a module applied first,
+    ``swiglu`` the activation ``silu(gate) * up`` of ``x = [gate | up]``, ``residual`` added last. For one row on CUDA
+    in bf16/fp16 with no gradient (a batch-1 decode step), and a Llama RMSNorm, all of it is one GEMV kernel of
+    ``decode_triton.py``, which reads the weight faster than cuBLAS does at one row; elsewhere the eager operations,
+    in that order."""
+    rms = norm is not None and type(norm) is LlamaRMSNorm
+    if (linear.bias is None and (norm is None or rms)
+            and use_gemv(x, linear.weight, norm.weight if rms else None, residual)):
+        return linear_by_kernel(x, linear.weight, swiglu, norm.weight if rms else None,
+                                norm.variance_epsilon if rms else 0.0, residual)
+    if norm is not None:
+        x = norm(x)
     if swiglu:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
-    return linear(x)
+    out = linear(x)
+    return out if residual is None else residual + out
 
 
 def _reorder(modules: dict, order: list[str]) -> None:
@@ -232,15 +245,19 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         return ("q_proj", "k_proj", "v_proj") + (("g_proj",) if self.config.ssa_gate == "per_head" else ())
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
-                past_key_values=None, cu_seqlens=None, **kwargs):
+                past_key_values=None, cu_seqlens=None, norm=None, residual=None, **kwargs):
+        """Llama's attention, with two optional parts that :class:`SSALlamaDecoderLayer` hands it: ``norm``
+        applied to ``hidden_states`` first and ``residual`` added to the output (``_project`` fuses both into the
+        projections' GEMV where it runs)."""
         cache = cache if cache is not None else past_key_values
         b, s = hidden_states.shape[:2]
         shape = (b, s, -1, self.head_dim)
         if self.qkvg_proj is not None:  # one GEMM; the split outputs are views
-            q, k, v, *g = _project(self.qkvg_proj, hidden_states).split(self.fused_sizes, dim=-1)
+            q, k, v, *g = _project(self.qkvg_proj, hidden_states, norm=norm).split(self.fused_sizes, dim=-1)
         else:
-            q, k, v = (_project(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
-            g = [_project(self.g_proj, hidden_states)] if self.g_proj is not None else []
+            x = norm(hidden_states) if norm is not None else hidden_states
+            q, k, v = (_project(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
+            g = [_project(self.g_proj, x)] if self.g_proj is not None else []
         cos, sin = position_embeddings
         appended = None
         if cache is not None and s == 1:  # one new token on a static cache: RoPE and the update in one kernel
@@ -258,7 +275,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
             if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
                 out = decode_attention(q, layer, self.config, self.scaling, g[0] if g else None)  # gated
                 if out is not None:
-                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1)), None
+                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual=residual), None
             k, v = valid_keys(layer, k, v)
             if cu_seqlens is not None and k.shape[2] != s:
                 raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
@@ -278,7 +295,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
                                  "and load without trust_remote_code)")
             out = _exported_attention(q, k, v, gate, self.config, cu_seqlens, self.scaling)
         out = out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
-        return _project(self.o_proj, out), None
+        return _project(self.o_proj, out, residual=residual), None
 
 
 class SSALlamaMLP(FusedProjections, LlamaMLP):
@@ -294,20 +311,43 @@ class SSALlamaMLP(FusedProjections, LlamaMLP):
     def projection_names(self) -> tuple[str, ...]:
         return ("gate_proj", "up_proj")
 
-    def forward(self, x):
+    def forward(self, x, norm=None, residual=None):
+        """Llama's MLP, with ``norm`` applied to ``x`` first and ``residual`` added last where given (as for
+        :meth:`SSALlamaAttention.forward`)."""
         if self.gate_up_proj is None:
-            return super().forward(x)
-        gate_up = _project(self.gate_up_proj, x)
+            out = super().forward(norm(x) if norm is not None else x)
+            return out if residual is None else residual + out
+        gate_up = _project(self.gate_up_proj, x, norm=norm)
         if self.config.hidden_act == "silu":  # SwiGLU: the down GEMV applies the activation itself
-            return _project(self.down_proj, gate_up, swiglu=True)
+            return _project(self.down_proj, gate_up, swiglu=True, residual=residual)
         gate, up = gate_up.chunk(2, dim=-1)
-        return _project(self.down_proj, self.act_fn(gate) * up)
+        return _project(self.down_proj, self.act_fn(gate) * up, residual=residual)
+
+
+class SSALlamaDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer with :class:`SSALlamaAttention` and :class:`SSALlamaMLP`, which it hands its norms and
+    residual additions: the same operations in the same order as Llama's layer, but where the one-row GEMV runs (a
+    batch-1 decode step) each norm is fused into the projection after it and each addition into the one before it,
+    so that a decode step launches no kernel of its own for them."""
+
+    def __init__(self, config: SSALlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = SSALlamaAttention(config, layer_idx)
+        self.mlp = SSALlamaMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, past_key_values=None, **kwargs):
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values, use_cache=use_cache,
+            position_embeddings=position_embeddings, norm=self.input_layernorm, residual=hidden_states, **kwargs)
+        return self.mlp(hidden_states, norm=self.post_attention_layernorm, residual=hidden_states)
 
 
 class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
     config: SSALlamaConfig
     config_class = SSALlamaConfig
-    _no_split_modules = ["LlamaDecoderLayer"]
+    _no_split_modules = ["SSALlamaDecoderLayer"]
     _supports_flash_attn = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
@@ -362,13 +402,11 @@ class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
-    """``LlamaModel`` whose decoder layers use :class:`SSALlamaAttention` and :class:`SSALlamaMLP`."""
+    """``LlamaModel`` whose decoder layers are :class:`SSALlamaDecoderLayer`."""
 
     def __init__(self, config: SSALlamaConfig):
         super().__init__(config)
-        for i, layer in enumerate(self.layers):
-            layer.self_attn = SSALlamaAttention(config, i)
-            layer.mlp = SSALlamaMLP(config)
+        self.layers = nn.ModuleList(SSALlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.post_init()
 
 
