@@ -4,7 +4,8 @@ one GPU. ``triton.testing.do_bench_cudagraph`` gives each time: the calls captur
 overhead), the median of its repeats. The 1B shape by default: 32 query heads, 2 KV heads, head dim 64, top_k 16 x
 block 16, bf16.
 
-- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``BLOCK_N``. ``--context`` sets the
+- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``, which sets the chunk kernel's warps where its grid is small) x
+  ``BLOCK_N``. ``--context`` sets the
   pooled blocks: context + 1 tokens, rounded up to 128 as the static cache rounds, over the block size.
 - ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
   takes the selection's final top-k), per ``TOP_K_WARPS`` x ``BLOCK_N`` x ``SPARSE_WARPS``.
@@ -116,6 +117,11 @@ def main(argv=None) -> int:
     scale = args.head_dim ** -0.5
     print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
+    def warps_name(batch: int, blocks: int) -> str:
+        """The constant that sets the chunk top-k kernel's warps at this batch (``decode_triton._top_k_warps``)."""
+        programs = batch * args.kv_heads * -(-blocks // decode_triton.BLOCK_N)
+        return "TOP_K_WARPS_FEW" if programs < decode_triton.FEW_PROGRAMS else "TOP_K_WARPS"
+
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
         config = SimpleNamespace(ssa_block_size=args.block_size, ssa_top_k=args.top_k, ssa_sink_blocks=0,
@@ -124,7 +130,8 @@ def main(argv=None) -> int:
             pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
                                  device="cuda").bfloat16()
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N"), itertools.product(args.warps, args.block_n),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N"),
+                  itertools.product(args.warps, args.block_n),
                   lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
                   f"batch {batch:>3}")
             del pooled
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
                             for _ in range(2))
             pooled = decoding.pool_blocks(keys, args.block_size)
             print(f"sparse, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, ("TOP_K_WARPS", "BLOCK_N", "SPARSE_WARPS"),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N", "SPARSE_WARPS"),
                   itertools.product(args.warps, args.block_n, args.sparse_warps),
                   lambda: bench(lambda: decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config,
                                                                                scale)), f"batch {batch:>3}")
@@ -167,34 +174,45 @@ def main(argv=None) -> int:
 
 
 def tune_gemv(args, decode_triton, bench) -> None:
-    """The ``gemv`` sweep: each decoder-layer weight at one row, cuBLAS first."""
+    """The ``gemv`` sweep: each decoder-layer weight at one row with what the layer fuses into its product (the
+    RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down), against
+    cuBLAS with the same operations around it as separate kernels; each sweeps the constant its launch reads."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
-    weights = {"q|k|v|g": (qkvg, args.hidden, False), "o": (args.hidden, args.heads * args.head_dim, False),
-               "gate|up": (2 * args.ffn, args.hidden, False), "down+SwiGLU": (args.hidden, args.ffn, True)}
+    weights = {  # name: (N, K, fused norm, SwiGLU, fused residual)
+        "q|k|v|g+norm": (qkvg, args.hidden, True, False, False),
+        "o+residual": (args.hidden, args.heads * args.head_dim, False, False, True),
+        "gate|up+norm": (2 * args.ffn, args.hidden, True, False, False),
+        "down+SwiGLU+residual": (args.hidden, args.ffn, False, True, True)}
     settings = [s for s in itertools.product(args.gemv_block_n, args.gemv_block_k, args.gemv_stages, args.gemv_warps)
                 if s[0] * s[1] <= 8192]  # the float32 accumulator's elements per program
-    for name, (n, k, swiglu) in weights.items():
+    for name, (n, k, norm, swiglu, residual) in weights.items():
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
         x = torch.randn(1, 2 * k if swiglu else k, device="cuda").bfloat16()
+        fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,
+                     residual=torch.randn(1, n, device="cuda").bfloat16() if residual else None)
 
-        def cublas(w, x=x, swiglu=swiglu):
+        def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"]):
+            if norm is not None:
+                x = f.rms_norm(x, (k,), norm, 1e-5)
             if swiglu:
                 gate, up = x.chunk(2, -1)
                 x = f.silu(gate) * up
-            return f.linear(x, w)
+            out = f.linear(x, w)
+            return out if residual is None else residual + out
 
         copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]
         expected = cublas(w).float()
-        diff = float((decode_triton.linear_by_kernel(x, w, swiglu).float() - expected).abs().max()
+        diff = float((decode_triton.linear_by_kernel(x, w, swiglu, **fused).float() - expected).abs().max()
                      / expected.abs().max())
         cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
-        print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS {cublas_us:.2f} us per call; largest "
-              f"|kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
-        name_of_setting = "GEMV_SETTING_LONG" if k >= decode_triton.GEMV_LONG_K else "GEMV_SETTING"
-        sweep(decode_triton, (name_of_setting,), [(s,) for s in settings],
-              lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu) for wi in copies]) / len(copies),
-              f"gemv {name}")
+        print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS and separate kernels {cublas_us:.2f} us per "
+              f"call; largest |kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
+        setting = ("GEMV_SETTING_LONG" if k >= decode_triton.GEMV_LONG_K else "GEMV_SETTING_NORM" if norm
+                   else "GEMV_SETTING")
+        sweep(decode_triton, (setting,), [(s,) for s in settings],
+              lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu, **fused) for wi in copies])
+              / len(copies), f"gemv {name}")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,17 @@ except ImportError:  # a CPU-only torch build: decoding.py selects with torch op
 BLOCK_N = 128
 """Pooled blocks per program of kernels 1 and 2."""
 TOP_K_WARPS = 1
-"""Warps of the two top-k kernels (kernel 2, and kernel 3 of :func:`select_by_kernels`): their bitonic top-k over
-128-512 keys is a chain of compare-and-swap steps, which one warp does in registers and shuffles; with more warps,
-the steps across warps go through shared memory with a barrier each."""
+"""Warps of the two top-k kernels (kernel 2, and kernel 3 of :func:`select_by_kernels`) where their grid has
+``FEW_PROGRAMS`` programs or more (batch 32 on the 1B shape: 1,088): their bitonic top-k over 128-512 keys is a chain
+of compare-and-swap steps, which one warp does in registers and shuffles; with more warps, the steps across warps go
+through shared memory with a barrier each."""
+TOP_K_WARPS_FEW = 4
+"""Their warps where the grid has fewer programs than ``FEW_PROGRAMS`` (batch 1: 34), which leave most SMs idle and
+are each faster with more warps: the selection took 7.9 us with 4 warps and 10.1 with 1 at batch 1, and 17.9 against
+18.6 at batch 32, where the sparse step's three kernels took 21.3 against 20.2 (H200, docs/benchmarks.md, session
+11)."""
+FEW_PROGRAMS = 132
+"""An H100's or H200's SM count: a grid below it runs in one wave with SMs to spare."""
 SPARSE_WARPS = 8
 """Warps of the sparse attention kernel, as many as before it took the selection's final top-k: its gather of
 ``top_k · block_size`` keys and values (256 x 64 on the 1B shape) and its two ``tl.dot`` want them; the top-k's
@@ -104,6 +112,11 @@ def _rows(q: Tensor, *cached: Tensor) -> tuple[Tensor, ...]:
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q[:, :, 0], *cached))
 
 
+def _top_k_warps(programs: int) -> int:
+    """Warps of a top-k kernel launched as ``programs`` programs (``TOP_K_WARPS_FEW``'s rule)."""
+    return TOP_K_WARPS_FEW if programs < FEW_PROGRAMS else TOP_K_WARPS
+
+
 def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
     """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
     tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
@@ -125,7 +138,7 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
         TOP_K_P=_top_k_length(top_k), CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=TOP_K_WARPS)
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks))
     return survivors
 
 
@@ -139,7 +152,7 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
     _top_k_kernel[(b * hkv,)](survivors, chosen, survivors.shape[1], TOP_K=top_k,
                               TOP_K_P=_top_k_length(top_k),
-                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=TOP_K_WARPS)
+                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv))
     return chosen
 
 
@@ -213,6 +226,9 @@ GEMV_SETTING_LONG = (8, 1024, 4, 4)
 """The setting for rows of at least ``GEMV_LONG_K`` input features (the down projection, K = 8192): 10.5 us there,
 where ``GEMV_SETTING`` took 13.0 (session 11's sweep)."""
 GEMV_LONG_K = 4096
+GEMV_SETTING_NORM = (4, 512, 3, 4)
+"""The setting for products with the RMSNorm fused in (q|k|v|g and gate|up), whose programs each also read the
+norm's weight: see session 11's sweep in docs/benchmarks.md."""
 
 
 def use_gemv(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
@@ -244,7 +260,8 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     6.0-6.1 for the q|k|v|g and o weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection
     (docs/benchmarks.md, sessions 10 and 11)."""
     n, k = weight.shape
-    block_n, block_k, stages, warps = GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING
+    block_n, block_k, stages, warps = (GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING_NORM
+                                       if norm is not None else GEMV_SETTING)
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     x = x.reshape(-1).contiguous()  # the one row, with a unit stride (a copy only where it has another)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads

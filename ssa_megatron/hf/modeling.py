@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     apply_rotary_pos_emb,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
@@ -331,9 +332,14 @@ class SSALlamaDecoderLayer(LlamaDecoderLayer):
     so that a decode step launches no kernel of its own for them."""
 
     def __init__(self, config: SSALlamaConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
+        # LlamaDecoderLayer's modules, in its order, built once: its __init__ would build Llama's attention and MLP
+        # only for them to be replaced (full-size weights, and random draws that would change a seeded model).
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
         self.self_attn = SSALlamaAttention(config, layer_idx)
         self.mlp = SSALlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, past_key_values=None, **kwargs):

@@ -58,8 +58,9 @@ def selection_gaps(idx: Tensor, q: Tensor, pooled: Tensor, length: Tensor | int,
 
 
 def record_selections(monkeypatch) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Makes every ``select_decode_blocks`` call, eager or in a graph compiled after this, append ``(q, pooled,
-    length, selection)`` to the returned list (Dynamo replays the append after the graph runs). The pooled keys and
+    """Makes every ``select_decode_blocks`` call and every decode step's selection by the kernels
+    (``sparse_attend_by_kernels``), eager or in a graph compiled after this, append ``(q, pooled, length,
+    selection)`` to the returned list (Dynamo replays the append after the graph runs). The pooled keys and
     length are cloned inside the call (the cache overwrites them); under CUDA graphs the caller must clone the
     records before the graph's next replay reuses their memory."""
     records = []
@@ -70,5 +71,14 @@ def record_selections(monkeypatch) -> list[tuple[Tensor, Tensor, Tensor, Tensor]
         records.append((q, pooled.clone(), torch.as_tensor(length).clone(), idx))
         return idx
 
+    attend = decoding.sparse_attend_by_kernels
+
+    def recording_attend(q, keys, values, pooled, length, config, scale, gate=None):
+        # The kernels' decode step selects inside its attention kernel; select_by_kernels runs the same two kernels
+        # and the same top-k helper (decode_triton._largest), so its selection is the one the step attends to.
+        recording(q, pooled, length, config, scale)
+        return attend(q, keys, values, pooled, length, config, scale, gate)
+
     monkeypatch.setattr(decoding, "select_decode_blocks", recording)
+    monkeypatch.setattr(decoding, "sparse_attend_by_kernels", recording_attend)
     return records
