@@ -226,9 +226,10 @@ GEMV_SETTING_LONG = (8, 1024, 4, 4)
 """The setting for rows of at least ``GEMV_LONG_K`` input features (the down projection, K = 8192): 10.5 us there,
 where ``GEMV_SETTING`` took 13.0 (session 11's sweep)."""
 GEMV_LONG_K = 4096
-GEMV_SETTING_NORM = (4, 512, 3, 4)
+GEMV_SETTING_NORM = (4, 512, 3, 2)
 """The setting for products with the RMSNorm fused in (q|k|v|g and gate|up), whose programs each also read the
-norm's weight: see session 11's sweep in docs/benchmarks.md."""
+norm's weight: the least sum of their two times in session 11's sweep of 54 settings (4.92 and 18.36 us, where
+``GEMV_SETTING`` took 4.97 and 20.71; H200, docs/benchmarks.md)."""
 
 
 def use_gemv(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
