@@ -173,6 +173,52 @@ def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, ca
         torch.testing.assert_close(got.float(), flex.float(), atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.parametrize("b, hq, hkv, d, bs, cached, top_k, gated", [
+    (2, 4, 2, 16, 16, 47, 2, True),  # G 2, the token completes a block; fewer earlier blocks than the budget
+    (1, 16, 1, 64, 16, 200, 4, False),  # G 16, 12 candidates, the token inside a block
+    (3, 12, 4, 24, 8, 0, 3, True),  # G 3, D 24, the first token: only its own block
+    (1, 8, 8, 32, 16, 48, 2, False),  # G 1, the token starts a block
+])
+def test_sparse_step_appends_as_the_append_kernel(b, hq, hkv, d, bs, cached, top_k, gated):
+    """A sparse step with the append in the selection's first kernel (``sparse_attend_by_kernels(..., append=)``)
+    against the append kernel followed by the same attention: the attention output, the keys, values, pooled keys,
+    length and ticket counter of the two caches."""
+    gen = torch.Generator().manual_seed(b * 1000 + cached)
+    config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=top_k, ssa_sink_blocks=1, ssa_local_blocks=0,
+                             ssa_score="group_softmax")
+
+    def layer():
+        out = decoding.SSAStaticLayer(max_cache_len=256)
+        out.block_size = bs
+        empty = torch.zeros(b, hkv, 1, d, dtype=torch.float16, device=DEVICE)
+        out.lazy_initialization(empty, empty)
+        return out
+
+    merged, separate = layer(), layer()
+    if cached:
+        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+        for x in (merged, separate):
+            x.update(k0, v0, ssa_block_size=bs)
+    fused = torch.randn(b, 1, (hq + 2 * hkv) * d + hq, generator=gen).to(DEVICE, torch.float16)
+    q, k, v, gate = fused.split([hq * d, hkv * d, hkv * d, hq], -1)  # slices, as the model passes them
+    gate = gate if gated else None
+    angle = torch.rand(b, 1, d // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, torch.float16) for f in (torch.cos, torch.sin))
+    got = decode_triton.sparse_attend_by_kernels(q, merged.keys, merged.values, merged.pooled,
+                                                 merged.cumulative_length, config, 0.3, gate,
+                                                 append=(k, v, cos, sin, merged.tickets))
+    rotated = decode_triton.append_by_kernels(q, k, v, cos, sin, separate.keys, separate.values, separate.pooled,
+                                              separate.cumulative_length, separate.tickets, bs)
+    want = decode_triton.sparse_attend_by_kernels(rotated, separate.keys, separate.values, separate.pooled,
+                                                  separate.cumulative_length, config, 0.3, gate)
+    step = dict(rtol=1e-3, atol=1e-3)  # at most a rounding step apart: each kernel may contract into FMAs its way
+    torch.testing.assert_close(got, want, **step)
+    for name in ("keys", "values", "pooled"):
+        torch.testing.assert_close(getattr(merged, name), getattr(separate, name), **step)
+    assert int(merged.cumulative_length) == int(separate.cumulative_length) == cached + 1
+    assert int(merged.tickets) == int(separate.tickets) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("b, hq, hkv, d, bs, cached", [
     (2, 4, 2, 16, 16, 37),  # G 2, the new token inside a block
@@ -262,9 +308,10 @@ def test_kernels_gate_as_apply_gate(monkeypatch, mode):
 @pytest.mark.parametrize("mode", ["full", "sparse"])
 def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     """A float16 model's static-cache decode steps with the decode kernels (RoPE and the cache update in one kernel,
-    the attention, the gate; at batch 1 the projections' GEMV, with the MLP's activation) against the same steps
-    through the torch operations, from the same prefill: logits, the caches' keys, values, pooled keys and lengths.
-    On CPU the interpreter runs the kernels."""
+    in sparse mode inside the selection's first kernel; the attention, the gate; at batch 1 the projections' GEMV,
+    with the norms, the MLP's activation and the residual additions) against the same steps through the torch
+    operations, from the same prefill: logits, the caches' keys, values, pooled keys and lengths. On CPU the
+    interpreter runs the kernels."""
     from transformers import StaticCache
 
     from ssa_megatron.hf import modeling
@@ -285,7 +332,13 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
         lambda x, w, *others: x.dtype == torch.float16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
     appends, gemvs = [], []
     monkeypatch.setattr(decoding, "append_by_kernels",
-                        lambda *args: appends.append(1) or decode_triton.append_by_kernels(*args))
+                        lambda *args: appends.append("append") or decode_triton.append_by_kernels(*args))
+
+    def sparse_attend(*args, append=None):  # sparse mode appends in the selection's first kernel
+        appends.extend(["with the selection"] if append is not None else [])
+        return decode_triton.sparse_attend_by_kernels(*args, append=append)
+
+    monkeypatch.setattr(decoding, "sparse_attend_by_kernels", sparse_attend)
     monkeypatch.setattr(modeling, "linear_by_kernel",
                         lambda *args: gemvs.append(args) or decode_triton.linear_by_kernel(*args))
     caches, logits = [], []
@@ -300,7 +353,8 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
                 steps.append(model(tokens[:, t:t + 1], cache=cache, use_cache=True).logits.float())
         caches.append(cache)
         logits.append(torch.cat(steps, 1))
-    assert len(appends) == 7 * config.num_hidden_layers  # every step of the first run, none of the second
+    # every step of the first run, none of the second
+    assert appends == ["append" if mode == "full" else "with the selection"] * 7 * config.num_hidden_layers
     assert len(gemvs) == 7 * config.num_hidden_layers * 4 * (batch == 1)  # q|k|v|g, o, gate|up, SwiGLU and down
     fused = [(args[2], args[3] is not None, args[5] is not None) for args in gemvs[:4]]  # (swiglu, norm, residual)
     assert fused == [(False, True, False), (False, False, True), (False, True, False), (True, False, True)][:len(fused)]

@@ -117,12 +117,22 @@ def _top_k_warps(programs: int) -> int:
     return TOP_K_WARPS_FEW if programs < FEW_PROGRAMS else TOP_K_WARPS
 
 
-def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
+def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
+                     append: tuple | None = None) -> Tensor:
     """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
     tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
-    keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection."""
+    keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection. With
+    ``append`` (:func:`_new_token`'s ``(q, k, v, cos, sin, out)``, ``q`` unrotated, the token at position
+    ``length``, and ``(keys, values, tickets)``), kernel 1 appends the token first, as :func:`append_by_kernels`."""
     b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
+    if append is None:
+        q_strides, append_args = (q.stride(0), q.stride(1)), [q] * 8 + [0] * 11  # never read
+    else:
+        (q, k, v, cos, sin, out), (keys, values, tickets) = append
+        q_strides = (q.stride(0), d)
+        append_args = [k, v, cos, sin, keys, values, tickets, out, k.stride(0), v.stride(0), _stride0(cos),
+                       _stride0(sin), *keys.stride()[:3], *values.stride()[:3], keys.shape[2]]
     g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
     group_p, dim_p = _padded(g), _padded(d)
@@ -131,9 +141,10 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
     survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
     _logits_kernel[(rows, chunks)](
-        q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
-        pooled.stride(2), n, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=4)
+        q, pooled, length, logits, stats, *q_strides, pooled.stride(0), pooled.stride(1), pooled.stride(2), n,
+        *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
+        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
@@ -157,17 +168,30 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
 
 
 def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor, config,
-                             scale: float, gate: Tensor | None = None) -> Tensor:
+                             scale: float, gate: Tensor | None = None, append: tuple | None = None) -> Tensor:
     """``decoding.sparse_decode`` by the kernels: the attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``,
     a 0-d int64 tensor) to the blocks of ``keys``/``values [b, HKV, L, D]`` that the selection picks from ``pooled
     [b, HKV, n, D]``, times ``sigmoid(gate)`` where gate logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]``
     in ``q``'s dtype. Three kernels: the selection's first two, then the attention, which takes the chunk
-    survivors' ``top_k`` largest itself."""
-    b, hq, _, d = q.shape
+    survivors' ``top_k`` largest itself.
+
+    With ``append = (k, v, cos, sin, tickets)``, the token is not in the cache yet: ``q [b, 1, HQ·D]`` and
+    ``k``/``v [b, 1, HKV·D]`` are the unrotated projections, and the first kernel also does what
+    :func:`append_by_kernels` does (into ``keys``, ``values``, ``pooled``, ``length``): a decode step's RoPE, cache
+    update and attention in three kernels, where the append kernel made four."""
+    b, d = q.shape[0], keys.shape[-1]
     hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
+    hq = q.shape[1] if append is None else q.shape[-1] // d
     g = hq // hkv
-    q, keys, values, pooled = _rows(q, keys, values, pooled)
-    survivors = _chunk_survivors(q, pooled, length, config, scale)
+    if append is None:
+        q, keys, values, pooled = _rows(q, keys, values, pooled)
+        survivors = _chunk_survivors(q, pooled, length, config, scale)
+    else:
+        k, v, cos, sin, tickets = append
+        new = _new_token(q, k, v, cos, sin, keys, values, pooled)
+        survivors = _chunk_survivors(new[0].view(b, hq, d), pooled, length, config, scale,
+                                     (new, (keys, values, tickets)))
+        q = new[-1]  # rotated by kernel 1
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
@@ -202,19 +226,28 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
     compiled step."""
     b, hkv, _, d = keys.shape
     hq = q.shape[-1] // d
+    q, k, v, cos, sin, out = _new_token(q, k, v, cos, sin, keys, values, pooled)
+    _append_kernel[(b, hkv)](
+        q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), k.stride(0), v.stride(0),
+        _stride0(cos), _stride0(sin), keys.stride(0),
+        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
+        pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], HKV=hkv, G=hq // hkv, D=d,
+        BS=block_size, GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size),
+        num_warps=4)
+    return out[:, :, None]
+
+
+def _new_token(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
+               pooled: Tensor) -> tuple[Tensor, ...]:
+    """The append's inputs (:func:`append_by_kernels`) with unit last strides, and the rotated query's buffer
+    ``[b, HQ, D]``: ``(q, k, v, cos, sin, out)``. The cache buffers are written in place, so they are checked."""
     q, k, v, cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, cos, sin))
     for name, x in (("keys", keys), ("values", values), ("pooled", pooled)):  # written in place: no copy
         if x.stride(-1) != 1:
             raise ValueError(f"append_by_kernels: {name} has stride {x.stride(-1)} in its last dimension; the "
                              "cache buffers are written in place and need 1")
-    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _append_kernel[(b, hkv)](
-        q, k, v, cos, sin, keys, values, pooled, length, tickets, out, q.stride(0), k.stride(0), v.stride(0),
-        _stride0(cos), _stride0(sin), keys.stride(0),
-        keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
-        pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], G=hq // hkv, D=d, BS=block_size,
-        GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size), num_warps=4)
-    return out[:, :, None]
+    d = keys.shape[-1]
+    return q, k, v, cos, sin, torch.empty(q.shape[0], q.shape[-1] // d, d, device=q.device, dtype=q.dtype)
 
 
 GEMV_SETTING = (4, 512, 3, 4)
@@ -380,22 +413,22 @@ if triton is not None:
         return x * cos[None, :] + tl.where(first, -x_half, x_half) * sin[None, :]
 
     @triton.jit
-    def _append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, length_ptr,
-                       tickets_ptr, out_ptr, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
-                       vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, G: tl.constexpr, D: tl.constexpr,
-                       BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BS_P: tl.constexpr):
-        bi, h = tl.program_id(0), tl.program_id(1)
+    def _append_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, out_ptr, bi, h,
+                      length, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, ps_b, ps_h, ps_n,
+                      capacity, blocks, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                      GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BS_P: tl.constexpr):
+        """The new token of batch entry ``bi`` and KV head ``h``, at position ``length``: its query heads rotated
+        into ``out``, its key rotated and its value into the cache, and the pooled key of the block it completes."""
         d = tl.arange(0, DIM_P)
         dim = d < D
         one = tl.arange(0, 1)
         cos = tl.load(cos_ptr + bi * cos_sb + d, mask=dim, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + bi * sin_sb + d, mask=dim, other=0.0).to(tl.float32)
-        length = tl.load(length_ptr)
         # The query heads of the group, rotated and rounded to the model dtype.
         g = tl.arange(0, GROUP_P)
         heads = h * G + g
         q = _rotated(q_ptr, bi * q_sb + heads * D, g < G, d, cos, sin, D)
-        tl.store(out_ptr + (bi * G * tl.num_programs(1) + heads)[:, None] * D + d[None, :],
+        tl.store(out_ptr + (bi * G * HKV + heads)[:, None] * D + d[None, :],
                  q.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None] & dim[None, :])
         # The key, rotated, and the value, at position length (a full buffer is not written).
         key = _rotated(k_ptr, bi * k_sb + h * D + one, one == 0, d, cos, sin, D).to(keys_ptr.dtype.element_ty)
@@ -416,36 +449,68 @@ if triton is not None:
             cached = tl.where((pos == length)[:, None], key, cached).to(tl.float32)
             tl.store(pooled_ptr + bi * ps_b + h * ps_h + block * ps_n + d, (tl.sum(cached, 0) / BS).to(
                 pooled_ptr.dtype.element_ty), mask=dim)
-        # The new length, written by the last program to finish: every program has read the old one by then (the
-        # atomic orders each program's reads before its ticket).
+
+    @triton.jit
+    def _advance_length(length_ptr, tickets_ptr, length):
+        """Writes ``length + 1`` once every program of the grid has read the old length: the last program to take a
+        ticket does it (the atomic orders each program's reads before its ticket) and resets the count."""
         ticket = tl.atomic_add(tickets_ptr, 1)
         if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
             tl.store(length_ptr, length + 1)
             tl.store(tickets_ptr, 0)
 
     @triton.jit
+    def _append_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, length_ptr,
+                       tickets_ptr, out_ptr, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
+                       vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, HKV: tl.constexpr, G: tl.constexpr,
+                       D: tl.constexpr, BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
+                       BS_P: tl.constexpr):
+        length = tl.load(length_ptr)
+        _append_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, out_ptr,
+                      tl.program_id(0), tl.program_id(1), length, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
+                      vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, HKV, G, D, BS, GROUP_P, DIM_P, BS_P)
+        _advance_length(length_ptr, tickets_ptr, length)
+
+    @triton.jit
     def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n,
+                       new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, tickets_ptr, out_ptr, new_k_sb,
+                       new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, capacity,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                       GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+                       GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
+                       APPEND: tl.constexpr, BS_P: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, DIM_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
+        if APPEND:  # q unrotated, the token at position length: every program rotates the group's queries itself
+            length = tl.load(length_ptr)
+            cos = tl.load(cos_ptr + bi * cos_sb + d, mask=d < D, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + bi * sin_sb + d, mask=d < D, other=0.0).to(tl.float32)
+            q = _rotated(q_ptr, bi * q_sb + (h * G + g) * q_sh, g < G, d, cos, sin, D).to(q_ptr.dtype.element_ty)
+            if chunk == 0:  # and one program per row appends it (the own block's pooled key is not scored here)
+                _append_token(q_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, k_ptr, out_ptr,
+                              bi, h, length, q_sb, new_k_sb, new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h,
+                              vs_n, k_sb, k_sh, k_sn, capacity, n, HKV, G, D, BS, GROUP_P, DIM_P, BS_P)
+            own = length // BS
+        else:  # q rotated, the token at position length - 1
+            q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
+            own = _own_block(length_ptr, BS)
         k = tl.load(k_ptr + bi * k_sb + h * k_sh + j[:, None] * k_sn + d[None, :],
                     mask=(j < n)[:, None] & (d < D)[None, :], other=0.0)
         logits = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] float32
         tl.store(logits_ptr + (row * G + g)[:, None] * n + j[None, :], logits,
                  mask=(g < G)[:, None] & (j < n)[None, :])
         if SOFTMAX:  # this chunk's softmax statistics per query head, over its candidates (blocks before the own)
-            candidate = j < _own_block(length_ptr, BS)
+            candidate = j < own
             z = tl.where(candidate[None, :], logits * SCALE, -float("inf"))
             top = tl.max(z, 1)
             total = tl.sum(tl.exp(z - tl.where(top == -float("inf"), 0.0, top)[:, None]), 1)
             base = stats_ptr + (row * tl.num_programs(1) + chunk) * 2 * GROUP_P
             tl.store(base + g, top)
             tl.store(base + GROUP_P + g, total)
+        if APPEND:
+            _advance_length(length_ptr, tickets_ptr, length)
 
     @triton.jit
     def _largest(keys, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, AS_BLOCKS: tl.constexpr):

@@ -390,10 +390,7 @@ def decode_attention(q: Tensor, layer, config, scale: float, gate: Tensor | None
     gate as they write their output); None where the general path must run instead: a cache layer
     of another kind, full mode on a dynamic cache (the backend's full attention is already one pass over the keys),
     or a non-default selection rule (``ssa_selection`` / ``ssa_normaliser``, when the configuration has them)."""
-    if not isinstance(layer, SSA_LAYERS) or q.shape[2] != 1:
-        return None
-    if (getattr(config, "ssa_selection", "exact"), getattr(config, "ssa_normaliser", "earlier_blocks")) != (
-            "exact", "earlier_blocks"):
+    if not isinstance(layer, SSA_LAYERS) or q.shape[2] != 1 or not _default_selection(config):
         return None
     length = layer.length()
     if config.ssa_mode == "full":
@@ -406,6 +403,42 @@ def decode_attention(q: Tensor, layer, config, scale: float, gate: Tensor | None
     return sparse_decode(q, layer.keys, layer.values, pooled, length, config, scale, gate)
 
 
+def _default_selection(config) -> bool:
+    """Whether the configuration selects by the default rule, the one the decode paths implement (``ssa_selection``
+    and ``ssa_normaliser``, where the configuration has them)."""
+    return (getattr(config, "ssa_selection", "exact"), getattr(config, "ssa_normaliser", "earlier_blocks")) == (
+        "exact", "earlier_blocks")
+
+
+def _appendable(cache, layer_idx: int, q: Tensor, cos: Tensor, block_size: int):
+    """The cache layer that the append kernel can take one new token per row into (an :class:`SSAStaticLayer` that
+    a prefill has initialised, holding CUDA bf16/fp16 buffers, in a cache that does not offload), else None."""
+    if q.shape[1] != 1 or getattr(cache, "offloading", False) or layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    if (not isinstance(layer, SSAStaticLayer) or not layer.is_initialized or cos.shape[-1] != layer.keys.shape[-1]
+            or not use_kernels(q, layer.keys)):
+        return None
+    layer.block_size = _check_block_size(layer, block_size)
+    return layer
+
+
+def append_and_attend(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, config,
+                      scale: float, gate: Tensor | None = None) -> Tensor | None:
+    """A sparse-mode decode step's RoPE, cache update and attention in three kernels
+    (``decode_triton.sparse_attend_by_kernels`` with ``append``): what :func:`append_token` then
+    :func:`decode_attention` compute in four. Arguments as theirs; returns the attention ``[b, HQ, 1, D]``, or None
+    where those two must run instead (full mode, another selection rule, or a cache :func:`append_token` does not
+    take)."""
+    if config.ssa_mode != "sparse" or not _default_selection(config):
+        return None
+    layer = _appendable(cache, layer_idx, q, cos, config.ssa_block_size)
+    if layer is None:
+        return None
+    return sparse_attend_by_kernels(q, layer.keys, layer.values, layer.pooled, layer.cumulative_length, config,
+                                    scale, gate, append=(k, v, cos, sin, layer.tickets))
+
+
 def append_token(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
                  block_size: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """Llama's RoPE and ``cache.update`` of one new token per row as one kernel
@@ -414,13 +447,9 @@ def append_token(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Te
     ``v`` are the unrotated projections ``[b, 1, H·D]``, ``cos``/``sin [b, 1, D]`` the rotary embedding. Returns
     what ``apply_rotary_pos_emb`` and ``cache.update`` return (the rotated query ``[b, HQ, 1, D]``, the layer's keys
     and values), or None where those must run instead."""
-    if q.shape[1] != 1 or getattr(cache, "offloading", False) or layer_idx >= len(cache.layers):
+    layer = _appendable(cache, layer_idx, q, cos, block_size)
+    if layer is None:
         return None
-    layer = cache.layers[layer_idx]
-    if (not isinstance(layer, SSAStaticLayer) or not layer.is_initialized or cos.shape[-1] != layer.keys.shape[-1]
-            or not use_kernels(q, layer.keys)):
-        return None
-    layer.block_size = _check_block_size(layer, block_size)
     q = append_by_kernels(q, k, v, cos, sin, layer.keys, layer.values, layer.pooled, layer.cumulative_length,
                           layer.tickets, block_size)
     return q, layer.keys, layer.values

@@ -53,7 +53,7 @@ from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
 from .decode_triton import linear_by_kernel, use_gemv
-from .decoding import append_token, decode_attention, valid_keys
+from .decoding import append_and_attend, append_token, decode_attention, valid_keys
 
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
     ssa_attention = importlib.import_module("ssa_megatron.ssa").ssa_attention
@@ -261,8 +261,13 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
             g = [_project(self.g_proj, x)] if self.g_proj is not None else []
         cos, sin = position_embeddings
         appended = None
-        if cache is not None and s == 1:  # one new token on a static cache: RoPE and the update in one kernel
-            appended = append_token(cache, self.layer_idx, q, k, v, cos, sin, self.config.ssa_block_size)
+        if cache is not None and s == 1:  # one new token on a static cache
+            if cu_seqlens is None and not self.collect_metrics:  # sparse mode: append, select, attend in 3 kernels
+                out = append_and_attend(cache, self.layer_idx, q, k, v, cos, sin, self.config, self.scaling,
+                                        g[0] if g else None)
+                if out is not None:
+                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual=residual), None
+            appended = append_token(cache, self.layer_idx, q, k, v, cos, sin, self.config.ssa_block_size)  # 1 kernel
         if appended is not None:
             q, k, v = appended
         else:
