@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from ssa_megatron.hf import decoding
+from ssa_megatron.hf import decode_triton, decoding
 from ssa_megatron.ssa import reference
 
 TIE_RTOL = 1e-5
@@ -73,9 +73,15 @@ def record_selections(monkeypatch) -> list[tuple[Tensor, Tensor, Tensor, Tensor]
 
     attend = decoding.sparse_attend_by_kernels
 
-    def recording_attend(q, keys, values, pooled, length, config, scale, gate=None):
+    def recording_attend(q, keys, values, pooled, length, config, scale, gate=None, append=None):
         # The kernels' decode step selects inside its attention kernel; select_by_kernels runs the same two kernels
         # and the same top-k helper (decode_triton._largest), so its selection is the one the step attends to.
+        # A step that appends in the selection's first kernel runs here as the append kernel and then the same
+        # selection (test_decode_triton.py::test_sparse_step_appends_as_the_append_kernel pins the two equal).
+        if append is not None:
+            k, v, cos, sin, tickets = append
+            q = decode_triton.append_by_kernels(q, k, v, cos, sin, keys, values, pooled, length, tickets,
+                                                config.ssa_block_size)
         recording(q, pooled, length, config, scale)
         return attend(q, keys, values, pooled, length, config, scale, gate)
 
