@@ -4,11 +4,13 @@ one GPU. ``triton.testing.do_bench_cudagraph`` gives each time: the calls captur
 overhead), the median of its repeats. The 1B shape by default: 32 query heads, 2 KV heads, head dim 64, top_k 16 x
 block 16, bf16.
 
-- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``, which sets the chunk kernel's warps where its grid is small) x
-  ``BLOCK_N``. ``--context`` sets the
-  pooled blocks: context + 1 tokens, rounded up to 128 as the static cache rounds, over the block size.
+- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``BLOCK_N``, where
+  ``TOP_K_WARPS`` stands for ``TOP_K_WARPS_FEW`` at a batch whose chunk top-k grid is small (the constant that sets
+  the chunk kernel's warps there). ``--context`` sets the pooled blocks: context + 1 tokens, rounded up to 128 as
+  the static cache rounds, over the block size.
 - ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
-  takes the selection's final top-k), per ``TOP_K_WARPS`` x ``BLOCK_N`` x ``SPARSE_WARPS``.
+  takes the selection's final top-k), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``) x ``BLOCK_N`` x
+  ``SPARSE_WARPS``.
 - ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache

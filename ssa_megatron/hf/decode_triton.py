@@ -1,10 +1,12 @@
 """A decode step's kernels (one new token per row; CUDA, bf16/fp16 models): its attention in both modes, the static
-cache's one-token update, and at batch 1 the decoder layers' projections. Sparse mode: the block selection and the
-attention over the selected blocks in three kernels (:func:`sparse_attend_by_kernels`, what
-:func:`decoding.sparse_decode` computes, with the scores never leaving float32 and the top-k done in the same
-passes), or the selection alone (:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes,
-also three kernels). Full mode on a static cache: split-KV attention over the first ``length`` keys
-(:func:`full_attend_by_kernels`, what :func:`decoding.full_decode` computes with FlexAttention elsewhere).
+cache's one-token update, and at batch 1 the decoder layers' projections with their norms and residual additions.
+Sparse mode: the block selection and the attention over the selected blocks in three kernels
+(:func:`sparse_attend_by_kernels`, what :func:`decoding.sparse_decode` computes, with the scores never leaving
+float32 and the top-k done in the same passes; on a static cache the first also appends the new token, what
+:func:`decoding.append_and_attend` runs), or the selection alone (:func:`select_by_kernels`, what
+:func:`decoding.select_decode_blocks` computes, also three kernels). Full mode on a static cache: split-KV
+attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what :func:`decoding.full_decode` computes
+with FlexAttention elsewhere).
 
 Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
 softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
@@ -33,7 +35,8 @@ The attention (``_sparse_attention_kernel``, grid R) takes the ``top_k`` largest
 gathers the ``top_k · block_size`` selected keys and values of the row at once and attends its ``G`` query heads to
 them, causal inside the own block, with the sparse training kernel's precision: float32 scores and softmax, the
 probabilities rounded to the values' dtype for ``tl.dot``. In torch operations this was a gather, two GEMMs and a
-softmax, 4 launches per layer; a sparse decode step's attention is now 3 launches per layer in all.
+softmax, 4 launches per layer; a sparse decode step's RoPE, cache update, selection and attention are now 3 launches
+per layer in all.
 
 Full mode (``_full_split_kernel``, grid R x ranges; ``_full_combine_kernel``, grid R x G): each program attends a
 row's group to one range of keys with an online softmax and keeps its float32 partial (max, sum, weighted values);
@@ -42,9 +45,11 @@ batch 32 (1B shape, 32k, H200), in its decoding kernel and 6 kernels Inductor wr
 128 (docs/benchmarks.md, session 9). Both modes' attention kernels multiply their output by the gate's sigmoid.
 
 Around the attention: :func:`append_by_kernels` (``_append_kernel``, grid b x HKV) is RoPE and a static cache's
-update for the new token, which Inductor wrote as five kernels per layer; :func:`linear_by_kernel`
-(``_gemv_kernel``) is the one-row product of a decoder layer's weight, where cuBLAS's kernels read the 1B shape's
-small weights at 1.5-2.5 TB/s (docs/benchmarks.md, session 10).
+update for the new token, which Inductor wrote as five kernels per layer (full mode; sparse mode's first selection
+kernel does the same work, ``_append_token``); :func:`linear_by_kernel` (``_gemv_kernel``) is the one-row product
+of a decoder layer's weight, with the RMSNorm before it or the residual addition after it, where cuBLAS's kernels
+read the 1B shape's small weights at 1.5-2.5 TB/s and Inductor launched the norms as kernels of their own
+(docs/benchmarks.md, sessions 10 and 11).
 
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
@@ -79,8 +84,9 @@ FEW_PROGRAMS = 132
 SPARSE_WARPS = 8
 """Warps of the sparse attention kernel, as many as before it took the selection's final top-k: its gather of
 ``top_k · block_size`` keys and values (256 x 64 on the 1B shape) and its two ``tl.dot`` want them; the top-k's
-steps across warps go through shared memory. Not yet timed against 4 (``tools/tune_decode_kernels.py --kernels
-sparse`` sweeps it)."""
+steps across warps go through shared memory. With 4 warps the three kernels took 11.10 us against 11.22 at batch 1
+(within the spread between runs) and 20.46 against 20.20 at batch 32 (H200, docs/benchmarks.md, session 11,
+run AY)."""
 
 
 def use_kernels(q: Tensor, cached: Tensor) -> bool:
