@@ -24,6 +24,10 @@ all T cached keys.
   the split-KV Triton kernels of ``decode_triton.py``; elsewhere FlexAttention with a block mask built from the
   cache length, which ``torch.compile`` turns into a split-KV decoding kernel.
 
+**The new token's RoPE and cache update** on a static cache, on CUDA in bf16/fp16: one Triton kernel
+(:func:`append_token`), or in sparse mode none of its own, as the selection's first kernel does the same work
+(:func:`append_and_attend`).
+
 Everything in the static path is a fixed-shape tensor operation with no host synchronisation, so a decode step
 compiles with ``fullgraph=True`` and can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``,
 which ``generate()`` applies on CUDA with a static cache). Compile it with ``dynamic=False``: see
