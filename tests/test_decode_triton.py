@@ -173,6 +173,32 @@ def test_full_kernels_are_the_reference_attention(monkeypatch, b, hq, hkv, d, ca
         torch.testing.assert_close(got.float(), flex.float(), atol=3e-3, rtol=3e-3)
 
 
+def _static_layers(count, b, hkv, d, bs, cached, dtype, gen):
+    """``count`` SSA static cache layers of 256 positions holding the same ``cached`` random tokens."""
+    layers = []
+    for _ in range(count):
+        layer = decoding.SSAStaticLayer(max_cache_len=256)
+        layer.block_size = bs
+        empty = torch.zeros(b, hkv, 1, d, dtype=dtype, device=DEVICE)
+        layer.lazy_initialization(empty, empty)
+        layers.append(layer)
+    if cached:
+        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        for layer in layers:
+            layer.update(k0, v0, ssa_block_size=bs)
+    return layers
+
+
+def _new_token(b, hq, hkv, d, gate_heads, dtype, gen):
+    """One new token's unrotated q, k, v ``[b, 1, H·D]`` and ``gate_heads`` gate logits, slices of one fused output
+    as the model passes them, and a random rotary embedding ``cos``/``sin [b, 1, D]``."""
+    fused = torch.randn(b, 1, (hq + 2 * hkv) * d + gate_heads, generator=gen).to(DEVICE, dtype)
+    q, k, v, gate = fused.split([hq * d, hkv * d, hkv * d, gate_heads], -1)
+    angle = torch.rand(b, 1, d // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    return q, k, v, gate, cos, sin
+
+
 @pytest.mark.parametrize("b, hq, hkv, d, bs, cached, top_k, gated", [
     (2, 4, 2, 16, 16, 47, 2, True),  # G 2, the token completes a block; fewer earlier blocks than the budget
     (1, 16, 1, 64, 16, 200, 4, False),  # G 16, 12 candidates, the token inside a block
@@ -186,24 +212,9 @@ def test_sparse_step_appends_as_the_append_kernel(b, hq, hkv, d, bs, cached, top
     gen = torch.Generator().manual_seed(b * 1000 + cached)
     config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=top_k, ssa_sink_blocks=1, ssa_local_blocks=0,
                              ssa_score="group_softmax")
-
-    def layer():
-        out = decoding.SSAStaticLayer(max_cache_len=256)
-        out.block_size = bs
-        empty = torch.zeros(b, hkv, 1, d, dtype=torch.float16, device=DEVICE)
-        out.lazy_initialization(empty, empty)
-        return out
-
-    merged, separate = layer(), layer()
-    if cached:
-        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
-        for x in (merged, separate):
-            x.update(k0, v0, ssa_block_size=bs)
-    fused = torch.randn(b, 1, (hq + 2 * hkv) * d + hq, generator=gen).to(DEVICE, torch.float16)
-    q, k, v, gate = fused.split([hq * d, hkv * d, hkv * d, hq], -1)  # slices, as the model passes them
+    merged, separate = _static_layers(2, b, hkv, d, bs, cached, torch.float16, gen)
+    q, k, v, gate, cos, sin = _new_token(b, hq, hkv, d, hq, torch.float16, gen)
     gate = gate if gated else None
-    angle = torch.rand(b, 1, d // 2, generator=gen) * 6
-    cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, torch.float16) for f in (torch.cos, torch.sin))
     got = decode_triton.sparse_attend_by_kernels(q, merged.keys, merged.values, merged.pooled,
                                                  merged.cumulative_length, config, 0.3, gate,
                                                  append=(k, v, cos, sin, merged.tickets))
@@ -236,24 +247,9 @@ def test_append_kernel_is_rope_and_the_cache_update(dtype, b, hq, hkv, d, bs, ca
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     gen = torch.Generator().manual_seed(b * 1000 + cached)
-
-    def layer():
-        out = decoding.SSAStaticLayer(max_cache_len=256)
-        out.block_size = bs
-        empty = torch.zeros(b, hkv, 1, d, dtype=dtype, device=DEVICE)
-        out.lazy_initialization(empty, empty)
-        return out
-
-    ours, theirs = layer(), layer()
-    if cached:
-        k0, v0 = (torch.randn(b, hkv, cached, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
-        for x in (ours, theirs):
-            x.update(k0, v0, ssa_block_size=bs)
+    ours, theirs = _static_layers(2, b, hkv, d, bs, cached, dtype, gen)
     ours.keys[:, :, cached + 1:] = theirs.keys[:, :, cached + 1:] = 7.0  # stale keys after the token: pooled too
-    fused = torch.randn(b, 1, (hq + 2 * hkv) * d, generator=gen).to(DEVICE, dtype)
-    q, k, v = fused.split([hq * d, hkv * d, hkv * d], -1)  # [b, 1, H·D] slices, as the model passes them
-    angle = torch.rand(b, 1, d // 2, generator=gen) * 6
-    cos, sin = (torch.cat([f(angle)] * 2, -1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    q, k, v, _, cos, sin = _new_token(b, hq, hkv, d, 0, dtype, gen)
     got = decode_triton.append_by_kernels(q, k, v, cos, sin, ours.keys, ours.values, ours.pooled,
                                           ours.cumulative_length, ours.tickets, bs)
     q, k, v = (t.view(b, 1, -1, d).transpose(1, 2) for t in (q, k, v))

@@ -82,6 +82,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def constant_read(module, names: tuple[str, ...], rule) -> str:
+    """Which of the module constants ``names`` ``rule()`` returns: each holds its own name while the rule runs, so
+    the sweep times the constant the launcher reads without restating the launcher's rule."""
+    saved = {name: getattr(module, name) for name in names}
+    try:
+        for name in names:
+            setattr(module, name, name)
+        return rule()
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def sweep(module, names: tuple[str, ...], settings, time_one, label: str) -> None:
     """Times ``time_one()`` with each setting of the module constants ``names``, prints the lines and the fastest,
     and restores the defaults."""
@@ -120,9 +133,10 @@ def main(argv=None) -> int:
     print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
     def warps_name(batch: int, blocks: int) -> str:
-        """The constant that sets the chunk top-k kernel's warps at this batch (``decode_triton._top_k_warps``)."""
+        """The constant that sets the chunk top-k kernel's warps at this batch (its grid: rows x chunks)."""
         programs = batch * args.kv_heads * -(-blocks // decode_triton.BLOCK_N)
-        return "TOP_K_WARPS_FEW" if programs < decode_triton.FEW_PROGRAMS else "TOP_K_WARPS"
+        return constant_read(decode_triton, ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
+                             lambda: decode_triton._top_k_warps(programs))
 
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
@@ -210,8 +224,8 @@ def tune_gemv(args, decode_triton, bench) -> None:
         cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
         print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS and separate kernels {cublas_us:.2f} us per "
               f"call; largest |kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
-        setting = ("GEMV_SETTING_LONG" if k >= decode_triton.GEMV_LONG_K else "GEMV_SETTING_NORM" if norm
-                   else "GEMV_SETTING")
+        setting = constant_read(decode_triton, ("GEMV_SETTING", "GEMV_SETTING_NORM", "GEMV_SETTING_LONG"),
+                                lambda: decode_triton._gemv_setting(k, norm))
         sweep(decode_triton, (setting,), [(s,) for s in settings],
               lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu, **fused) for wi in copies])
               / len(copies), f"gemv {name}")

@@ -128,16 +128,16 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
     tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
     keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection. With
-    ``append`` (:func:`_new_token`'s ``(q, k, v, cos, sin, out)``, ``q`` unrotated, the token at position
-    ``length``, and ``(keys, values, tickets)``), kernel 1 appends the token first, as :func:`append_by_kernels`."""
+    ``append = (k, v, cos, sin, rotated, keys, values, tickets)`` (:func:`_new_token`'s tensors and the cache's),
+    ``q`` is unrotated, the token at position ``length``, and kernel 1 appends it first, as
+    :func:`append_by_kernels` does, writing the rotated query into ``rotated``."""
     b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
     if append is None:
-        q_strides, append_args = (q.stride(0), q.stride(1)), [q] * 8 + [0] * 11  # never read
+        append_args = [q] * 8 + [0] * 11  # never read
     else:
-        (q, k, v, cos, sin, out), (keys, values, tickets) = append
-        q_strides = (q.stride(0), d)
-        append_args = [k, v, cos, sin, keys, values, tickets, out, k.stride(0), v.stride(0), _stride0(cos),
+        k, v, cos, sin, rotated, keys, values, tickets = append
+        append_args = [k, v, cos, sin, keys, values, tickets, rotated, k.stride(0), v.stride(0), _stride0(cos),
                        _stride0(sin), *keys.stride()[:3], *values.stride()[:3], keys.shape[2]]
     g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
@@ -147,9 +147,9 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
     survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
     _logits_kernel[(rows, chunks)](
-        q, pooled, length, logits, stats, *q_strides, pooled.stride(0), pooled.stride(1), pooled.stride(2), n,
-        *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size, GROUP_P=group_p, DIM_P=dim_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
+        q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
+        pooled.stride(2), n, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
+        GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
         BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
@@ -194,10 +194,10 @@ def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Te
         survivors = _chunk_survivors(q, pooled, length, config, scale)
     else:
         k, v, cos, sin, tickets = append
-        new = _new_token(q, k, v, cos, sin, keys, values, pooled)
-        survivors = _chunk_survivors(new[0].view(b, hq, d), pooled, length, config, scale,
-                                     (new, (keys, values, tickets)))
-        q = new[-1]  # rotated by kernel 1
+        q, k, v, cos, sin, rotated = _new_token(q, k, v, cos, sin, keys, values, pooled)
+        survivors = _chunk_survivors(q.view(b, hq, d), pooled, length, config, scale,
+                                     (k, v, cos, sin, rotated, keys, values, tickets))
+        q = rotated  # written by kernel 1
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
@@ -271,6 +271,11 @@ norm's weight: the least sum of their two times in session 11's sweep of 54 sett
 ``GEMV_SETTING`` took 4.97 and 20.71; H200, docs/benchmarks.md)."""
 
 
+def _gemv_setting(k: int, norm: bool) -> tuple[int, int, int, int]:
+    """The launch setting of a product over ``k`` input features, with the RMSNorm fused in or not."""
+    return GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING_NORM if norm else GEMV_SETTING
+
+
 def use_gemv(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
     """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: one row (a batch-1 decode step), CUDA, bf16/fp16,
     ``weight [N, K]`` with a unit stride along K, ``others`` (a norm's weight, a residual; None for absent ones) in
@@ -300,8 +305,7 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     6.0-6.1 for the q|k|v|g and o weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection
     (docs/benchmarks.md, sessions 10 and 11)."""
     n, k = weight.shape
-    block_n, block_k, stages, warps = (GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING_NORM
-                                       if norm is not None else GEMV_SETTING)
+    block_n, block_k, stages, warps = _gemv_setting(k, norm is not None)
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     x = x.reshape(-1).contiguous()  # the one row, with a unit stride (a copy only where it has another)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads

@@ -251,43 +251,49 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
         applied to ``hidden_states`` first and ``residual`` added to the output (``_project`` fuses both into the
         projections' GEMV where it runs)."""
         cache = cache if cache is not None else past_key_values
-        b, s = hidden_states.shape[:2]
-        shape = (b, s, -1, self.head_dim)
         if self.qkvg_proj is not None:  # one GEMM; the split outputs are views
             q, k, v, *g = _project(self.qkvg_proj, hidden_states, norm=norm).split(self.fused_sizes, dim=-1)
         else:
             x = norm(hidden_states) if norm is not None else hidden_states
             q, k, v = (_project(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
             g = [_project(self.g_proj, x)] if self.g_proj is not None else []
+        gate = g[0] if g else None  # [b, s, HQ] logits
+        out = self._attend(q, k, v, position_embeddings, gate, cache, cu_seqlens)
+        return _project(self.o_proj, out, residual=residual), None
+
+    def _attend(self, q, k, v, position_embeddings, gate, cache, cu_seqlens):
+        """RoPE, the cache update and the gated attention of the unrotated projections ``q``/``k``/``v [b, s, H·D]``
+        with gate logits ``[b, s, HQ]`` (or None); returns ``[b, s, HQ·D]``."""
+        b, s = q.shape[:2]
         cos, sin = position_embeddings
+        decode = cache is not None and cu_seqlens is None and not self.collect_metrics  # decoding.py's paths
         appended = None
         if cache is not None and s == 1:  # one new token on a static cache
-            if cu_seqlens is None and not self.collect_metrics:  # sparse mode: append, select, attend in 3 kernels
-                out = append_and_attend(cache, self.layer_idx, q, k, v, cos, sin, self.config, self.scaling,
-                                        g[0] if g else None)
+            if decode:  # sparse mode: RoPE, the cache update, the selection and the attention in 3 kernels
+                out = append_and_attend(cache, self.layer_idx, q, k, v, cos, sin, self.config, self.scaling, gate)
                 if out is not None:
-                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual=residual), None
+                    return out.transpose(1, 2).reshape(b, s, -1)
             appended = append_token(cache, self.layer_idx, q, k, v, cos, sin, self.config.ssa_block_size)  # 1 kernel
         if appended is not None:
             q, k, v = appended
         else:
-            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # [b, HQ, s, D], [b, HKV, s, D] twice
+            q, k, v = (t.view(b, s, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [b, H, s, D]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, ssa_block_size=self.config.ssa_block_size)
-        gate = g[0].transpose(0, 1) if g else None  # [s, b, HQ]
         if cache is not None:
             layer = cache.layers[self.layer_idx]
-            if cu_seqlens is None and not self.collect_metrics:  # one new token: the cache's pooled keys (decoding.py)
-                out = decode_attention(q, layer, self.config, self.scaling, g[0] if g else None)  # gated
+            if decode:  # one new token: the cache's pooled keys (decoding.py), gated
+                out = decode_attention(q, layer, self.config, self.scaling, gate)
                 if out is not None:
-                    return _project(self.o_proj, out.transpose(1, 2).reshape(b, s, -1), residual=residual), None
+                    return out.transpose(1, 2).reshape(b, s, -1)
             k, v = valid_keys(layer, k, v)
             if cu_seqlens is not None and k.shape[2] != s:
                 raise ValueError("SSALlamaAttention: cu_seqlens (document masking) cannot be combined with a "
                                  "KV cache holding earlier tokens")
 
         q, k, v = (t.permute(2, 0, 1, 3) for t in (q, k, v))  # [b, h, s, D] -> [s, b, h, D]
+        gate = gate.transpose(0, 1) if gate is not None else None  # [s, b, HQ]
         if IN_PACKAGE:
             train = self.training and self.ssa_training is not None
             cfg, mode = self.ssa_training if train else (self.config.ssa_config(), self.config.ssa_mode)
@@ -300,8 +306,7 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
                 raise ValueError("collect_attention_metrics needs the ssa_megatron package (import ssa_megatron.hf "
                                  "and load without trust_remote_code)")
             out = _exported_attention(q, k, v, gate, self.config, cu_seqlens, self.scaling)
-        out = out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
-        return _project(self.o_proj, out, residual=residual), None
+        return out.permute(1, 0, 2, 3).reshape(b, s, -1)  # [s, b, HQ, D] -> [b, s, HQ·D]
 
 
 class SSALlamaMLP(FusedProjections, LlamaMLP):
