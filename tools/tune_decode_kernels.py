@@ -15,11 +15,12 @@ block 16, bf16.
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
-- ``gemv``: the one-row GEMV of a decoder layer's projections (``linear_by_kernel``; the batch-1 weights q|k|v|g,
-  o, gate|up, and down with SwiGLU's activation in its loads), per setting of ``GEMV_SETTING`` (or
-  ``GEMV_SETTING_LONG`` for rows of at least ``GEMV_LONG_K`` features): output features per program x input
-  features per step x stages x warps, against cuBLAS (``F.linear``, after the activation's own kernel for down), each
-  call reading another of enough weight copies to outgrow the L2 cache.
+- ``gemv``: the one-row GEMV of a decoder layer's projections (``linear_by_kernel``; the batch-1 weights with what
+  the layer fuses into them: q|k|v|g and gate|up after the RMSNorm, o before the residual addition, down between
+  SwiGLU's activation and the residual addition), per setting of the constant its launch reads (``GEMV_SETTING``,
+  ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``): output features per program x input features per step x stages x
+  warps, against cuBLAS with the norm, the activation and the addition as separate kernels, each call reading
+  another of enough weight copies to outgrow the L2 cache.
 
 Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
 
