@@ -351,7 +351,10 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
         logits.append(torch.cat(steps, 1))
     # every step of the first run, none of the second
     assert appends == ["append" if mode == "full" else "with the selection"] * 7 * config.num_hidden_layers
-    assert len(gemvs) == 7 * config.num_hidden_layers * 4 * (batch == 1)  # q|k|v|g, o, gate|up, SwiGLU and down
+    # q|k|v|g, o, gate|up, SwiGLU and down per layer, and the LM head
+    assert len(gemvs) == 7 * (config.num_hidden_layers * 4 + 1) * (batch == 1)
+    assert [args[1].shape for args in gemvs[4 * config.num_hidden_layers::4 * config.num_hidden_layers + 1]] == [
+        model.lm_head.weight.shape] * 7 * (batch == 1)
     fused = [(args[2], args[3] is not None, args[5] is not None) for args in gemvs[:4]]  # (swiglu, norm, residual)
     assert fused == [(False, True, False), (False, False, True), (False, True, False), (True, False, True)][:len(fused)]
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)

@@ -154,3 +154,31 @@ def test_continual_training_at_a_longer_context_from_another_run(tmp_path):
     assert before.keys() == after.keys()
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default", "rope_theta": 500000.0},
+                                  {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}])
+def test_hf_rotary_embedding_equals_llamas_and_the_matmul_form(rope):
+    """The exported model's rotary embedding (an elementwise product of positions and frequencies) gives Llama's
+    angles bit for bit, and those of transformers 4's one-term matmul, at positions up to 128k."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from ssa_megatron.hf.configuration import SSALlamaConfig
+    from ssa_megatron.hf.modeling import SSALlamaForCausalLM, SSALlamaRotaryEmbedding
+
+    config = SSALlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                            max_position_embeddings=131072, rope_parameters=rope)
+    ours, llama = SSALlamaRotaryEmbedding(config), LlamaRotaryEmbedding(config)
+    assert isinstance(SSALlamaForCausalLM(config).model.rotary_emb, SSALlamaRotaryEmbedding)
+    positions = torch.tensor([[0, 1, 7, 16, 4095, 8191, 32767, 131071], [3, 2, 1, 0, 65535, 5, 6, 100000]])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.zeros(1, dtype=dtype)
+        for a, b in zip(ours(x, positions), llama(x, positions)):
+            assert a.dtype == dtype and torch.equal(a, b)
+    freqs = (ours.inv_freq[None, :, None].float().expand(2, -1, 1) @ positions[:, None, :].float()).transpose(1, 2)
+    cos, sin = ours(torch.zeros(1), positions)
+    assert torch.equal(cos, torch.cat((freqs, freqs), -1).cos() * ours.attention_scaling)
+    assert torch.equal(sin, torch.cat((freqs, freqs), -1).sin() * ours.attention_scaling)

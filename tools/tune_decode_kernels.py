@@ -15,9 +15,9 @@ block 16, bf16.
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
-- ``gemv``: the one-row GEMV of a decoder layer's projections (``linear_by_kernel``; the batch-1 weights with what
-  the layer fuses into them: q|k|v|g and gate|up after the RMSNorm, o before the residual addition, down between
-  SwiGLU's activation and the residual addition), per setting of the constant its launch reads (``GEMV_SETTING``,
+- ``gemv``: the one-row GEMV of a decoder layer's projections and the LM head (``linear_by_kernel``; the batch-1
+  weights with what the layer fuses into them: q|k|v|g and gate|up after the RMSNorm, o before the residual
+  addition, down between SwiGLU's activation and the residual addition; ``--gemv-weights`` picks them), per setting of the constant its launch reads (``GEMV_SETTING``,
   ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``): output features per program x input features per step x stages x
   warps, against cuBLAS with the norm, the activation and the addition as separate kernels, each call reading
   another of enough weight copies to outgrow the L2 cache.
@@ -26,6 +26,7 @@ Prints one line per setting and the fastest per batch (per weight for ``gemv``),
 
     python tools/tune_decode_kernels.py --batch 1 32 --context 32768
     python tools/tune_decode_kernels.py --kernels gemv
+    python tools/tune_decode_kernels.py --kernels gemv --gemv-weights lm_head
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+GEMV_WEIGHTS = ("q|k|v|g+norm", "o+residual", "gate|up+norm", "down+SwiGLU+residual", "lm_head")
+"""The ``gemv`` mode's weights, each with what the model fuses into its product."""
 L2_BYTES = 256 * 2 ** 20
 """Bytes of cache copies the ``full`` timing cycles through: several times an H100's or H200's L2 (50 MB)."""
 
@@ -64,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="full: FULL_PROGRAMS values")
     p.add_argument("--hidden", type=int, default=2048, help="gemv: hidden size")
     p.add_argument("--ffn", type=int, default=8192, help="gemv: MLP intermediate size")
+    p.add_argument("--vocab", type=int, default=128256, help="gemv: the LM head's rows")
+    p.add_argument("--gemv-weights", nargs="+", choices=GEMV_WEIGHTS, default=list(GEMV_WEIGHTS),
+                   help="gemv: the weights timed")
     p.add_argument("--gemv-block-n", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="gemv: GEMV_BLOCK_N values")
     p.add_argument("--gemv-block-k", type=int, nargs="+", default=[256, 512, 1024], help="gemv: GEMV_BLOCK_K values")
     p.add_argument("--gemv-stages", type=int, nargs="+", default=[2, 3, 4], help="gemv: GEMV_STAGES values")
@@ -77,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name.replace('_', '-')} {bad[0]}: must be >= 1")
-    for name in ("context", "hidden", "ffn"):
+    for name in ("context", "hidden", "ffn", "vocab"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
     return args
@@ -192,7 +198,8 @@ def main(argv=None) -> int:
 
 def tune_gemv(args, decode_triton, bench) -> None:
     """The ``gemv`` sweep: each decoder-layer weight at one row with what the layer fuses into its product (the
-    RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down), against
+    RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down), and the LM
+    head's, against
     cuBLAS with the same operations around it as separate kernels; each sweeps the constant its launch reads."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
@@ -200,10 +207,12 @@ def tune_gemv(args, decode_triton, bench) -> None:
         "q|k|v|g+norm": (qkvg, args.hidden, True, False, False),
         "o+residual": (args.hidden, args.heads * args.head_dim, False, False, True),
         "gate|up+norm": (2 * args.ffn, args.hidden, True, False, False),
-        "down+SwiGLU+residual": (args.hidden, args.ffn, False, True, True)}
+        "down+SwiGLU+residual": (args.hidden, args.ffn, False, True, True),
+        "lm_head": (args.vocab, args.hidden, False, False, False)}
     settings = [s for s in itertools.product(args.gemv_block_n, args.gemv_block_k, args.gemv_stages, args.gemv_warps)
                 if s[0] * s[1] <= 8192]  # the float32 accumulator's elements per program
-    for name, (n, k, norm, swiglu, residual) in weights.items():
+    for name in args.gemv_weights:
+        n, k, norm, swiglu, residual = weights[name]
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
         x = torch.randn(1, 2 * k if swiglu else k, device="cuda").bfloat16()
         fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,

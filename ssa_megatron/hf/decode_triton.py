@@ -129,8 +129,9 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
     keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection. With
     ``append = (k, v, cos, sin, rotated, keys, values, tickets)`` (:func:`_new_token`'s tensors and the cache's),
-    ``q`` is unrotated, the token at position ``length``, and kernel 1 appends it first, as
-    :func:`append_by_kernels` does, writing the rotated query into ``rotated``."""
+    ``q`` is unrotated, the token at position ``length``, and kernel 1 also appends it, as
+    :func:`append_by_kernels` does, writing the rotated query into ``rotated``: one more program per row does that
+    while the others score (each rotating the queries for itself), so the append adds no time to the scoring's."""
     b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
     if append is None:
@@ -146,9 +147,9 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
     survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
-    _logits_kernel[(rows, chunks)](
+    _logits_kernel[(rows, chunks + (append is not None))](  # with the append: one more program per row
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
-        pooled.stride(2), n, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
+        pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
         BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
@@ -482,7 +483,7 @@ if triton is not None:
         _advance_length(length_ptr, tickets_ptr, length)
 
     @triton.jit
-    def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n,
+    def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n, chunks,
                        new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, tickets_ptr, out_ptr, new_k_sb,
                        new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, capacity,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -490,37 +491,50 @@ if triton is not None:
                        APPEND: tl.constexpr, BS_P: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
-        g = tl.arange(0, GROUP_P)
-        d = tl.arange(0, DIM_P)
-        j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        if APPEND:  # q unrotated, the token at position length: every program rotates the group's queries itself
+        if APPEND:  # q unrotated, the token at position length
             length = tl.load(length_ptr)
-            cos = tl.load(cos_ptr + bi * cos_sb + d, mask=d < D, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + bi * sin_sb + d, mask=d < D, other=0.0).to(tl.float32)
-            q = _rotated(q_ptr, bi * q_sb + (h * G + g) * q_sh, g < G, d, cos, sin, D).to(q_ptr.dtype.element_ty)
-            if chunk == 0:  # and one program per row appends it (the own block's pooled key is not scored here)
+            if chunk == chunks:  # a program of its own appends the token, beside the chunks' scoring (the own
+                # block's pooled key, which it may write, is not scored)
                 _append_token(q_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, k_ptr, out_ptr,
                               bi, h, length, q_sb, new_k_sb, new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h,
                               vs_n, k_sb, k_sh, k_sn, capacity, n, HKV, G, D, BS, GROUP_P, DIM_P, BS_P)
-            own = length // BS
+            else:  # each scoring program rotates the group's queries itself
+                g = tl.arange(0, GROUP_P)
+                d = tl.arange(0, DIM_P)
+                cos = tl.load(cos_ptr + bi * cos_sb + d, mask=d < D, other=0.0).to(tl.float32)
+                sin = tl.load(sin_ptr + bi * sin_sb + d, mask=d < D, other=0.0).to(tl.float32)
+                q = _rotated(q_ptr, bi * q_sb + (h * G + g) * q_sh, g < G, d, cos, sin, D)
+                _score_chunk(q.to(q_ptr.dtype.element_ty), length // BS, k_ptr, logits_ptr, stats_ptr, row, chunk,
+                             chunks, bi, h, k_sb, k_sh, k_sn, n, SCALE, G, D, GROUP_P, DIM_P, BLOCK_N, SOFTMAX)
+            _advance_length(length_ptr, tickets_ptr, length)
         else:  # q rotated, the token at position length - 1
-            q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
-            own = _own_block(length_ptr, BS)
+            _score_chunk(_group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P), _own_block(length_ptr, BS),
+                         k_ptr, logits_ptr, stats_ptr, row, chunk, chunks, bi, h, k_sb, k_sh, k_sn, n, SCALE, G, D,
+                         GROUP_P, DIM_P, BLOCK_N, SOFTMAX)
+
+    @triton.jit
+    def _score_chunk(q, own, k_ptr, logits_ptr, stats_ptr, row, chunk, chunks, bi, h, k_sb, k_sh, k_sn, n,
+                     SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
+                     DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+        """Kernel 1's work for one chunk: the logits of the group's queries ``q [GROUP_P, DIM_P]`` against the
+        chunk's pooled keys, and for ``group_softmax`` the chunk's statistics over its candidates (the blocks
+        before ``own``, the new token's block)."""
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.load(k_ptr + bi * k_sb + h * k_sh + j[:, None] * k_sn + d[None, :],
                     mask=(j < n)[:, None] & (d < D)[None, :], other=0.0)
         logits = tl.dot(q, tl.trans(k))  # [GROUP_P, BLOCK_N] float32
         tl.store(logits_ptr + (row * G + g)[:, None] * n + j[None, :], logits,
                  mask=(g < G)[:, None] & (j < n)[None, :])
-        if SOFTMAX:  # this chunk's softmax statistics per query head, over its candidates (blocks before the own)
+        if SOFTMAX:  # this chunk's softmax statistics per query head
             candidate = j < own
             z = tl.where(candidate[None, :], logits * SCALE, -float("inf"))
             top = tl.max(z, 1)
             total = tl.sum(tl.exp(z - tl.where(top == -float("inf"), 0.0, top)[:, None]), 1)
-            base = stats_ptr + (row * tl.num_programs(1) + chunk) * 2 * GROUP_P
+            base = stats_ptr + (row * chunks + chunk) * 2 * GROUP_P
             tl.store(base + g, top)
             tl.store(base + GROUP_P + g, total)
-        if APPEND:
-            _advance_length(length_ptr, tickets_ptr, length)
 
     @triton.jit
     def _largest(keys, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, AS_BLOCKS: tl.constexpr):

@@ -46,9 +46,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
+    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
@@ -417,13 +419,41 @@ class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
         return any(m.fused_sizes is not None for m in self.projection_modules())
 
 
+class SSALlamaRotaryEmbedding(LlamaRotaryEmbedding):
+    """Llama's rotary embedding with the angles ``position · inv_freq`` as an elementwise product, as transformers 5
+    computes them. Transformers 4 computed them as a matmul over one summed term: the same float32 products (with
+    TF32 off; closer to float64 with it on), but on a GPU a cuBLAS GEMM of its own in every decode step, which took
+    3-4 us of a 1 ms batch-1 step on an H200 (docs/benchmarks.md, session 12)."""
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * self.attention_scaling).to(dtype=x.dtype),
+                (emb.sin() * self.attention_scaling).to(dtype=x.dtype))
+
+
 class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
-    """``LlamaModel`` whose decoder layers are :class:`SSALlamaDecoderLayer`."""
+    """``LlamaModel`` whose decoder layers are :class:`SSALlamaDecoderLayer`, with :class:`SSALlamaRotaryEmbedding`."""
 
     def __init__(self, config: SSALlamaConfig):
         super().__init__(config)
         self.layers = nn.ModuleList(SSALlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.rotary_emb = SSALlamaRotaryEmbedding(config=config)  # buffers only: no random draw
         self.post_init()
+
+
+class SSALlamaLMHead(nn.Linear):
+    """The LM head: an ``nn.Linear`` (the same parameter and state-dict name) whose one-row product, the LM head of a
+    batch-1 decode step, is the GEMV kernel where it runs (``decode_triton.use_gemv``), as the decoder layers'
+    projections are (:func:`_project`); elsewhere ``nn.Linear``'s. A model whose vocabulary is resized gets a plain
+    ``nn.Linear`` from transformers, which computes the same product through cuBLAS."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and use_gemv(x, self.weight):
+            return linear_by_kernel(x, self.weight)
+        return super().forward(x)
 
 
 class SSALlamaForCausalLM(SSALlamaPreTrainedModel, LlamaForCausalLM):
@@ -433,7 +463,7 @@ class SSALlamaForCausalLM(SSALlamaPreTrainedModel, LlamaForCausalLM):
         SSALlamaPreTrainedModel.__init__(self, config)
         self.model = SSALlamaModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SSALlamaLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
