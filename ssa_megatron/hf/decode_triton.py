@@ -147,7 +147,8 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
     survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
-    _logits_kernel[(rows, chunks + (append is not None))](  # with the append: one more program per row
+    appender = 0 if append is None else 1  # one more program per row appends (an int: chunks may be a SymInt)
+    _logits_kernel[(rows, chunks + appender)](
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
