@@ -162,7 +162,7 @@ def test_continual_training_at_a_longer_context_from_another_run(tmp_path):
                                    "original_max_position_embeddings": 8192}])
 def test_hf_rotary_embedding_equals_llamas_and_the_matmul_form(rope):
     """The exported model's rotary embedding (an elementwise product of positions and frequencies) gives Llama's
-    angles bit for bit, and those of transformers 4's one-term matmul, at positions up to 128k."""
+    angles bit for bit, and those of the one-term matmul of transformers before 5.24, at positions up to 128k."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from ssa_megatron.hf.configuration import SSALlamaConfig

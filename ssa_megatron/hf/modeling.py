@@ -420,10 +420,10 @@ class SSALlamaPreTrainedModel(LlamaPreTrainedModel):
 
 
 class SSALlamaRotaryEmbedding(LlamaRotaryEmbedding):
-    """Llama's rotary embedding with the angles ``position · inv_freq`` as an elementwise product, as transformers 5
-    computes them. Transformers 4 computed them as a matmul over one summed term: the same float32 products (with
-    TF32 off; closer to float64 with it on), but on a GPU a cuBLAS GEMM of its own in every decode step, which took
-    3-4 us of a 1 ms batch-1 step on an H200 (docs/benchmarks.md, session 12)."""
+    """Llama's rotary embedding with the angles ``position · inv_freq`` as an elementwise product, as transformers
+    5.24 computes them. Earlier versions (5.17 among them) compute them as a matmul over one summed term: the same
+    float32 products (with TF32 off; with it on, the matmul's are rounded coarser), but on a GPU a GEMM of its own in
+    every decode step, 3.9 us of a 1 ms batch-1 step on an H200 (docs/benchmarks.md, session 12)."""
 
     @torch.no_grad()
     @dynamic_rope_update
