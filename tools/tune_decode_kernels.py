@@ -17,10 +17,10 @@ block 16, bf16.
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
 - ``gemv``: the one-row GEMV of a decoder layer's projections and the LM head (``linear_by_kernel``; the batch-1
   weights with what the layer fuses into them: q|k|v|g and gate|up after the RMSNorm, o before the residual
-  addition, down between SwiGLU's activation and the residual addition; ``--gemv-weights`` picks them), per setting of the constant its launch reads (``GEMV_SETTING``,
-  ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``): output features per program x input features per step x stages x
-  warps, against cuBLAS with the norm, the activation and the addition as separate kernels, each call reading
-  another of enough weight copies to outgrow the L2 cache.
+  addition, down between SwiGLU's activation and the residual addition; ``--gemv-weights`` picks them), per setting
+  of the constant its launch reads (``GEMV_SETTING``, ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``): output
+  features per program x input features per step x stages x warps, against cuBLAS with the norm, the activation and
+  the addition as separate kernels, each call reading another of enough weight copies to outgrow the L2 cache.
 
 Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
 
@@ -199,8 +199,8 @@ def main(argv=None) -> int:
 def tune_gemv(args, decode_triton, bench) -> None:
     """The ``gemv`` sweep: each decoder-layer weight at one row with what the layer fuses into its product (the
     RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down), and the LM
-    head's, against
-    cuBLAS with the same operations around it as separate kernels; each sweeps the constant its launch reads."""
+    head, against cuBLAS with the same operations around it as separate kernels; each sweeps the constant its launch
+    reads."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
     weights = {  # name: (N, K, fused norm, SwiGLU, fused residual)

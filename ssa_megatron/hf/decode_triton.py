@@ -47,9 +47,9 @@ batch 32 (1B shape, 32k, H200), in its decoding kernel and 6 kernels Inductor wr
 Around the attention: :func:`append_by_kernels` (``_append_kernel``, grid b x HKV) is RoPE and a static cache's
 update for the new token, which Inductor wrote as five kernels per layer (full mode; sparse mode's first selection
 kernel does the same work, ``_append_token``); :func:`linear_by_kernel` (``_gemv_kernel``) is the one-row product
-of a decoder layer's weight, with the RMSNorm before it or the residual addition after it, and of the LM head's, where cuBLAS's kernels
-read the 1B shape's small weights at 1.5-2.5 TB/s and Inductor launched the norms as kernels of their own
-(docs/benchmarks.md, sessions 10 and 11).
+of a decoder layer's weight, with the RMSNorm before it or the residual addition after it, and of the LM head's,
+where cuBLAS's kernels read the 1B shape's small weights at 1.5-2.5 TB/s and Inductor launched the norms as kernels
+of their own (docs/benchmarks.md, sessions 10 to 12).
 
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
