@@ -447,8 +447,9 @@ class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
 class SSALlamaLMHead(nn.Linear):
     """The LM head: an ``nn.Linear`` (the same parameter and state-dict name) whose one-row product, the LM head of a
     batch-1 decode step, is the GEMV kernel where it runs (``decode_triton.use_gemv``), as the decoder layers'
-    projections are (:func:`_project`); elsewhere ``nn.Linear``'s. A model whose vocabulary is resized gets a plain
-    ``nn.Linear`` from transformers, which computes the same product through cuBLAS."""
+    projections are (:func:`_project`); elsewhere ``nn.Linear``'s. ``resize_token_embeddings`` keeps it on a model
+    with tied embeddings; on an untied one transformers puts a plain ``nn.Linear`` in its place, which computes the
+    same product through cuBLAS."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and use_gemv(x, self.weight):
