@@ -324,8 +324,9 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     model.fuse_projections()  # as from_pretrained loads it: q, k, v and the gate are views of one output
     tokens = torch.randint(0, config.vocab_size, (batch, 60), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     kernels = decode_triton.use_kernels if DEVICE == "cuda" else lambda q, cached: q.dtype == torch.float16
-    gemv = decode_triton.use_gemv if DEVICE == "cuda" else (  # the same conditions but the device
-        lambda x, w, *others: x.dtype == torch.float16 and x.numel() == x.shape[-1] and not torch.is_grad_enabled())
+    gemv = decode_triton.use_linear_kernel if DEVICE == "cuda" else (  # the same conditions but the device
+        lambda x, w, *others: x.dtype == torch.float16 and x.numel() <= decode_triton.ROWS_MAX * x.shape[-1]
+        and not torch.is_grad_enabled())
     appends, gemvs = [], []
     monkeypatch.setattr(decoding, "append_by_kernels",
                         lambda *args: appends.append("append") or decode_triton.append_by_kernels(*args))
@@ -338,9 +339,9 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     monkeypatch.setattr(modeling, "linear_by_kernel",
                         lambda *args: gemvs.append(args) or decode_triton.linear_by_kernel(*args))
     caches, logits = [], []
-    for use, use_gemv in ((kernels, gemv), (lambda q, cached: False, lambda *args: False)):
+    for use, use_linear_kernel in ((kernels, gemv), (lambda q, cached: False, lambda *args: False)):
         monkeypatch.setattr(decoding, "use_kernels", use)
-        monkeypatch.setattr(modeling, "use_gemv", use_gemv)
+        monkeypatch.setattr(modeling, "use_linear_kernel", use_linear_kernel)
         cache = StaticCache(config=config, max_cache_len=64)
         steps = []
         with torch.no_grad():
@@ -351,12 +352,16 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
         logits.append(torch.cat(steps, 1))
     # every step of the first run, none of the second
     assert appends == ["append" if mode == "full" else "with the selection"] * 7 * config.num_hidden_layers
-    # q|k|v|g, o, gate|up, SwiGLU and down per layer, and the LM head
-    assert len(gemvs) == 7 * (config.num_hidden_layers * 4 + 1) * (batch == 1)
+    # q|k|v|g, o, gate|up, SwiGLU and down per layer, and the LM head, at both batches, in the prefill (29 or 58
+    # rows: at most ROWS_MAX at batch 1) and the 7 steps
+    assert len(gemvs) == (7 + (batch == 1)) * (config.num_hidden_layers * 4 + 1)
     assert [args[1].shape for args in gemvs[4 * config.num_hidden_layers::4 * config.num_hidden_layers + 1]] == [
-        model.lm_head.weight.shape] * 7 * (batch == 1)
-    fused = [(args[2], args[3] is not None, args[5] is not None) for args in gemvs[:4]]  # (swiglu, norm, residual)
-    assert fused == [(False, True, False), (False, False, True), (False, True, False), (True, False, True)][:len(fused)]
+        model.lm_head.weight.shape] * (7 + (batch == 1))
+    # (swiglu, norm, residual, the module's split counters)
+    fused = [(args[2], args[3] is not None, args[5] is not None, args[6] is not None) for args in gemvs[:4]]
+    assert fused == [(False, True, False, True), (False, False, True, True), (False, True, False, True),
+                     (True, False, True, True)]
+    assert all(int(m.split_tickets.abs().sum()) == 0 for m in model.modules() if hasattr(m, "split_tickets"))
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
     for ours, theirs in zip(caches[0].layers, caches[1].layers):
         assert int(ours.cumulative_length) == int(theirs.cumulative_length) == 36 and int(ours.tickets) == 0
@@ -407,16 +412,53 @@ def test_gemv_fuses_the_norm_and_the_residual(n, k, swiglu):
     torch.testing.assert_close(got, expected, atol=3e-3, rtol=3e-3)
 
 
-def test_gemv_only_for_one_row_without_gradient():
+def test_linear_kernel_only_for_a_decode_steps_rows_without_gradient():
     w = torch.zeros(8, 16, dtype=torch.float16)
-    assert not decode_triton.use_gemv(torch.zeros(1, 1, 16, dtype=torch.float16), w)  # CPU: cuBLAS's place
+    assert not decode_triton.use_linear_kernel(torch.zeros(1, 1, 16, dtype=torch.float16), w)  # CPU: cuBLAS's place
     if torch.cuda.is_available():
         w = w.cuda()
-        assert decode_triton.use_gemv(torch.zeros(1, 1, 16, dtype=torch.float16, device="cuda"), w)
-        assert not decode_triton.use_gemv(torch.zeros(2, 1, 16, dtype=torch.float16, device="cuda"), w)
-        assert not decode_triton.use_gemv(torch.zeros(1, 16, device="cuda"), w.float())
-        assert not decode_triton.use_gemv(torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True),
-                                          w)
+        rows = decode_triton.ROWS_MAX
+        assert decode_triton.use_linear_kernel(torch.zeros(1, 1, 16, dtype=torch.float16, device="cuda"), w)
+        assert decode_triton.use_linear_kernel(torch.zeros(rows, 1, 16, dtype=torch.float16, device="cuda"), w)
+        assert not decode_triton.use_linear_kernel(torch.zeros(rows + 1, 1, 16, dtype=torch.float16, device="cuda"), w)
+        assert not decode_triton.use_linear_kernel(torch.zeros(1, 16, device="cuda"), w.float())
+        assert not decode_triton.use_linear_kernel(
+            torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True), w)
+
+
+@pytest.mark.parametrize("rows, n, k", [(2, 24, 64), (5, 37, 700), (32, 200, 300), (3, 70, 1100)])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+def test_rows_kernel_is_the_fused_linear(monkeypatch, rows, n, k, swiglu, split):
+    """``linear_by_kernel`` at several rows (``_rows_kernel``) against the float64 norm, product and addition, as
+    the decoder layer fuses them (without SwiGLU: the RMSNorm first; with it: the residual last). Output features
+    that are not whole blocks, input features that are not whole steps; with ``tickets``, each block split over
+    several programs whose last adds the partial sums, in a fixed order (a second call is bitwise equal) and leaves
+    the counters at zero. The settings are shrunk so that the small shapes make several blocks and steps."""
+    for name in ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"):
+        monkeypatch.setattr(decode_triton, name, (32, 64, 2, 4))
+    gen = torch.Generator().manual_seed(rows * n + k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
+    x = (3 * torch.randn(rows, 1, 2 * k if swiglu else k, generator=gen)).half()
+    norm = (1 + 0.3 * torch.randn(k, generator=gen)).half()
+    residual = torch.randn(rows, 1, n, generator=gen).half()
+    tickets = torch.zeros(8, dtype=torch.int32, device=DEVICE) if split else None
+    fused = dict(residual=residual.to(DEVICE)) if swiglu else dict(norm=norm.to(DEVICE), eps=1e-5)
+    got = decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu=swiglu, tickets=tickets, **fused)
+    assert got.shape == (rows, 1, n) and got.dtype == torch.float16
+    if split:
+        assert torch.equal(got, decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu=swiglu,
+                                                               tickets=tickets, **fused))
+        assert int(tickets.abs().sum()) == 0
+    if swiglu:
+        gate, up = x.float().chunk(2, -1)
+        h = (torch.nn.functional.silu(gate).half().float() * up).half().double()
+        expected = residual.double() + torch.nn.functional.linear(h, w.double()).half().double()
+    else:
+        h = x.double()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
+        expected = torch.nn.functional.linear(h, w.double())
+    torch.testing.assert_close(got.double().cpu(), expected, atol=4e-3, rtol=4e-3)
 
 
 def test_append_kernel_names_a_strided_cache_buffer():

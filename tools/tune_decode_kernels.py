@@ -15,18 +15,22 @@ block 16, bf16.
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
   once, from memory, so each call reads another of enough cache copies to outgrow the L2 cache.
-- ``gemv``: the one-row GEMV of a decoder layer's projections and the LM head (``linear_by_kernel``; the batch-1
-  weights with what the layer fuses into them: q|k|v|g and gate|up after the RMSNorm, o before the residual
-  addition, down between SwiGLU's activation and the residual addition; ``--gemv-weights`` picks them), per setting
-  of the constant its launch reads (``GEMV_SETTING``, ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``): output
-  features per program x input features per step x stages x warps, against cuBLAS with the norm, the activation and
-  the addition as separate kernels, each call reading another of enough weight copies to outgrow the L2 cache.
+- ``gemv``: the products of a decoder layer's projections and the LM head at a decode step's rows
+  (``linear_by_kernel``, ``--gemv-rows``; the weights with what the layer fuses into them: q|k|v|g and gate|up after
+  the RMSNorm, o before the residual addition, down between SwiGLU's activation and the residual addition;
+  ``--gemv-weights`` picks them), per setting of the constants their launch reads: at one row the GEMV's
+  (``GEMV_SETTING``, ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``), output features per program x input features
+  per step x stages x warps; at more rows the multi-row kernel's (``ROWS_SETTING``, ``_NORM`` or ``_LONG``: the same
+  four; settings that need more shared memory than the card has are skipped) x ``ROWS_PROGRAMS``. Against cuBLAS
+  with the norm, the activation and the addition as separate kernels, each call reading another of enough weight
+  copies to outgrow the L2 cache.
 
 Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
 
     python tools/tune_decode_kernels.py --batch 1 32 --context 32768
     python tools/tune_decode_kernels.py --kernels gemv
     python tools/tune_decode_kernels.py --kernels gemv --gemv-weights lm_head
+    python tools/tune_decode_kernels.py --kernels gemv --gemv-rows 32
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -74,18 +79,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gemv-block-k", type=int, nargs="+", default=[256, 512, 1024], help="gemv: GEMV_BLOCK_K values")
     p.add_argument("--gemv-stages", type=int, nargs="+", default=[2, 3, 4], help="gemv: GEMV_STAGES values")
     p.add_argument("--gemv-warps", type=int, nargs="+", default=[2, 4, 8], help="gemv: GEMV_WARPS values")
+    p.add_argument("--gemv-rows", type=int, nargs="+", default=[1],
+                   help="gemv: rows of the product (a decode step's batch); 1 is the GEMV, more the multi-row kernel")
+    p.add_argument("--rows-block-n", type=int, nargs="+", default=[64, 128, 256],
+                   help="gemv, more than one row: ROWS_SETTING's output features per program")
+    p.add_argument("--rows-block-k", type=int, nargs="+", default=[64, 128],
+                   help="gemv, more than one row: ROWS_SETTING's input features per step")
+    p.add_argument("--rows-stages", type=int, nargs="+", default=[3, 4], help="gemv, more than one row: its stages")
+    p.add_argument("--rows-warps", type=int, nargs="+", default=[4, 8], help="gemv, more than one row: its warps")
+    p.add_argument("--rows-programs", type=int, nargs="+", default=[132, 264],
+                   help="gemv, more than one row: ROWS_PROGRAMS values")
     p.add_argument("--rep", type=int, default=20, help="milliseconds of calls per CUDA graph")
     args = p.parse_args(argv)
     if args.heads % args.kv_heads:
         p.error(f"--heads {args.heads}: must be a multiple of --kv-heads {args.kv_heads}")
     for name in ("batch", "warps", "block_n", "sparse_warps", "full_block_n", "full_warps", "full_programs",
-                 "gemv_block_n", "gemv_block_k", "gemv_stages", "gemv_warps"):
+                 "gemv_block_n", "gemv_block_k", "gemv_stages", "gemv_warps", "gemv_rows", "rows_block_n",
+                 "rows_block_k", "rows_stages", "rows_warps", "rows_programs"):
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             p.error(f"--{name.replace('_', '-')} {bad[0]}: must be >= 1")
     for name in ("context", "hidden", "ffn", "vocab"):
         if getattr(args, name) < 1:
             p.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if max(args.gemv_rows) > 32:
+        p.error(f"--gemv-rows {max(args.gemv_rows)}: must be <= 32 (decode_triton.ROWS_MAX; more go to cuBLAS)")
     return args
 
 
@@ -111,9 +129,13 @@ def sweep(module, names: tuple[str, ...], settings, time_one, label: str) -> Non
         for setting in settings:
             for name, value in zip(names, setting):
                 setattr(module, name, value)
-            times[setting] = time_one()
-            print(f"  {label}  " + "  ".join(f"{n} {v!s:>4}" for n, v in zip(names, setting))
-                  + f": {times[setting]:8.2f} us", flush=True)
+            line = f"  {label}  " + "  ".join(f"{n} {v!s:>4}" for n, v in zip(names, setting))
+            try:
+                times[setting] = time_one()
+            except OutOfResources as e:  # too many stages of too large tiles for the card's shared memory
+                print(f"{line}: skipped ({e})", flush=True)
+                continue
+            print(f"{line}: {times[setting]:8.2f} us", flush=True)
     finally:
         for name, value in zip(names, defaults):
             setattr(module, name, value)
@@ -197,10 +219,10 @@ def main(argv=None) -> int:
 
 
 def tune_gemv(args, decode_triton, bench) -> None:
-    """The ``gemv`` sweep: each decoder-layer weight at one row with what the layer fuses into its product (the
-    RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down), and the LM
-    head, against cuBLAS with the same operations around it as separate kernels; each sweeps the constant its launch
-    reads."""
+    """The ``gemv`` sweep: each decoder-layer weight at ``--gemv-rows`` rows with what the layer fuses into its
+    product (the RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down),
+    and the LM head, against cuBLAS with the same operations around it as separate kernels; each sweeps the
+    constants its launch reads (one row: the GEMV's setting; more: the multi-row kernel's and ``ROWS_PROGRAMS``)."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
     weights = {  # name: (N, K, fused norm, SwiGLU, fused residual)
@@ -209,36 +231,51 @@ def tune_gemv(args, decode_triton, bench) -> None:
         "gate|up+norm": (2 * args.ffn, args.hidden, True, False, False),
         "down+SwiGLU+residual": (args.hidden, args.ffn, False, True, True),
         "lm_head": (args.vocab, args.hidden, False, False, False)}
-    settings = [s for s in itertools.product(args.gemv_block_n, args.gemv_block_k, args.gemv_stages, args.gemv_warps)
-                if s[0] * s[1] <= 8192]  # the float32 accumulator's elements per program
-    for name in args.gemv_weights:
-        n, k, norm, swiglu, residual = weights[name]
-        w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
-        x = torch.randn(1, 2 * k if swiglu else k, device="cuda").bfloat16()
-        fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,
-                     residual=torch.randn(1, n, device="cuda").bfloat16() if residual else None)
+    gemv_settings = [s for s in itertools.product(args.gemv_block_n, args.gemv_block_k, args.gemv_stages,
+                                                  args.gemv_warps)
+                     if s[0] * s[1] <= 8192]  # the float32 accumulator's elements per program
+    rows_settings = list(itertools.product(
+        itertools.product(args.rows_block_n, args.rows_block_k, args.rows_stages, args.rows_warps),
+        args.rows_programs))
+    tickets = torch.zeros(4096, dtype=torch.int32, device="cuda")  # the split products' counters, as a module's
+    for rows in args.gemv_rows:
+        for name in args.gemv_weights:
+            n, k, norm, swiglu, residual = weights[name]
+            w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
+            x = torch.randn(rows, 2 * k if swiglu else k, device="cuda").bfloat16()
+            fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,
+                         residual=torch.randn(rows, n, device="cuda").bfloat16() if residual else None,
+                         tickets=tickets)
 
-        def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"]):
-            if norm is not None:
-                x = f.rms_norm(x, (k,), norm, 1e-5)
-            if swiglu:
-                gate, up = x.chunk(2, -1)
-                x = f.silu(gate) * up
-            out = f.linear(x, w)
-            return out if residual is None else residual + out
+            def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"]):
+                if norm is not None:
+                    x = f.rms_norm(x, (k,), norm, 1e-5)
+                if swiglu:
+                    gate, up = x.chunk(2, -1)
+                    x = f.silu(gate) * up
+                out = f.linear(x, w)
+                return out if residual is None else residual + out
 
-        copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]
-        expected = cublas(w).float()
-        diff = float((decode_triton.linear_by_kernel(x, w, swiglu, **fused).float() - expected).abs().max()
-                     / expected.abs().max())
-        cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
-        print(f"gemv {name} {n}x{k}: {len(copies)} weight copies; cuBLAS and separate kernels {cublas_us:.2f} us per "
-              f"call; largest |kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
-        setting = constant_read(decode_triton, ("GEMV_SETTING", "GEMV_SETTING_NORM", "GEMV_SETTING_LONG"),
-                                lambda: decode_triton._gemv_setting(k, norm))
-        sweep(decode_triton, (setting,), [(s,) for s in settings],
-              lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu, **fused) for wi in copies])
-              / len(copies), f"gemv {name}")
+            copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]
+            expected = cublas(w).float()
+            diff = float((decode_triton.linear_by_kernel(x, w, swiglu, **fused).float() - expected).abs().max()
+                         / expected.abs().max())
+            cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
+            label = f"gemv {name}, {rows} row{'s' * (rows > 1)}"
+            print(f"{label} {n}x{k}: {len(copies)} weight copies; cuBLAS and separate kernels {cublas_us:.2f} us per "
+                  f"call; largest |kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
+            if rows == 1:
+                names = (constant_read(decode_triton, ("GEMV_SETTING", "GEMV_SETTING_NORM", "GEMV_SETTING_LONG"),
+                                       lambda: decode_triton._gemv_setting(k, norm)),)
+                settings = [(s,) for s in gemv_settings]
+            else:
+                names = (constant_read(decode_triton, ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"),
+                                       lambda: decode_triton._rows_setting(k, norm)), "ROWS_PROGRAMS")
+                settings = rows_settings
+            sweep(decode_triton, names, settings,
+                  lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu, **fused) for wi in copies])
+                  / len(copies), label)
+            del copies, w
 
 
 if __name__ == "__main__":

@@ -278,43 +278,103 @@ def _gemv_setting(k: int, norm: bool) -> tuple[int, int, int, int]:
     return GEMV_SETTING_LONG if k >= GEMV_LONG_K else GEMV_SETTING_NORM if norm else GEMV_SETTING
 
 
-def use_gemv(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
-    """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: one row (a batch-1 decode step), CUDA, bf16/fp16,
-    ``weight [N, K]`` with a unit stride along K, ``others`` (a norm's weight, a residual; None for absent ones) in
-    ``x``'s dtype on its device, and no gradient wanted (the kernel has no backward)."""
+ROWS_MAX = 32
+"""The most rows (a decode step's batch) that :func:`linear_by_kernel` takes; more go to cuBLAS, whose GEMMs are
+no longer bound by reading the weight once."""
+ROWS_SETTING = (64, 128, 4, 8)
+"""The multi-row product's launch setting: output features per program, input features per step of its loop,
+pipeline stages, warps. From session 13's sweep of 48 settings at 32 rows of the 1B shape on an H200
+(docs/benchmarks.md): the fastest for o with its residual (6.70 us, where cuBLAS and a separate addition took 7.65);
+the LM head then takes 128.1 us against cuBLAS's 129.4."""
+ROWS_SETTING_NORM = (128, 128, 4, 8)
+"""The setting for products with the RMSNorm fused in: the least sum of q|k|v|g's and gate|up's times (9.16 and
+19.50 us, where cuBLAS and a separate norm took 9.59 and 23.28)."""
+ROWS_SETTING_LONG = (128, 64, 4, 8)
+"""The setting for rows of at least ``GEMV_LONG_K`` input features: the down projection with SwiGLU's activation
+and the residual, 18.42 us (cuBLAS and separate kernels 23.48)."""
+ROWS_PROGRAMS = 132
+"""Programs the multi-row product aims at where its output blocks are fewer (one per SM of an H100 or H200): it
+then splits each block's input features into ranges (split-K), one program each, so that every SM reads the
+weight. The fastest of 132 and 264 for all four decoder weights in session 13's sweep."""
+
+SPLIT_TICKETS = 1024
+"""Counters a module keeps for its split products (:func:`linear_by_kernel`'s ``tickets``): one per output block,
+and only products with fewer blocks than ``ROWS_PROGRAMS`` are split."""
+
+
+def _rows_setting(k: int, norm: bool) -> tuple[int, int, int, int]:
+    """The multi-row product's launch setting for ``k`` input features, with the RMSNorm fused in or not."""
+    return ROWS_SETTING_LONG if k >= GEMV_LONG_K else ROWS_SETTING_NORM if norm else ROWS_SETTING
+
+
+def use_linear_kernel(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
+    """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: at most ``ROWS_MAX`` rows (a decode step), CUDA,
+    bf16/fp16, ``weight [N, K]`` with a unit stride along K, ``others`` (a norm's weight, a residual; None for absent
+    ones) in ``x``'s dtype on its device, and no gradient wanted (the kernels have no backward)."""
     others = [t for t in others if t is not None]
-    return (use_kernels(x, weight) and x.numel() == x.shape[-1] and weight.stride(-1) == 1
+    return (use_kernels(x, weight) and x.numel() <= ROWS_MAX * x.shape[-1] and weight.stride(-1) == 1
             and all(t.dtype == x.dtype and t.device == x.device for t in others)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *others))))
 
 
 def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tensor | None = None,
-                     eps: float = 0.0, residual: Tensor | None = None) -> Tensor:
-    """``residual + rms_norm(x) @ weight [N, K]^T`` for one row ``x [..., K]``, in ``x``'s dtype with float32 sums, as
-    a GEMV kernel: each program reduces ``BLOCK_N`` weight rows, with no ``tl.dot`` (a one-row product is a pass
-    over the weight). Every part but the product is optional:
+                     eps: float = 0.0, residual: Tensor | None = None, tickets: Tensor | None = None) -> Tensor:
+    """``residual + rms_norm(x) @ weight [N, K]^T`` for the rows of ``x [..., K]`` (at most ``ROWS_MAX``), in ``x``'s
+    dtype with float32 sums, as one kernel. Every part but the product is optional:
 
     - ``norm``: Llama's RMSNorm of ``x`` with this weight and ``eps`` first. The sum of squares is taken in the
       product's pass over ``x`` and its reciprocal root scales the sums at the end, so the norm costs no pass of its
-      own; the normalised input is not rounded to ``x``'s dtype between the norm's operations, as eager rounds it
-      (a compiled norm does not round it either).
+      own.
     - ``swiglu``: ``x`` holds ``[gate | up]`` (2K features) and the input is ``silu(gate) * up``, each rounded to
       ``x``'s dtype as the eager operations round it: Llama's MLP with its activation fused in.
     - ``residual [..., N]``: added to the product rounded to ``x``'s dtype, as the decoder layer adds it.
 
     So a decoder layer's norms and residual additions run inside its projections, where a compiled step launched
-    a kernel for each. On the 1B shape at batch 1 on an H200 the plain product took 4.2-4.4 us against cuBLAS's
-    6.0-6.1 for the q|k|v|g and o weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection
-    (docs/benchmarks.md, sessions 10 and 11)."""
+    a kernel for each.
+
+    One row (batch 1) is a GEMV (``_gemv_kernel``): each program reduces ``BLOCK_N`` weight rows with no ``tl.dot``;
+    the normalised input is not rounded to ``x``'s dtype between the norm's operations (eager rounds it; a compiled
+    norm does not). On the 1B shape on an H200 the plain product took 4.2-4.4 us against cuBLAS's 6.0-6.1 for the
+    q|k|v|g and o weights, and 10.5 us against 17.5 for silu-and-multiply plus the down projection
+    (docs/benchmarks.md, sessions 10 and 11).
+
+    Two rows or more (``_rows_kernel``): each program multiplies ``BLOCK_N`` weight rows by all rows with ``tl.dot``
+    (transposed, so that the weight tile is the operand that Hopper's wgmma reads from shared memory), the input
+    times the norm's weight rounded to ``x``'s dtype for it. Where the weight has fewer output blocks than
+    ``ROWS_PROGRAMS``, each block's input features are split among several programs, given ``tickets`` (int32 zeros,
+    one per output block at least, reset by the kernel): each program stores its float32 partial sums, and the last
+    of a block to take its ticket adds them in a fixed order and finishes the block, so the result does not depend on
+    the programs' order. Without ``tickets`` a block is one program. At 32 rows of the 1B shape on an H200 the four
+    decoder products took 53.8 us per layer with their norms, activation and residuals, where cuBLAS and separate
+    kernels took 64.0; a batch-32 decode step launches 123 kernels instead of 254 (docs/benchmarks.md, session 13)."""
     n, k = weight.shape
-    block_n, block_k, stages, warps = _gemv_setting(k, norm is not None)
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    x = x.reshape(-1).contiguous()  # the one row, with a unit stride (a copy only where it has another)
+    x = x.reshape(-1, x.shape[-1]).contiguous()  # unit strides (a copy only where x has others)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads
-    res_ptr = residual.reshape(-1).contiguous() if residual is not None else x
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
-        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+    res_ptr = residual.reshape(-1, n).contiguous() if residual is not None else x
+    m = x.shape[0]
+    if m == 1:
+        block_n, block_k, stages, warps = _gemv_setting(k, norm is not None)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
+            RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        return out
+    block_n, block_k, stages, warps = _rows_setting(k, norm is not None)
+    block_m, blocks = _padded(m), triton.cdiv(n, block_n)
+    splits = 1
+    if tickets is not None and tickets.numel() >= blocks:
+        splits = max(1, min(ROWS_PROGRAMS // blocks, triton.cdiv(k, block_k)))
+    span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # input features per program
+    splits = triton.cdiv(k, span)
+    split = splits > 1
+    # Without a split, x stands in for the buffers the kernel then never touches: an output tensor passed twice would
+    # look, to a compiled step's functionalisation, like two outputs written.
+    partial = torch.empty(splits, block_m, blocks * block_n, device=x.device, dtype=torch.float32) if split else x
+    squares = torch.empty(blocks, splits, block_m, device=x.device, dtype=torch.float32) if split else x
+    _rows_kernel[(blocks, splits)](
+        x, weight, out, norm_ptr, res_ptr, partial, squares, tickets if split else x, m, n, k, span,
+        weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, SPLIT=split,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
     return out
 
 
@@ -412,6 +472,70 @@ if triton is not None:
             out = (tl.load(res_ptr + rows, mask=rows < n, other=0.0).to(tl.float32)
                    + out.to(out_ptr.dtype.element_ty).to(tl.float32))
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < n)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, partial_ptr, squares_ptr, tickets_ptr, m, n, k, span,
+                     w_sn, eps, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
+        # The transposed product, weight [BLOCK_N, BLOCK_K] times input [BLOCK_K, BLOCK_M]: the weight is tl.dot's
+        # first operand, whose 64 rows or more let Hopper's wgmma run it from shared memory, as cp.async fills it.
+        block, split = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, BLOCK_M)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        squares = tl.zeros((BLOCK_M,), tl.float32)  # the norm's sums of squares over this program's features
+        start = split * span
+        for first in tl.range(start, tl.minimum(start + span, k), BLOCK_K, num_stages=STAGES):
+            feats = first + tl.arange(0, BLOCK_K)
+            inside = feats < k
+            mask = inside[:, None] & (rows < m)[None, :]
+            if SWIGLU:  # silu(gate) * up, rounded after each operation as eager rounds it
+                gate = tl.load(x_ptr + rows[None, :] * 2 * k + feats[:, None], mask=mask, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + rows[None, :] * 2 * k + k + feats[:, None], mask=mask, other=0.0)
+                act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (act * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            else:
+                x = tl.load(x_ptr + rows[None, :] * k + feats[:, None], mask=mask, other=0.0)
+            if NORM:  # the norm's weight now, its 1 / rms once the squares are summed
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, 0)
+                x = (xf * tl.load(norm_ptr + feats, mask=inside, other=0.0).to(tl.float32)[:, None]).to(
+                    x_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + cols[:, None] * w_sn + feats[None, :], mask=(cols < n)[:, None] & inside[None, :],
+                        other=0.0, eviction_policy="evict_first")  # read once per step
+            acc = tl.dot(w, x, acc)
+        if SPLIT:  # the block's last program to take its ticket adds the partial sums in split order
+            splits = tl.num_programs(1)
+            width = tl.num_programs(0) * BLOCK_N  # the partial sums' row: every block's columns
+            tl.store(partial_ptr + (split * BLOCK_M + rows)[None, :] * width + cols[:, None], acc)
+            tl.store(squares_ptr + (block * splits + split) * BLOCK_M + rows, squares)
+            tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
+            ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel")
+            if ticket == splits - 1:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+                squares = tl.zeros((BLOCK_M,), tl.float32)
+                for i in range(0, splits):  # .cg: from L2, where the other programs' stores are
+                    acc += tl.load(partial_ptr + (i * BLOCK_M + rows)[None, :] * width + cols[:, None],
+                                   cache_modifier=".cg")
+                    squares += tl.load(squares_ptr + (block * splits + i) * BLOCK_M + rows, cache_modifier=".cg")
+                _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
+                tl.store(tickets_ptr + block, 0)
+        else:
+            _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
+
+    @triton.jit
+    def _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM: tl.constexpr,
+                     RESIDUAL: tl.constexpr):
+        """The multi-row product's ``[BLOCK_N, BLOCK_M]`` block (output features by rows) from its float32 sums: the
+        norm's ``1 / rms``, the residual, the store."""
+        mask = (cols < n)[:, None] & (rows < m)[None, :]
+        if NORM:
+            acc *= tl.math.rsqrt(squares / k + eps)[None, :]
+        if RESIDUAL:
+            acc = (tl.load(res_ptr + rows[None, :] * n + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+                   + acc.to(out_ptr.dtype.element_ty).to(tl.float32))
+        tl.store(out_ptr + rows[None, :] * n + cols[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotated(x_ptr, rows, row_mask, d, cos, sin, D: tl.constexpr):

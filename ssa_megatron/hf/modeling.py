@@ -2,7 +2,7 @@
 
 Everything but the attention core is transformers' Llama (embeddings, RMSNorm, SwiGLU MLP, rotary embedding,
 LM head); :class:`SSALlamaDecoderLayer` is Llama's layer computing the same operations in the same order, with its
-norms and residual additions handed to the projections (a batch-1 decode step fuses them into its GEMVs).
+norms and residual additions handed to the projections (a decode step fuses them into its projection kernels).
 :class:`SSALlamaAttention` keeps Llama's q/k/v/o projections and RoPE, adds the gate
 ``g_proj`` (hidden → one logit per query head, no bias; the sigmoid is applied inside ``ssa_attention``), and
 hands ``[s, b, h, d]`` views of q/k/v to :func:`ssa_megatron.ssa.ssa_attention` — the one definition of SSA's
@@ -54,7 +54,7 @@ from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.utils import logging
 
 from .configuration import IN_PACKAGE, MODES, SSALlamaConfig
-from .decode_triton import linear_by_kernel, use_gemv
+from .decode_triton import SPLIT_TICKETS, linear_by_kernel, use_linear_kernel
 from .decoding import append_and_attend, append_token, decode_attention, valid_keys
 
 if IN_PACKAGE:  # importlib, not an import statement, which transformers' remote-code check would demand
@@ -119,6 +119,9 @@ class FusedProjections:
         """Output rows of each separate linear in the stacked weight, in :meth:`projection_names` order; None when
         unfused."""
         self._unfused_order: list[str] | None = None
+        # Counters of the multi-row product's split blocks (decode_triton.linear_by_kernel), made when fused: not
+        # state, and kept on the module so that a compiled step finds them at fixed addresses.
+        self.register_buffer("split_tickets", None, persistent=False)
         self.register_state_dict_post_hook(_split_fused_state)
         self.register_load_state_dict_pre_hook(_stack_fused_state)
 
@@ -162,6 +165,8 @@ class FusedProjections:
         setattr(self, self.fused_name, fused)
         _reorder(self._modules, [self.fused_name if n == names[0] else n for n in self._unfused_order
                                  if n not in names[1:]])
+        self.split_tickets = torch.zeros(SPLIT_TICKETS, dtype=torch.int32, device=fused.weight.device)
+        torch._dynamo.mark_static_address(self.split_tickets)  # written in place by a CUDA-graphed step
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -176,21 +181,21 @@ class FusedProjections:
         delattr(self, self.fused_name)
         setattr(self, self.fused_name, None)
         _reorder(self._modules, self._unfused_order)
-        self.fused_sizes = self._unfused_order = None
+        self.fused_sizes = self._unfused_order = self.split_tickets = None
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False, norm: nn.Module | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """``residual + linear(act(norm(x)))``, each part but ``linear`` optional: ``norm`` a module applied first,
-    ``swiglu`` the activation ``silu(gate) * up`` of ``x = [gate | up]``, ``residual`` added last. For one row on CUDA
-    in bf16/fp16 with no gradient (a batch-1 decode step), and a Llama RMSNorm, all of it is one GEMV kernel of
-    ``decode_triton.py``, which reads the weight faster than cuBLAS does at one row; elsewhere the eager operations,
-    in that order."""
+    ``swiglu`` the activation ``silu(gate) * up`` of ``x = [gate | up]``, ``residual`` added last. For a decode
+    step's rows (up to ``decode_triton.ROWS_MAX``) on CUDA in bf16/fp16 with no gradient, and a Llama RMSNorm, all
+    of it is one kernel of ``decode_triton.py`` (``tickets``: its split blocks' counters), which reads the weight
+    faster than cuBLAS does at so few rows; elsewhere the eager operations, in that order."""
     rms = norm is not None and type(norm) is LlamaRMSNorm
     if (linear.bias is None and (norm is None or rms)
-            and use_gemv(x, linear.weight, norm.weight if rms else None, residual)):
+            and use_linear_kernel(x, linear.weight, norm.weight if rms else None, residual)):
         return linear_by_kernel(x, linear.weight, swiglu, norm.weight if rms else None,
-                                norm.variance_epsilon if rms else 0.0, residual)
+                                norm.variance_epsilon if rms else 0.0, residual, tickets)
     if norm is not None:
         x = norm(x)
     if swiglu:
@@ -251,17 +256,18 @@ class SSALlamaAttention(FusedProjections, LlamaAttention):
                 past_key_values=None, cu_seqlens=None, norm=None, residual=None, **kwargs):
         """Llama's attention, with two optional parts that :class:`SSALlamaDecoderLayer` hands it: ``norm``
         applied to ``hidden_states`` first and ``residual`` added to the output (``_project`` fuses both into the
-        projections' GEMV where it runs)."""
+        projections' kernel where it runs)."""
         cache = cache if cache is not None else past_key_values
         if self.qkvg_proj is not None:  # one GEMM; the split outputs are views
-            q, k, v, *g = _project(self.qkvg_proj, hidden_states, norm=norm).split(self.fused_sizes, dim=-1)
+            q, k, v, *g = _project(self.qkvg_proj, hidden_states, norm=norm, tickets=self.split_tickets).split(
+                self.fused_sizes, dim=-1)
         else:
             x = norm(hidden_states) if norm is not None else hidden_states
             q, k, v = (_project(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
             g = [_project(self.g_proj, x)] if self.g_proj is not None else []
         gate = g[0] if g else None  # [b, s, HQ] logits
         out = self._attend(q, k, v, position_embeddings, gate, cache, cu_seqlens)
-        return _project(self.o_proj, out, residual=residual), None
+        return _project(self.o_proj, out, residual=residual, tickets=self.split_tickets), None
 
     def _attend(self, q, k, v, position_embeddings, gate, cache, cu_seqlens):
         """RoPE, the cache update and the gated attention of the unrotated projections ``q``/``k``/``v [b, s, H·D]``
@@ -330,18 +336,18 @@ class SSALlamaMLP(FusedProjections, LlamaMLP):
         if self.gate_up_proj is None:
             out = super().forward(norm(x) if norm is not None else x)
             return out if residual is None else residual + out
-        gate_up = _project(self.gate_up_proj, x, norm=norm)
-        if self.config.hidden_act == "silu":  # SwiGLU: the down GEMV applies the activation itself
-            return _project(self.down_proj, gate_up, swiglu=True, residual=residual)
+        gate_up = _project(self.gate_up_proj, x, norm=norm, tickets=self.split_tickets)
+        if self.config.hidden_act == "silu":  # SwiGLU: the down projection's kernel applies the activation itself
+            return _project(self.down_proj, gate_up, swiglu=True, residual=residual, tickets=self.split_tickets)
         gate, up = gate_up.chunk(2, dim=-1)
-        return _project(self.down_proj, self.act_fn(gate) * up, residual=residual)
+        return _project(self.down_proj, self.act_fn(gate) * up, residual=residual, tickets=self.split_tickets)
 
 
 class SSALlamaDecoderLayer(LlamaDecoderLayer):
     """Llama's decoder layer with :class:`SSALlamaAttention` and :class:`SSALlamaMLP`, which it hands its norms and
-    residual additions: the same operations in the same order as Llama's layer, but where the one-row GEMV runs (a
-    batch-1 decode step) each norm is fused into the projection after it and each addition into the one before it,
-    so that a decode step launches no kernel of its own for them."""
+    residual additions: the same operations in the same order as Llama's layer, but where the projection kernels run
+    (a decode step of up to ``decode_triton.ROWS_MAX`` rows) each norm is fused into the projection after it and
+    each addition into the one before it, so that a decode step launches no kernel of its own for them."""
 
     def __init__(self, config: SSALlamaConfig, layer_idx: int):
         # LlamaDecoderLayer's modules, in its order, built once: its __init__ would build Llama's attention and MLP
@@ -445,14 +451,14 @@ class SSALlamaModel(SSALlamaPreTrainedModel, LlamaModel):
 
 
 class SSALlamaLMHead(nn.Linear):
-    """The LM head: an ``nn.Linear`` (the same parameter and state-dict name) whose one-row product, the LM head of a
-    batch-1 decode step, is the GEMV kernel where it runs (``decode_triton.use_gemv``), as the decoder layers'
-    projections are (:func:`_project`); elsewhere ``nn.Linear``'s. ``resize_token_embeddings`` keeps it on a model
-    with tied embeddings; on an untied one transformers puts a plain ``nn.Linear`` in its place, which computes the
-    same product through cuBLAS."""
+    """The LM head: an ``nn.Linear`` (the same parameter and state-dict name) whose product at a decode step's rows is
+    the projection kernel where it runs (``decode_triton.use_linear_kernel``; unsplit, its 128,256 outputs make
+    enough programs), as the decoder layers' projections are (:func:`_project`); elsewhere ``nn.Linear``'s.
+    ``resize_token_embeddings`` keeps it on a model with tied embeddings; on an untied one transformers puts a plain
+    ``nn.Linear`` in its place, which computes the same product through cuBLAS."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and use_gemv(x, self.weight):
+        if self.bias is None and use_linear_kernel(x, self.weight):
             return linear_by_kernel(x, self.weight)
         return super().forward(x)
 
