@@ -452,11 +452,10 @@ if triton is not None:
         for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_K)
             inside = cols < k
-            if SWIGLU:  # silu(gate) * up, rounded after each operation as eager rounds it
+            if SWIGLU:
                 gate = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
                 up = tl.load(x_ptr + k + cols, mask=inside, other=0.0).to(tl.float32)
-                act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-                x = (act * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = _swiglu(gate, up, x_ptr.dtype.element_ty).to(tl.float32)
             else:
                 x = tl.load(x_ptr + cols, mask=inside, other=0.0).to(tl.float32)
             if NORM:  # the norm's weight now, its 1 / rms once the pass has summed the squares
@@ -490,11 +489,10 @@ if triton is not None:
             feats = first + tl.arange(0, BLOCK_K)
             inside = feats < k
             mask = inside[:, None] & (rows < m)[None, :]
-            if SWIGLU:  # silu(gate) * up, rounded after each operation as eager rounds it
+            if SWIGLU:
                 gate = tl.load(x_ptr + rows[None, :] * 2 * k + feats[:, None], mask=mask, other=0.0).to(tl.float32)
                 up = tl.load(x_ptr + rows[None, :] * 2 * k + k + feats[:, None], mask=mask, other=0.0)
-                act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty).to(tl.float32)
-                x = (act * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                x = _swiglu(gate, up, x_ptr.dtype.element_ty)
             else:
                 x = tl.load(x_ptr + rows[None, :] * k + feats[:, None], mask=mask, other=0.0)
             if NORM:  # the norm's weight now, its 1 / rms once the squares are summed
@@ -505,24 +503,42 @@ if triton is not None:
             w = tl.load(w_ptr + cols[:, None] * w_sn + feats[None, :], mask=(cols < n)[:, None] & inside[None, :],
                         other=0.0, eviction_policy="evict_first")  # read once per step
             acc = tl.dot(w, x, acc)
-        if SPLIT:  # the block's last program to take its ticket adds the partial sums in split order
-            splits = tl.num_programs(1)
-            width = tl.num_programs(0) * BLOCK_N  # the partial sums' row: every block's columns
-            tl.store(partial_ptr + (split * BLOCK_M + rows)[None, :] * width + cols[:, None], acc)
-            tl.store(squares_ptr + (block * splits + split) * BLOCK_M + rows, squares)
-            tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
-            ticket = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel")
-            if ticket == splits - 1:
-                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-                squares = tl.zeros((BLOCK_M,), tl.float32)
-                for i in range(0, splits):  # .cg: from L2, where the other programs' stores are
-                    acc += tl.load(partial_ptr + (i * BLOCK_M + rows)[None, :] * width + cols[:, None],
-                                   cache_modifier=".cg")
-                    squares += tl.load(squares_ptr + (block * splits + i) * BLOCK_M + rows, cache_modifier=".cg")
+        if SPLIT:
+            acc, squares, last = _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows,
+                                             cols, BLOCK_M, BLOCK_N)
+            if last:
                 _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
-                tl.store(tickets_ptr + block, 0)
+                tl.store(tickets_ptr + block, 0)  # for the next launch
         else:
             _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
+
+    @triton.jit
+    def _swiglu(gate, up, dtype: tl.constexpr):
+        """``silu(gate) * up`` in ``dtype`` (the model's), rounded after each operation as the eager operations
+        round; ``gate`` in float32."""
+        act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+        return (act * up.to(tl.float32)).to(dtype)
+
+    @triton.jit
+    def _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows, cols,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K's reduction: stores this program's float32 sums and takes the block's ticket. The block's last
+        program to take it (``last``) gets the sums of all its programs, added in split order so that the result
+        does not depend on the programs' order; it is then to finish the block and reset the ticket."""
+        splits = tl.num_programs(1)
+        width = tl.num_programs(0) * BLOCK_N  # the partial sums' row: every block's columns
+        tl.store(partial_ptr + (split * BLOCK_M + rows)[None, :] * width + cols[:, None], acc)
+        tl.store(squares_ptr + (block * splits + split) * BLOCK_M + rows, squares)
+        tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
+        last = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == splits - 1
+        if last:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            squares = tl.zeros((BLOCK_M,), tl.float32)
+            for i in range(0, splits):  # .cg: from L2, where the other programs' stores are
+                acc += tl.load(partial_ptr + (i * BLOCK_M + rows)[None, :] * width + cols[:, None],
+                               cache_modifier=".cg")
+                squares += tl.load(squares_ptr + (block * splits + i) * BLOCK_M + rows, cache_modifier=".cg")
+        return acc, squares, last
 
     @triton.jit
     def _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM: tl.constexpr,
