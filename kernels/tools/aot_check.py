@@ -1,13 +1,17 @@
-"""Compile every ssa_kernels kernel for sm_90 on a machine without a GPU (no TRITON_INTERPRET).
+"""Compile every ssa_kernels kernel, and the HF decode step's projection kernels, for sm_90 on a machine without a
+GPU (no TRITON_INTERPRET).
 
-Catches compile errors and reports registers/spills/shared memory and whether wgmma/mma was emitted, for the
-configurations the wrappers launch. Usage: python kernels/tools/aot_check.py [--select-gate] (selection and
-gate kernels only)
+Catches compile errors and reports registers/spills/shared memory, whether wgmma/mma was emitted and how many
+cp.async copies (pipelined loads) there are, for the configurations the wrappers launch. Usage:
+python kernels/tools/aot_check.py [--select-gate] [--decode] [--ptx DIR]: ``--select-gate`` the selection and gate
+kernels only, ``--decode`` the decode projections only; ``--ptx DIR`` writes each configuration's PTX there without
+its debug lines, so that two trees' code can be compared with ``diff -r``.
 """
 
 import inspect
 import re
 import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,7 +26,9 @@ SHARED_LIMIT = 232448
 """Bytes of shared memory one block may use on an H100/H200 (227 KB, opt-in); a launch above it fails."""
 
 
-def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=()):
+def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=(), ints16=()):
+    # ints16: integer arguments whose launched values are multiples of 16, which the JIT specialises on (without
+    # it a row stride's alignment is unknown, and the loads are neither vectorised nor pipelined)
     # constexpr parameters left out take their defaults, as at a launch (else they would compile as i32 arguments)
     defaults = {p.name: p.default for p in fn.params
                 if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty}
@@ -37,18 +43,51 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptr_types}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptr_types or n in ints16}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=TARGET,
                        options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
     return dict(shared=k.metadata.shared, regs=getattr(k, "n_regs", None), spills=getattr(k, "n_spills", None),
-                wgmma=len(re.findall("wgmma.mma_async", ptx)), mma=len(re.findall(r"mma\.sync", ptx)))
+                wgmma=len(re.findall("wgmma.mma_async", ptx)), mma=len(re.findall(r"mma\.sync", ptx)),
+                cp_async=len(re.findall(r"cp\.async\.", ptx)), ptx=ptx)
+
+
+def decode_rows(dt):
+    """The decode projections (ssa_megatron/hf/decode_triton.py) as a 1B decode step launches them: the GEMV at one
+    row and the multi-row kernel at 32 (``_rows_launch``, with the fused modules' counters; the LM head has none),
+    each weight with what the decoder layer fuses into it."""
+    from ssa_megatron.hf import decode_triton as DT
+
+    rows = []
+    for name, n, k, norm, swiglu, residual, tickets in [("q|k|v|g+norm", 2336, 2048, True, False, False, True),
+                                                         ("o+residual", 2048, 2048, False, False, True, True),
+                                                         ("gate|up+norm", 16384, 2048, True, False, False, True),
+                                                         ("down+SwiGLU+residual", 2048, 8192, False, True, True, True),
+                                                         ("lm_head", 128256, 2048, False, False, False, False)]:
+        flags = dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual)
+        ptr = {p: dt for p in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr")}
+        bn, bk, stages, nw = DT._gemv_setting(k, norm)
+        info = compile_kernel(DT._gemv_kernel, ptr, dict(**flags, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages), nw,
+                              floats=("eps",), ints16=("n", "k", "w_sn"))
+        rows.append((f"decode gemv {name}", info))
+        (bn, bk, stages, nw), blocks, splits, span = DT._rows_launch(n, k, norm, DT.SPLIT_TICKETS if tickets else 0)
+        split = splits > 1  # unsplit launches pass the input for the buffers they never touch
+        ptr.update({p: "*fp32" if split else dt for p in ("partial_ptr", "squares_ptr")},
+                   tickets_ptr="*i32" if split else dt)
+        ints16 = [a for a, v in dict(m=32, n=n, k=k, span=span, w_sn=k).items() if v % 16 == 0]
+        info = compile_kernel(DT._rows_kernel, ptr, dict(**flags, SPLIT=split, BLOCK_M=32, BLOCK_N=bn, BLOCK_K=bk,
+                                                         STAGES=stages), nw, floats=("eps",), ints16=ints16)
+        rows.append((f"decode rows=32 {name} x{blocks * splits}", info))
+    return rows
 
 
 def main():
     dt = "*bf16"
     only_new = "--select-gate" in sys.argv
-    rows = []
+    ptx_dir = Path(sys.argv[sys.argv.index("--ptx") + 1]) if "--ptx" in sys.argv else None
+    rows = decode_rows(dt) if not only_new else []
+    if "--decode" in sys.argv:
+        return report(rows, ptx_dir)
     for g, d, kk, bs, score in [(16, 64, 16, 16, 0), (4, 128, 32, 64, 0), (1, 64, 16, 16, 1), (16, 128, 256, 16, 0),
                                 (8, 128, 32, 64, 1)]:
         gp, kp, _, _ = S.select_tiles(g, kk)
@@ -113,6 +152,18 @@ def main():
         info = compile_kernel(P._sparse_dkdv_kernel, ptr, dict(G=g, D=d, BS=bs, HAS_QPOS=d == 128, **cfg), nw, ns,
                               floats=("scale_log2", "scale"))
         rows.append((f"dkdv G={g} D={d} BS={bs}", info))
+    return report(rows, ptx_dir)
+
+
+def report(rows, ptx_dir):
+    if ptx_dir is not None:
+        ptx_dir.mkdir(parents=True, exist_ok=True)
+    for name, info in rows:
+        ptx = info.pop("ptx")
+        if ptx_dir is not None:  # without the debug lines, which name source lines that a refactor moves
+            ptx = ptx.split(".section\t.debug")[0]
+            lines = [x for x in ptx.splitlines() if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp|$)", x)]
+            (ptx_dir / (re.sub(r"[^\w=.-]+", "_", name) + ".ptx")).write_text("\n".join(lines) + "\n")
     too_big = [name for name, info in rows if info["shared"] > SHARED_LIMIT]
     for name, info in rows:
         print(f"{name:36s} {info}{'  <-- over the shared-memory limit' if name in too_big else ''}")

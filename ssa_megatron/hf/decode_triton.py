@@ -307,6 +307,18 @@ def _rows_setting(k: int, norm: bool) -> tuple[int, int, int, int]:
     return ROWS_SETTING_LONG if k >= GEMV_LONG_K else ROWS_SETTING_NORM if norm else ROWS_SETTING
 
 
+def _rows_launch(n: int, k: int, norm: bool, tickets: int) -> tuple[tuple[int, int, int, int], int, int, int]:
+    """The multi-row product's launch for an ``[n, k]`` weight, with the RMSNorm fused in or not, given ``tickets``
+    counters (0: none): its setting, output blocks, programs per block (splits) and input features per program."""
+    setting = _rows_setting(k, norm)
+    block_n, block_k = setting[:2]
+    blocks, splits = triton.cdiv(n, block_n), 1
+    if blocks <= tickets:
+        splits = max(1, min(ROWS_PROGRAMS // blocks, triton.cdiv(k, block_k)))
+    span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return setting, blocks, triton.cdiv(k, span), span
+
+
 def use_linear_kernel(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
     """Whether :func:`linear_by_kernel` computes ``x @ weight.T``: at most ``ROWS_MAX`` rows (a decode step), CUDA,
     bf16/fp16, ``weight [N, K]`` with a unit stride along K, ``others`` (a norm's weight, a residual; None for absent
@@ -359,14 +371,9 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
             x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
             RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
         return out
-    block_n, block_k, stages, warps = _rows_setting(k, norm is not None)
-    block_m, blocks = _padded(m), triton.cdiv(n, block_n)
-    splits = 1
-    if tickets is not None and tickets.numel() >= blocks:
-        splits = max(1, min(ROWS_PROGRAMS // blocks, triton.cdiv(k, block_k)))
-    span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k  # input features per program
-    splits = triton.cdiv(k, span)
-    split = splits > 1
+    (block_n, block_k, stages, warps), blocks, splits, span = _rows_launch(
+        n, k, norm is not None, tickets.numel() if tickets is not None else 0)
+    block_m, split = _padded(m), splits > 1
     # Without a split, x stands in for the buffers the kernel then never touches: an output tensor passed twice would
     # look, to a compiled step's functionalisation, like two outputs written.
     partial = torch.empty(splits, block_m, blocks * block_n, device=x.device, dtype=torch.float32) if split else x
