@@ -237,7 +237,8 @@ def tune_gemv(args, decode_triton, bench) -> None:
     rows_settings = list(itertools.product(
         itertools.product(args.rows_block_n, args.rows_block_k, args.rows_stages, args.rows_warps),
         args.rows_programs))
-    tickets = torch.zeros(4096, dtype=torch.int32, device="cuda")  # the split products' counters, as a module's
+    # the split products' counters, as a fused module keeps them (the LM head has none)
+    tickets = torch.zeros(decode_triton.SPLIT_TICKETS, dtype=torch.int32, device="cuda")
     for rows in args.gemv_rows:
         for name in args.gemv_weights:
             n, k, norm, swiglu, residual = weights[name]
@@ -245,7 +246,7 @@ def tune_gemv(args, decode_triton, bench) -> None:
             x = torch.randn(rows, 2 * k if swiglu else k, device="cuda").bfloat16()
             fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,
                          residual=torch.randn(rows, n, device="cuda").bfloat16() if residual else None,
-                         tickets=tickets)
+                         tickets=tickets if name != "lm_head" else None)
 
             def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"]):
                 if norm is not None:
