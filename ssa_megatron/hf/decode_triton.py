@@ -58,12 +58,17 @@ triton is missing, and :func:`use_kernels` then says no.
 
 from __future__ import annotations
 
+import collections
+import functools
+import re
+
 import torch
 from torch import Tensor
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # a CPU-only torch build: decoding.py selects with torch operations
     triton = None
 
@@ -123,6 +128,68 @@ def _top_k_warps(programs: int) -> int:
     return TOP_K_WARPS_FEW if programs < FEW_PROGRAMS else TOP_K_WARPS
 
 
+PREFETCH_BYTES = 16 << 20
+"""The most weight bytes a projection's launch asks L2 for before its input is ready (a third of an H100's or H200's
+50 MB L2): each program's first lines, fetched while the kernel before it drains (:func:`_prefetch_lines`)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch as programmatic dependents (PDL; compute capability 9 and later): each
+    kernel then starts while the one before it drains, lets the next one start as soon as all of its own programs
+    run (``gdc_launch_dependents``), and waits for the one before it (``gdc_wait``) before it reads or writes any
+    tensor. A projection prefetches its weight's first lines to L2 before that wait: the weights are read-only, and
+    they are most of a decode step's memory traffic."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch(x: Tensor) -> dict:
+    """A decode kernel's launch options where its tensors live on ``x``'s device: the ``PDL`` flag and triton's
+    ``launch_pdl`` where :func:`_dependent_launch` allows, else none (the kernels' ``PDL`` defaults to False). None
+    while torch.compile traces the kernels themselves (:func:`_custom_op`'s fallback), whose launcher takes no
+    ``launch_pdl``."""
+    if torch.compiler.is_compiling() or not _dependent_launch(x.device):
+        return {}
+    return dict(PDL=True, launch_pdl=True)
+
+
+_OP_NAMESPACE = "ssa_decode_" + re.sub(r"\W", "_", __name__)
+"""The namespace of this file's custom ops: one per copy of the file (the package's, and each export's under
+``transformers_modules``), so that both load in one process."""
+
+
+def _custom_op(name: str, impl, mutates_args: tuple[str, ...], fake):
+    """``impl`` registered as the custom op ``name``, which a compiled decode step calls in place of tracing the
+    kernels: Inductor then neither lowers nor re-generates them (a third of a batch-32 step's compilation, run BJ in
+    docs/benchmarks.md), and they launch through triton's own launcher, as dependents (:func:`_launch`). None where
+    torch has no ``custom_op`` or the name is taken (this file loaded twice under one name): a compiled step then
+    traces the kernels, launched plainly."""
+    if triton is None or not hasattr(torch.library, "custom_op"):
+        return None
+    try:
+        op = torch.library.custom_op(f"{_OP_NAMESPACE}::{name}", impl, mutates_args=mutates_args)
+    except RuntimeError:
+        return None
+    op.register_fake(fake)
+    return op
+
+
+def _call(op, impl, *args):
+    """``op(*args)`` while torch.compile traces (where the op exists), else ``impl(*args)``, without the
+    dispatcher's overhead that an uncompiled step would pay at each call."""
+    return op(*args) if op is not None and torch.compiler.is_compiling() else impl(*args)
+
+
+def _prefetch_lines(programs: int, rows: int, span: int, element_size: int) -> int:
+    """128-byte lines per weight row that each of a projection's ``programs`` prefetches (``rows`` weight rows of
+    ``span`` features each): the whole span, or as many as ``PREFETCH_BYTES`` over the launch allow; a power of two,
+    0 for none."""
+    budget = PREFETCH_BYTES // (programs * rows * 128)
+    if budget < 1:
+        return 0
+    return min(triton.next_power_of_2(triton.cdiv(span * element_size, 128)), 1 << (budget.bit_length() - 1))
+
+
 def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
                      append: tuple | None = None) -> Tensor:
     """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
@@ -152,12 +219,12 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
-        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
+        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4, **_launch(q))
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
         TOP_K_P=_top_k_length(top_k), CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks))
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks), **_launch(q))
     return survivors
 
 
@@ -171,7 +238,8 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
     _top_k_kernel[(b * hkv,)](survivors, chosen, survivors.shape[1], TOP_K=top_k,
                               TOP_K_P=_top_k_length(top_k),
-                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv))
+                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv),
+                              **_launch(q))
     return chosen
 
 
@@ -187,19 +255,47 @@ def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Te
     ``k``/``v [b, 1, HKV·D]`` are the unrotated projections, and the first kernel also does what
     :func:`append_by_kernels` does (into ``keys``, ``values``, ``pooled``, ``length``): a decode step's RoPE, cache
     update and attention in three kernels, where the append kernel made four."""
-    b, d = q.shape[0], keys.shape[-1]
-    hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
-    hq = q.shape[1] if append is None else q.shape[-1] // d
-    g = hq // hkv
+    selection = (scale, config.ssa_block_size, config.ssa_top_k, config.ssa_sink_blocks, config.ssa_local_blocks,
+                 config.ssa_score)
     if append is None:
-        q, keys, values, pooled = _rows(q, keys, values, pooled)
-        survivors = _chunk_survivors(q, pooled, length, config, scale)
+        out = _call(_SPARSE_OP, _sparse, q, keys, values, pooled, length, gate, *selection)
     else:
-        k, v, cos, sin, tickets = append
-        q, k, v, cos, sin, rotated = _new_token(q, k, v, cos, sin, keys, values, pooled)
-        survivors = _chunk_survivors(q.view(b, hq, d), pooled, length, config, scale,
-                                     (k, v, cos, sin, rotated, keys, values, tickets))
-        q = rotated  # written by kernel 1
+        out = _call(_SPARSE_APPEND_OP, _sparse_append, q, *append, keys, values, pooled, length, gate, *selection)
+    return out[:, :, None]
+
+
+_Selection = collections.namedtuple("_Selection", "ssa_block_size ssa_top_k ssa_sink_blocks ssa_local_blocks "
+                                    "ssa_score")
+"""The configuration fields the selection kernels read, as a custom op's arguments bring them."""
+
+
+def _sparse(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Tensor, gate: Tensor | None,
+            scale: float, block_size: int, top_k: int, sink: int, local: int, score: str) -> Tensor:
+    """:func:`sparse_attend_by_kernels` without ``append``, flat (a custom op's arguments); ``[b, HQ, D]``."""
+    config = _Selection(block_size, top_k, sink, local, score)
+    q, keys, values, pooled = _rows(q, keys, values, pooled)
+    survivors = _chunk_survivors(q, pooled, length, config, scale)
+    return _sparse_attention(q, keys, values, survivors, length, gate, scale, config)
+
+
+def _sparse_append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, tickets: Tensor, keys: Tensor,
+                   values: Tensor, pooled: Tensor, length: Tensor, gate: Tensor | None, scale: float,
+                   block_size: int, top_k: int, sink: int, local: int, score: str) -> Tensor:
+    """:func:`sparse_attend_by_kernels` with ``append``, flat (a custom op's arguments); ``[b, HQ, D]``."""
+    config = _Selection(block_size, top_k, sink, local, score)
+    b, d = q.shape[0], keys.shape[-1]
+    q, k, v, cos, sin, rotated = _new_token(q, k, v, cos, sin, keys, values, pooled)
+    survivors = _chunk_survivors(q.view(b, -1, d), pooled, length, config, scale,
+                                 (k, v, cos, sin, rotated, keys, values, tickets))
+    return _sparse_attention(rotated, keys, values, survivors, length, gate, scale, config)  # rotated by kernel 1
+
+
+def _sparse_attention(q: Tensor, keys: Tensor, values: Tensor, survivors: Tensor, length: Tensor,
+                      gate: Tensor | None, scale: float, config) -> Tensor:
+    """The sparse attention kernel over the selection's chunk survivors: ``q [b, HQ, D]``; returns ``[b, HQ, D]``."""
+    b, hq, d = q.shape
+    hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
+    g = hq // hkv
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
@@ -207,8 +303,21 @@ def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Te
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=bs, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
         SURVIVORS_P=_top_k_length(survivors.shape[1]), GROUP_P=_padded(g), DIM_P=_padded(d),
-        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS)
-    return out[:, :, None]
+        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS, **_launch(q))
+    return out
+
+
+def _heads_like(q: Tensor, keys: Tensor) -> Tensor:
+    """A custom op's output of the attention of ``q`` (``[b, HQ, 1, D]``, or ``[b, 1, HQ·D]`` unrotated) over
+    ``keys [b, HKV, L, D]`` without its data: ``[b, HQ, D]``."""
+    d = keys.shape[-1]
+    return q.new_empty(q.shape[0], q.shape[1] if q.dim() == 4 else q.shape[-1] // d, d)
+
+
+_SPARSE_OP = _custom_op("sparse_attend", _sparse, (), lambda q, keys, *rest: _heads_like(q, keys))
+_SPARSE_APPEND_OP = _custom_op("sparse_append_attend", _sparse_append,
+                               ("tickets", "keys", "values", "pooled", "length"),
+                               lambda q, k, v, cos, sin, tickets, keys, *rest: _heads_like(q, keys))
 
 
 def _gate_args(gate: Tensor | None, out: Tensor) -> tuple[Tensor, int, int]:
@@ -232,6 +341,12 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
 
     The rotation is computed in float32 from the model-dtype inputs and rounded once, as Inductor computes it in a
     compiled step."""
+    return _call(_APPEND_OP, _append, q, k, v, cos, sin, keys, values, pooled, length, tickets, block_size)[:, :, None]
+
+
+def _append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, pooled: Tensor,
+            length: Tensor, tickets: Tensor, block_size: int) -> Tensor:
+    """:func:`append_by_kernels`, returning the rotated query as ``[b, HQ, D]`` (a custom op's output)."""
     b, hkv, _, d = keys.shape
     hq = q.shape[-1] // d
     q, k, v, cos, sin, out = _new_token(q, k, v, cos, sin, keys, values, pooled)
@@ -241,8 +356,12 @@ def append_by_kernels(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
         keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
         pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], HKV=hkv, G=hq // hkv, D=d,
         BS=block_size, GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size),
-        num_warps=4)
-    return out[:, :, None]
+        num_warps=4, **_launch(q))
+    return out
+
+
+_APPEND_OP = _custom_op("append", _append, ("keys", "values", "pooled", "length", "tickets"),
+                        lambda q, k, v, cos, sin, keys, *rest: _heads_like(q, keys))
 
 
 def _new_token(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor,
@@ -359,21 +478,39 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     the programs' order. Without ``tickets`` a block is one program. At 32 rows of the 1B shape on an H200 the four
     decoder products took 53.8 us per layer with their norms, activation and residuals, where cuBLAS and separate
     kernels took 64.0; a batch-32 decode step launches 123 kernels instead of 254 (docs/benchmarks.md, session 13)."""
+    if _LINEAR_OP is None or not torch.compiler.is_compiling():
+        return _linear(x, weight, swiglu, norm, eps, residual, tickets)
+    if tickets is None:  # the op's mutated argument is a tensor: an empty one for none
+        tickets = torch.empty(0, device=x.device, dtype=torch.int32)
+    return _LINEAR_OP(x, weight, swiglu, norm, eps, residual, tickets)
+
+
+def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: float, residual: Tensor | None,
+            tickets: Tensor) -> Tensor:
+    """:func:`linear_by_kernel`, with its arguments all given (``tickets`` empty or None for none)."""
     n, k = weight.shape
     out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
     x = x.reshape(-1, x.shape[-1]).contiguous()  # unit strides (a copy only where x has others)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads
     res_ptr = residual.reshape(-1, n).contiguous() if residual is not None else x
-    m = x.shape[0]
+    m, launch = x.shape[0], _launch(x)
+    if launch:
+        launch["LINE"] = 128 // weight.element_size()
     if m == 1:
         block_n, block_k, stages, warps = _gemv_setting(k, norm is not None)
-        _gemv_kernel[(triton.cdiv(n, block_n),)](
+        blocks = triton.cdiv(n, block_n)
+        if launch:
+            launch["PREFETCH"] = _prefetch_lines(blocks, block_n, k, weight.element_size())
+        _gemv_kernel[(blocks,)](
             x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
-            RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+            RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps,
+            **launch)
         return out
     (block_n, block_k, stages, warps), blocks, splits, span = _rows_launch(
         n, k, norm is not None, tickets.numel() if tickets is not None else 0)
     block_m, split = _padded(m), splits > 1
+    if launch:
+        launch["PREFETCH"] = _prefetch_lines(blocks * splits, block_n, span, weight.element_size())
     # Without a split, x stands in for the buffers the kernel then never touches: an output tensor passed twice would
     # look, to a compiled step's functionalisation, like two outputs written.
     partial = torch.empty(splits, block_m, blocks * block_n, device=x.device, dtype=torch.float32) if split else x
@@ -381,8 +518,12 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     _rows_kernel[(blocks, splits)](
         x, weight, out, norm_ptr, res_ptr, partial, squares, tickets if split else x, m, n, k, span,
         weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, SPLIT=split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps, **launch)
     return out
+
+
+_LINEAR_OP = _custom_op("linear", _linear, ("tickets",),
+                        lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 FULL_BLOCK_N = 128
@@ -403,6 +544,12 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
     logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]`` in ``q``'s dtype. Split-KV: each program attends a row's
     group to one key range and keeps the float32 partial (max, sum, weighted values); a second kernel combines a
     row's ranges and gates. Ranges past ``length`` return at once."""
+    return _call(_FULL_OP, _full_attend, q, keys, values, length, gate, scale)[:, :, None]
+
+
+def _full_attend(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, gate: Tensor | None,
+                 scale: float) -> Tensor:
+    """:func:`full_attend_by_kernels`, returning ``[b, HQ, D]`` (a custom op's output)."""
     b, hq, _, d = q.shape
     hkv, capacity = keys.shape[1], keys.shape[2]
     g, rows = hq // hkv, b * hkv
@@ -417,16 +564,46 @@ def full_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, length: Tens
         q, keys, values, length, partial, stats, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), SCALE=scale, HKV=hkv, G=g, D=d,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=FULL_BLOCK_N, PER_SPLIT=per_split, num_warps=FULL_WARPS,
-        num_stages=3)
+        num_stages=3, **_launch(q))
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _full_combine_kernel[(rows, g)](partial, stats, out, gate_ptr, splits, gate_sb, gate_sh, HKV=hkv, G=g, D=d,
                                     GROUP_P=group_p, DIM_P=dim_p, GATE=gate is not None,
-                                    SPLITS_TILE=min(256, triton.next_power_of_2(splits)), num_warps=8)
-    return out[:, :, None]
+                                    SPLITS_TILE=min(256, triton.next_power_of_2(splits)), num_warps=8,
+                                    **_launch(q))
+    return out
+
+
+_FULL_OP = _custom_op("full_attend", _full_attend, (), lambda q, keys, *rest: _heads_like(q, keys))
 
 
 if triton is not None:
+
+    @triton.jit
+    def _after_previous(PDL: tl.constexpr):
+        """A decode kernel's start under programmatic dependent launch (:func:`_dependent_launch`): lets the next
+        kernel's programs launch, then waits until the kernel before has finished and its writes are visible. No
+        tensor may be read or written before this."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+
+    @triton.jit
+    def _weight_first(w_ptr, rows, start, end, n, w_sn, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                      LINE: tl.constexpr):
+        """:func:`_after_previous` for a projection over weight ``rows`` and features ``start`` to ``end``, which
+        first asks L2 for the first ``PREFETCH`` 128-byte lines (of ``LINE`` elements) of each of its rows: the
+        weight is never written during a decode step, so it may be read before the kernel before has finished.
+        ``prefetch`` is a hint with no result; lines out of bounds are asked for as the weight's first."""
+        if PDL:
+            gdc_launch_dependents()
+            if PREFETCH > 0:
+                feats = start + tl.arange(0, PREFETCH) * LINE
+                inside = (rows < n)[:, None] & (feats < end)[None, :]
+                lines = tl.where(inside, w_ptr + rows[:, None] * w_sn + feats[None, :], w_ptr)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            gdc_wait()
 
     @triton.jit
     def _own_block(length_ptr, BS: tl.constexpr):
@@ -452,8 +629,10 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, n, k, w_sn, eps, SWIGLU: tl.constexpr,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                     LINE: tl.constexpr = 64):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _weight_first(w_ptr, rows, 0, k, n, w_sn, PDL, PREFETCH, LINE)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed over K once, at the end
         squares = tl.zeros((BLOCK_K,), tl.float32)  # the norm's sum of squares of x, likewise
         for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
@@ -483,7 +662,8 @@ if triton is not None:
     def _rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, partial_ptr, squares_ptr, tickets_ptr, m, n, k, span,
                      w_sn, eps, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                      SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     STAGES: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+                     LINE: tl.constexpr = 64):
         # The transposed product, weight [BLOCK_N, BLOCK_K] times input [BLOCK_K, BLOCK_M]: the weight is tl.dot's
         # first operand, whose 64 rows or more let Hopper's wgmma run it from shared memory, as cp.async fills it.
         block, split = tl.program_id(0), tl.program_id(1)
@@ -492,6 +672,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         squares = tl.zeros((BLOCK_M,), tl.float32)  # the norm's sums of squares over this program's features
         start = split * span
+        _weight_first(w_ptr, cols, start, tl.minimum(start + span, k), n, w_sn, PDL, PREFETCH, LINE)
         for first in tl.range(start, tl.minimum(start + span, k), BLOCK_K, num_stages=STAGES):
             feats = first + tl.arange(0, BLOCK_K)
             inside = feats < k
@@ -623,7 +804,8 @@ if triton is not None:
                        tickets_ptr, out_ptr, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
                        vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, HKV: tl.constexpr, G: tl.constexpr,
                        D: tl.constexpr, BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
-                       BS_P: tl.constexpr):
+                       BS_P: tl.constexpr, PDL: tl.constexpr = False):
+        _after_previous(PDL)
         length = tl.load(length_ptr)
         _append_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, out_ptr,
                       tl.program_id(0), tl.program_id(1), length, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
@@ -636,7 +818,8 @@ if triton is not None:
                        new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, capacity,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
-                       APPEND: tl.constexpr, BS_P: tl.constexpr):
+                       APPEND: tl.constexpr, BS_P: tl.constexpr, PDL: tl.constexpr = False):
+        _after_previous(PDL)
         row, chunk = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
         if APPEND:  # q unrotated, the token at position length
@@ -714,7 +897,9 @@ if triton is not None:
     def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
                             G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
                             TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
-                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        _after_previous(PDL)
         row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -753,7 +938,8 @@ if triton is not None:
 
     @triton.jit
     def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
-                      SURVIVORS_P: tl.constexpr):
+                      SURVIVORS_P: tl.constexpr, PDL: tl.constexpr = False):
+        _after_previous(PDL)
         row = tl.program_id(0)
         _store_largest(_survivors(keys_ptr, row, count, SURVIVORS_P), out_ptr + row * TOP_K, TOP_K, TOP_K_P, True)
 
@@ -763,7 +949,8 @@ if triton is not None:
                                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                                  TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, SURVIVORS_P: tl.constexpr,
                                  GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr,
-                                 GATE: tl.constexpr):
+                                 GATE: tl.constexpr, PDL: tl.constexpr = False):
+        _after_previous(PDL)
         row = tl.program_id(0)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
@@ -796,7 +983,8 @@ if triton is not None:
     def _full_split_kernel(q_ptr, k_ptr, v_ptr, length_ptr, partial_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,
                            v_sb, v_sh, v_sn, SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                            D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                           PER_SPLIT: tl.constexpr):
+                           PER_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
+        _after_previous(PDL)
         row, split = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
@@ -833,10 +1021,11 @@ if triton is not None:
     @triton.jit
     def _full_combine_kernel(partial_ptr, stats_ptr, out_ptr, gate_ptr, splits, gate_sb, gate_sh, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
-                             GATE: tl.constexpr, SPLITS_TILE: tl.constexpr):
+                             GATE: tl.constexpr, SPLITS_TILE: tl.constexpr, PDL: tl.constexpr = False):
         """One query head's output from its row's key ranges, in one pass (a single tile of ranges up to 256 of
         them, else rescaled online as the split kernel does): ranges past the length carry a -inf max and weigh 0;
         the first range always holds key 0, so the overall max is finite."""
+        _after_previous(PDL)
         row, head = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, DIM_P)
         top = -float("inf")
