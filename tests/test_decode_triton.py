@@ -467,3 +467,49 @@ def test_append_kernel_names_a_strided_cache_buffer():
     with pytest.raises(ValueError, match="keys has stride 2"):
         decode_triton.append_by_kernels(row, row, row, row, row, keys, keys.contiguous(), keys.contiguous(),
                                         torch.tensor(0), torch.zeros(1, dtype=torch.int32), 4)
+
+
+def test_kernels_are_custom_ops_with_their_mutations(monkeypatch):
+    """Each decode entry point is a custom op that a compiled step calls (``decode_triton._custom_op``):
+    ``torch.library.opcheck`` runs it eagerly, on fake tensors and through AOT dispatch, and checks that the
+    arguments it writes (the cache, the length, the ticket counters) are the ones its schema declares mutated and
+    that its fake gives the real output's shape, dtype and strides."""
+    monkeypatch.setattr(decode_triton, "ROWS_SETTING", (32, 64, 2, 4))  # several split blocks at this size
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, bs, cached = 2, 4, 2, 16, 16, 47
+    layer, = _static_layers(1, b, hkv, d, bs, cached, torch.float16, gen)
+    q, k, v, gate, cos, sin = _new_token(b, hq, hkv, d, hq, torch.float16, gen)
+    selection = (0.25, bs, 2, 1, 0, "group_softmax")
+    cache = (layer.keys, layer.values, layer.pooled, layer.cumulative_length)
+    rotated = q.view(b, 1, hq, d).transpose(1, 2).contiguous()  # [b, HQ, 1, D]
+    x = torch.randn(3, 1, 64, generator=gen).half().to(DEVICE)
+    w = torch.randn(70, 64, generator=gen).half().to(DEVICE)
+    cases = [
+        (decode_triton._LINEAR_OP, (x, w, False, None, 0.0, torch.randn_like(x[..., :1]).expand(3, 1, 70).contiguous(),
+                                    torch.zeros(8, dtype=torch.int32, device=DEVICE))),
+        (decode_triton._APPEND_OP, (q, k, v, cos, sin, *cache, layer.tickets, bs)),
+        (decode_triton._SPARSE_APPEND_OP, (q, k, v, cos, sin, layer.tickets, *cache, gate, *selection)),
+        (decode_triton._SPARSE_OP, (rotated, *cache[:3], layer.cumulative_length, None, *selection)),
+        (decode_triton._FULL_OP, (rotated, layer.keys, layer.values, layer.cumulative_length, gate,
+                                  0.25)),
+    ]
+    for op, args in cases:
+        assert op is not None and op._qualname.startswith(decode_triton._OP_NAMESPACE + "::")
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_a_compiled_step_calls_the_custom_op():
+    """Traced by torch.compile, ``linear_by_kernel`` is one call of its custom op (no kernel for Inductor to lower),
+    with the same result as the eager call."""
+    targets = []
+
+    def backend(gm, inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 64, generator=gen).half().to(DEVICE)
+    w = torch.randn(40, 64, generator=gen).half().to(DEVICE)
+    step = torch.compile(lambda x, w: decode_triton.linear_by_kernel(x, w), backend=backend, fullgraph=True)
+    assert torch.equal(step(x, w), decode_triton.linear_by_kernel(x, w))
+    assert any(target.startswith(decode_triton._OP_NAMESPACE) and "linear" in target for target in targets), targets

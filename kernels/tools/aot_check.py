@@ -55,7 +55,7 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=
 def decode_rows(dt):
     """The decode projections (ssa_megatron/hf/decode_triton.py) as a 1B decode step launches them: the GEMV at one
     row and the multi-row kernel at 32 (``_rows_launch``, with the fused modules' counters; the LM head has none),
-    each weight with what the decoder layer fuses into it, as programmatic dependents with their L2 prefetch."""
+    each weight with what the decoder layer fuses into it."""
     from ssa_megatron.hf import decode_triton as DT
 
     rows = []
@@ -67,8 +67,7 @@ def decode_rows(dt):
         flags = dict(SWIGLU=swiglu, NORM=norm, RESIDUAL=residual)
         ptr = {p: dt for p in ("x_ptr", "w_ptr", "out_ptr", "norm_ptr", "res_ptr")}
         bn, bk, stages, nw = DT._gemv_setting(k, norm)
-        pdl = dict(PDL=True, PREFETCH=DT._prefetch_lines(-(-n // bn), bn, k, 2), LINE=64)  # as on an H200
-        info = compile_kernel(DT._gemv_kernel, ptr, dict(**flags, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, **pdl), nw,
+        info = compile_kernel(DT._gemv_kernel, ptr, dict(**flags, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages), nw,
                               floats=("eps",), ints16=("n", "k", "w_sn"))
         rows.append((f"decode gemv {name}", info))
         (bn, bk, stages, nw), blocks, splits, span = DT._rows_launch(n, k, norm, DT.SPLIT_TICKETS if tickets else 0)
@@ -76,9 +75,8 @@ def decode_rows(dt):
         ptr.update({p: "*fp32" if split else dt for p in ("partial_ptr", "squares_ptr")},
                    tickets_ptr="*i32" if split else dt)
         ints16 = [a for a, v in dict(m=32, n=n, k=k, span=span, w_sn=k).items() if v % 16 == 0]
-        pdl = dict(PDL=True, PREFETCH=DT._prefetch_lines(blocks * splits, bn, span, 2), LINE=64)
-        info = compile_kernel(DT._rows_kernel, ptr, dict(**flags, SPLIT=split, BLOCK_M=32, BLOCK_N=bn, BLOCK_K=bk,
-                                                         STAGES=stages, **pdl), nw, floats=("eps",), ints16=ints16)
+        info = compile_kernel(DT._rows_kernel, ptr, dict(**flags, SPLITS=splits, BLOCK_M=32, BLOCK_N=bn, BLOCK_K=bk,
+                                                         STAGES=stages), nw, floats=("eps",), ints16=ints16)
         rows.append((f"decode rows=32 {name} x{blocks * splits}", info))
     return rows
 

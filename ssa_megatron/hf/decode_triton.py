@@ -51,6 +51,10 @@ of a decoder layer's weight, with the RMSNorm before it or the residual addition
 where cuBLAS's kernels read the 1B shape's small weights at 1.5-2.5 TB/s and Inductor launched the norms as kernels
 of their own (docs/benchmarks.md, sessions 10 to 12).
 
+Inside a compiled step, each entry point (:func:`linear_by_kernel`, :func:`sparse_attend_by_kernels`,
+:func:`append_by_kernels`, :func:`full_attend_by_kernels`) is one custom op (:func:`_custom_op`), whose kernels
+Inductor neither traces nor lowers; uncompiled code calls the same functions directly.
+
 This file is copied into every gated export beside ``decoding.py`` (``ssa_megatron.hf.export.REMOTE_CODE``). It
 imports triton inside ``try`` (transformers' remote-code check skips those imports), so an export loads where
 triton is missing, and :func:`use_kernels` then says no.
@@ -68,7 +72,6 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # a CPU-only torch build: decoding.py selects with torch operations
     triton = None
 
@@ -128,42 +131,17 @@ def _top_k_warps(programs: int) -> int:
     return TOP_K_WARPS_FEW if programs < FEW_PROGRAMS else TOP_K_WARPS
 
 
-PREFETCH_BYTES = 16 << 20
-"""The most weight bytes a projection's launch asks L2 for before its input is ready (a third of an H100's or H200's
-50 MB L2): each program's first lines, fetched while the kernel before it drains (:func:`_prefetch_lines`)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _dependent_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch as programmatic dependents (PDL; compute capability 9 and later): each
-    kernel then starts while the one before it drains, lets the next one start as soon as all of its own programs
-    run (``gdc_launch_dependents``), and waits for the one before it (``gdc_wait``) before it reads or writes any
-    tensor. A projection prefetches its weight's first lines to L2 before that wait: the weights are read-only, and
-    they are most of a decode step's memory traffic."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _launch(x: Tensor) -> dict:
-    """A decode kernel's launch options where its tensors live on ``x``'s device: the ``PDL`` flag and triton's
-    ``launch_pdl`` where :func:`_dependent_launch` allows, else none (the kernels' ``PDL`` defaults to False). None
-    while torch.compile traces the kernels themselves (:func:`_custom_op`'s fallback), whose launcher takes no
-    ``launch_pdl``."""
-    if torch.compiler.is_compiling() or not _dependent_launch(x.device):
-        return {}
-    return dict(PDL=True, launch_pdl=True)
-
-
 _OP_NAMESPACE = "ssa_decode_" + re.sub(r"\W", "_", __name__)
 """The namespace of this file's custom ops: one per copy of the file (the package's, and each export's under
 ``transformers_modules``), so that both load in one process."""
 
 
 def _custom_op(name: str, impl, mutates_args: tuple[str, ...], fake):
-    """``impl`` registered as the custom op ``name``, which a compiled decode step calls in place of tracing the
-    kernels: Inductor then neither lowers nor re-generates them (a third of a batch-32 step's compilation, run BJ in
-    docs/benchmarks.md), and they launch through triton's own launcher, as dependents (:func:`_launch`). None where
-    torch has no ``custom_op`` or the name is taken (this file loaded twice under one name): a compiled step then
-    traces the kernels, launched plainly."""
+    """``impl`` registered as the custom op ``name``, which a compiled decode step calls in place of tracing its
+    kernels: Inductor then neither lowers nor re-generates them, which took most of a batch-32 step's compilation
+    (its first steps took 18 and 11 s instead of 43 and 68 s in full and sparse mode, with the same step time;
+    docs/benchmarks.md, session 14). None where torch has no ``custom_op`` or the name is taken (this file loaded
+    twice under one module name): a compiled step then traces the kernels."""
     if triton is None or not hasattr(torch.library, "custom_op"):
         return None
     try:
@@ -178,16 +156,6 @@ def _call(op, impl, *args):
     """``op(*args)`` while torch.compile traces (where the op exists), else ``impl(*args)``, without the
     dispatcher's overhead that an uncompiled step would pay at each call."""
     return op(*args) if op is not None and torch.compiler.is_compiling() else impl(*args)
-
-
-def _prefetch_lines(programs: int, rows: int, span: int, element_size: int) -> int:
-    """128-byte lines per weight row that each of a projection's ``programs`` prefetches (``rows`` weight rows of
-    ``span`` features each): the whole span, or as many as ``PREFETCH_BYTES`` over the launch allow; a power of two,
-    0 for none."""
-    budget = PREFETCH_BYTES // (programs * rows * 128)
-    if budget < 1:
-        return 0
-    return min(triton.next_power_of_2(triton.cdiv(span * element_size, 128)), 1 << (budget.bit_length() - 1))
 
 
 def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
@@ -219,12 +187,12 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
-        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4, **_launch(q))
+        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
         TOP_K_P=_top_k_length(top_k), CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks), **_launch(q))
+        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks))
     return survivors
 
 
@@ -238,8 +206,7 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
     _top_k_kernel[(b * hkv,)](survivors, chosen, survivors.shape[1], TOP_K=top_k,
                               TOP_K_P=_top_k_length(top_k),
-                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv),
-                              **_launch(q))
+                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv))
     return chosen
 
 
@@ -303,7 +270,7 @@ def _sparse_attention(q: Tensor, keys: Tensor, values: Tensor, survivors: Tensor
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=bs, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
         SURVIVORS_P=_top_k_length(survivors.shape[1]), GROUP_P=_padded(g), DIM_P=_padded(d),
-        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS, **_launch(q))
+        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS)
     return out
 
 
@@ -356,7 +323,7 @@ def _append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, keys: Ten
         keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), pooled.stride(0),
         pooled.stride(1), pooled.stride(2), keys.shape[2], pooled.shape[2], HKV=hkv, G=hq // hkv, D=d,
         BS=block_size, GROUP_P=_padded(hq // hkv), DIM_P=_padded(d), BS_P=triton.next_power_of_2(block_size),
-        num_warps=4, **_launch(q))
+        num_warps=4)
     return out
 
 
@@ -493,32 +460,24 @@ def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: f
     x = x.reshape(-1, x.shape[-1]).contiguous()  # unit strides (a copy only where x has others)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads
     res_ptr = residual.reshape(-1, n).contiguous() if residual is not None else x
-    m, launch = x.shape[0], _launch(x)
-    if launch:
-        launch["LINE"] = 128 // weight.element_size()
+    m = x.shape[0]
     if m == 1:
         block_n, block_k, stages, warps = _gemv_setting(k, norm is not None)
-        blocks = triton.cdiv(n, block_n)
-        if launch:
-            launch["PREFETCH"] = _prefetch_lines(blocks, block_n, k, weight.element_size())
-        _gemv_kernel[(blocks,)](
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, out, norm_ptr, res_ptr, n, k, weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None,
-            RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps,
-            **launch)
+            RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
         return out
     (block_n, block_k, stages, warps), blocks, splits, span = _rows_launch(
         n, k, norm is not None, tickets.numel() if tickets is not None else 0)
     block_m, split = _padded(m), splits > 1
-    if launch:
-        launch["PREFETCH"] = _prefetch_lines(blocks * splits, block_n, span, weight.element_size())
     # Without a split, x stands in for the buffers the kernel then never touches: an output tensor passed twice would
     # look, to a compiled step's functionalisation, like two outputs written.
     partial = torch.empty(splits, block_m, blocks * block_n, device=x.device, dtype=torch.float32) if split else x
     squares = torch.empty(blocks, splits, block_m, device=x.device, dtype=torch.float32) if split else x
     _rows_kernel[(blocks, splits)](
         x, weight, out, norm_ptr, res_ptr, partial, squares, tickets if split else x, m, n, k, span,
-        weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, SPLIT=split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps, **launch)
+        weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, SPLITS=splits,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
     return out
 
 
@@ -564,13 +523,12 @@ def _full_attend(q: Tensor, keys: Tensor, values: Tensor, length: Tensor, gate: 
         q, keys, values, length, partial, stats, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), SCALE=scale, HKV=hkv, G=g, D=d,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=FULL_BLOCK_N, PER_SPLIT=per_split, num_warps=FULL_WARPS,
-        num_stages=3, **_launch(q))
+        num_stages=3)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _full_combine_kernel[(rows, g)](partial, stats, out, gate_ptr, splits, gate_sb, gate_sh, HKV=hkv, G=g, D=d,
                                     GROUP_P=group_p, DIM_P=dim_p, GATE=gate is not None,
-                                    SPLITS_TILE=min(256, triton.next_power_of_2(splits)), num_warps=8,
-                                    **_launch(q))
+                                    SPLITS_TILE=min(256, triton.next_power_of_2(splits)), num_warps=8)
     return out
 
 
@@ -578,32 +536,6 @@ _FULL_OP = _custom_op("full_attend", _full_attend, (), lambda q, keys, *rest: _h
 
 
 if triton is not None:
-
-    @triton.jit
-    def _after_previous(PDL: tl.constexpr):
-        """A decode kernel's start under programmatic dependent launch (:func:`_dependent_launch`): lets the next
-        kernel's programs launch, then waits until the kernel before has finished and its writes are visible. No
-        tensor may be read or written before this."""
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
-
-    @triton.jit
-    def _weight_first(w_ptr, rows, start, end, n, w_sn, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                      LINE: tl.constexpr):
-        """:func:`_after_previous` for a projection over weight ``rows`` and features ``start`` to ``end``, which
-        first asks L2 for the first ``PREFETCH`` 128-byte lines (of ``LINE`` elements) of each of its rows: the
-        weight is never written during a decode step, so it may be read before the kernel before has finished.
-        ``prefetch`` is a hint with no result; lines out of bounds are asked for as the weight's first."""
-        if PDL:
-            gdc_launch_dependents()
-            if PREFETCH > 0:
-                feats = start + tl.arange(0, PREFETCH) * LINE
-                inside = (rows < n)[:, None] & (feats < end)[None, :]
-                lines = tl.where(inside, w_ptr + rows[:, None] * w_sn + feats[None, :], w_ptr)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [lines], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-            gdc_wait()
 
     @triton.jit
     def _own_block(length_ptr, BS: tl.constexpr):
@@ -629,10 +561,8 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, n, k, w_sn, eps, SWIGLU: tl.constexpr,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     LINE: tl.constexpr = 64):
+                     STAGES: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        _weight_first(w_ptr, rows, 0, k, n, w_sn, PDL, PREFETCH, LINE)
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed over K once, at the end
         squares = tl.zeros((BLOCK_K,), tl.float32)  # the norm's sum of squares of x, likewise
         for start in tl.range(0, k, BLOCK_K, num_stages=STAGES):
@@ -661,9 +591,8 @@ if triton is not None:
     @triton.jit
     def _rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, partial_ptr, squares_ptr, tickets_ptr, m, n, k, span,
                      w_sn, eps, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     LINE: tl.constexpr = 64):
+                     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
         # The transposed product, weight [BLOCK_N, BLOCK_K] times input [BLOCK_K, BLOCK_M]: the weight is tl.dot's
         # first operand, whose 64 rows or more let Hopper's wgmma run it from shared memory, as cp.async fills it.
         block, split = tl.program_id(0), tl.program_id(1)
@@ -672,7 +601,6 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         squares = tl.zeros((BLOCK_M,), tl.float32)  # the norm's sums of squares over this program's features
         start = split * span
-        _weight_first(w_ptr, cols, start, tl.minimum(start + span, k), n, w_sn, PDL, PREFETCH, LINE)
         for first in tl.range(start, tl.minimum(start + span, k), BLOCK_K, num_stages=STAGES):
             feats = first + tl.arange(0, BLOCK_K)
             inside = feats < k
@@ -691,9 +619,9 @@ if triton is not None:
             w = tl.load(w_ptr + cols[:, None] * w_sn + feats[None, :], mask=(cols < n)[:, None] & inside[None, :],
                         other=0.0, eviction_policy="evict_first")  # read once per step
             acc = tl.dot(w, x, acc)
-        if SPLIT:
+        if SPLITS > 1:
             acc, squares, last = _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows,
-                                             cols, BLOCK_M, BLOCK_N)
+                                             cols, SPLITS, BLOCK_M, BLOCK_N)
             if last:
                 _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
                 tl.store(tickets_ptr + block, 0)  # for the next launch
@@ -709,23 +637,24 @@ if triton is not None:
 
     @triton.jit
     def _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows, cols,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Split-K's reduction: stores this program's float32 sums and takes the block's ticket. The block's last
-        program to take it (``last``) gets the sums of all its programs, added in split order so that the result
-        does not depend on the programs' order; it is then to finish the block and reset the ticket."""
-        splits = tl.num_programs(1)
+        program to take it (``last``) gets the sums of all its ``SPLITS`` programs, added in split order so that the
+        result does not depend on the programs' order; it is then to finish the block and reset the ticket. The
+        loop is unrolled (``SPLITS`` a constant), so that its loads are all in flight at once rather than one L2
+        round trip each."""
         width = tl.num_programs(0) * BLOCK_N  # the partial sums' row: every block's columns
         tl.store(partial_ptr + (split * BLOCK_M + rows)[None, :] * width + cols[:, None], acc)
-        tl.store(squares_ptr + (block * splits + split) * BLOCK_M + rows, squares)
+        tl.store(squares_ptr + (block * SPLITS + split) * BLOCK_M + rows, squares)
         tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
-        last = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == splits - 1
+        last = tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel") == SPLITS - 1
         if last:
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             squares = tl.zeros((BLOCK_M,), tl.float32)
-            for i in range(0, splits):  # .cg: from L2, where the other programs' stores are
+            for i in tl.static_range(SPLITS):  # .cg: from L2, where the other programs' stores are
                 acc += tl.load(partial_ptr + (i * BLOCK_M + rows)[None, :] * width + cols[:, None],
                                cache_modifier=".cg")
-                squares += tl.load(squares_ptr + (block * splits + i) * BLOCK_M + rows, cache_modifier=".cg")
+                squares += tl.load(squares_ptr + (block * SPLITS + i) * BLOCK_M + rows, cache_modifier=".cg")
         return acc, squares, last
 
     @triton.jit
@@ -804,8 +733,7 @@ if triton is not None:
                        tickets_ptr, out_ptr, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
                        vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, HKV: tl.constexpr, G: tl.constexpr,
                        D: tl.constexpr, BS: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
-                       BS_P: tl.constexpr, PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                       BS_P: tl.constexpr):
         length = tl.load(length_ptr)
         _append_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, out_ptr,
                       tl.program_id(0), tl.program_id(1), length, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
@@ -818,8 +746,7 @@ if triton is not None:
                        new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, capacity,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
-                       APPEND: tl.constexpr, BS_P: tl.constexpr, PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                       APPEND: tl.constexpr, BS_P: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
         if APPEND:  # q unrotated, the token at position length
@@ -897,9 +824,7 @@ if triton is not None:
     def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
                             G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
                             TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
-                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
-                            PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -938,8 +863,7 @@ if triton is not None:
 
     @triton.jit
     def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
-                      SURVIVORS_P: tl.constexpr, PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                      SURVIVORS_P: tl.constexpr):
         row = tl.program_id(0)
         _store_largest(_survivors(keys_ptr, row, count, SURVIVORS_P), out_ptr + row * TOP_K, TOP_K, TOP_K_P, True)
 
@@ -949,8 +873,7 @@ if triton is not None:
                                  HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                                  TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, SURVIVORS_P: tl.constexpr,
                                  GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr,
-                                 GATE: tl.constexpr, PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                                 GATE: tl.constexpr):
         row = tl.program_id(0)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
@@ -983,8 +906,7 @@ if triton is not None:
     def _full_split_kernel(q_ptr, k_ptr, v_ptr, length_ptr, partial_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,
                            v_sb, v_sh, v_sn, SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                            D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                           PER_SPLIT: tl.constexpr, PDL: tl.constexpr = False):
-        _after_previous(PDL)
+                           PER_SPLIT: tl.constexpr):
         row, split = tl.program_id(0), tl.program_id(1)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
@@ -1021,11 +943,10 @@ if triton is not None:
     @triton.jit
     def _full_combine_kernel(partial_ptr, stats_ptr, out_ptr, gate_ptr, splits, gate_sb, gate_sh, HKV: tl.constexpr,
                              G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
-                             GATE: tl.constexpr, SPLITS_TILE: tl.constexpr, PDL: tl.constexpr = False):
+                             GATE: tl.constexpr, SPLITS_TILE: tl.constexpr):
         """One query head's output from its row's key ranges, in one pass (a single tile of ranges up to 256 of
         them, else rescaled online as the split kernel does): ranges past the length carry a -inf max and weigh 0;
         the first range always holds key 0, so the overall max is finite."""
-        _after_previous(PDL)
         row, head = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, DIM_P)
         top = -float("inf")
