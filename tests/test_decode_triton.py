@@ -357,10 +357,14 @@ def test_model_decodes_alike_with_and_without_kernels(monkeypatch, mode, batch):
     assert len(gemvs) == (7 + (batch == 1)) * (config.num_hidden_layers * 4 + 1)
     assert [args[1].shape for args in gemvs[4 * config.num_hidden_layers::4 * config.num_hidden_layers + 1]] == [
         model.lm_head.weight.shape] * (7 + (batch == 1))
-    # (swiglu, norm, residual, the module's split counters)
-    fused = [(args[2], args[3] is not None, args[5] is not None, args[6] is not None) for args in gemvs[:4]]
-    assert fused == [(False, True, False, True), (False, False, True, True), (False, True, False, True),
-                     (True, False, True, True)]
+    # (swiglu, norm, residual, the module's split counters, swiglu_out) of the first step's four per layer: at
+    # several rows (batch 1's prefill, batch 2's steps) SwiGLU's activation follows gate|up, at one it precedes down
+    fused = [[(args[2], args[3] is not None, args[5] is not None, args[6] is not None, args[7]) for args in calls]
+             for calls in (gemvs[:4], gemvs[4 * config.num_hidden_layers + 1:][:4] if batch == 1 else [])]
+    assert fused[0] == [(False, True, False, True, False), (False, False, True, True, False),
+                        (False, True, False, True, True), (False, False, True, True, False)]
+    assert fused[1] == ([(False, True, False, True, False), (False, False, True, True, False),
+                         (False, True, False, True, False), (True, False, True, True, False)] if batch == 1 else [])
     assert all(int(m.split_tickets.abs().sum()) == 0 for m in model.modules() if hasattr(m, "split_tickets"))
     torch.testing.assert_close(logits[0], logits[1], atol=2e-2, rtol=2e-2)
     for ours, theirs in zip(caches[0].layers, caches[1].layers):
@@ -461,6 +465,37 @@ def test_rows_kernel_is_the_fused_linear(monkeypatch, rows, n, k, swiglu, split)
     torch.testing.assert_close(got.double().cpu(), expected, atol=4e-3, rtol=4e-3)
 
 
+@pytest.mark.parametrize("rows, n, k", [(1, 48, 64), (2, 48, 64), (5, 74, 700), (32, 400, 300)])
+@pytest.mark.parametrize("split", [False, True])
+def test_linear_kernel_applies_swiglu_to_its_output(monkeypatch, rows, n, k, split):
+    """``linear_by_kernel(..., swiglu_out=True)``: the RMSNorm, the product with a ``[gate | up]`` weight and
+    ``silu(gate) * up`` of its output, against float64 (the product rounded to the model dtype before the
+    activation, as the eager MLP rounds it) and against the plain product followed by torch's activation. Output
+    feature counts that are not whole blocks (of ``BLOCK_N / 2`` features each), split and not; one row is the GEMV
+    followed by torch's activation."""
+    for name in ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"):
+        monkeypatch.setattr(decode_triton, name, (32, 64, 2, 4))
+    gen = torch.Generator().manual_seed(rows * n + k)
+    w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
+    x = (3 * torch.randn(rows, 1, k, generator=gen)).half()
+    norm = (1 + 0.3 * torch.randn(k, generator=gen)).half()
+    tickets = torch.zeros(16, dtype=torch.int32, device=DEVICE) if split else None
+    fused = dict(norm=norm.to(DEVICE), eps=1e-5, tickets=tickets)
+    got = decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu_out=True, **fused)
+    assert got.shape == (rows, 1, n // 2) and got.dtype == torch.float16
+    if split:
+        assert int(tickets.abs().sum()) == 0
+    gate, up = decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), **fused).chunk(2, -1)
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, rtol=1e-3, atol=1e-3)
+    h = x.double()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.double()
+    gate, up = torch.nn.functional.linear(h, w.double()).half().double().chunk(2, -1)
+    expected = torch.nn.functional.silu(gate).half().double() * up
+    torch.testing.assert_close(got.double().cpu(), expected, atol=4e-3, rtol=4e-3)
+    with pytest.raises(ValueError, match="swiglu_out=True takes neither"):
+        decode_triton.linear_by_kernel(x.to(DEVICE), w.to(DEVICE), swiglu_out=True, residual=x.to(DEVICE))
+
+
 def test_append_kernel_names_a_strided_cache_buffer():
     keys = torch.zeros(1, 1, 8, 32, dtype=torch.float16)[..., ::2]  # last stride 2
     row = torch.zeros(1, 1, 16, dtype=torch.float16)
@@ -486,7 +521,9 @@ def test_kernels_are_custom_ops_with_their_mutations(monkeypatch):
     w = torch.randn(70, 64, generator=gen).half().to(DEVICE)
     cases = [
         (decode_triton._LINEAR_OP, (x, w, False, None, 0.0, torch.randn_like(x[..., :1]).expand(3, 1, 70).contiguous(),
-                                    torch.zeros(8, dtype=torch.int32, device=DEVICE))),
+                                    torch.zeros(8, dtype=torch.int32, device=DEVICE), False)),
+        (decode_triton._LINEAR_OP, (x, w, False, torch.ones_like(x[0, 0]), 1e-5, None,
+                                    torch.zeros(8, dtype=torch.int32, device=DEVICE), True)),  # 35 features
         (decode_triton._APPEND_OP, (q, k, v, cos, sin, *cache, layer.tickets, bs)),
         (decode_triton._SPARSE_APPEND_OP, (q, k, v, cos, sin, layer.tickets, *cache, gate, *selection)),
         (decode_triton._SPARSE_OP, (rotated, *cache[:3], layer.cumulative_length, None, *selection)),

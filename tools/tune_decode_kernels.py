@@ -220,8 +220,8 @@ def main(argv=None) -> int:
 
 def tune_gemv(args, decode_triton, bench) -> None:
     """The ``gemv`` sweep: each decoder-layer weight at ``--gemv-rows`` rows with what the layer fuses into its
-    product (the RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down),
-    and the LM head, against cuBLAS with the same operations around it as separate kernels; each sweeps the
+    product (the RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down:
+    at more than one row, after gate|up instead, as the MLP launches them), and the LM head, against cuBLAS with the same operations around it as separate kernels; each sweeps the
     constants its launch reads (one row: the GEMV's setting; more: the multi-row kernel's and ``ROWS_PROGRAMS``)."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
@@ -242,27 +242,34 @@ def tune_gemv(args, decode_triton, bench) -> None:
     for rows in args.gemv_rows:
         for name in args.gemv_weights:
             n, k, norm, swiglu, residual = weights[name]
+            swiglu_out = rows > 1 and name.startswith("gate|up")  # the MLP's activation, where it runs at these rows
+            swiglu = swiglu and rows == 1
             w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()
             x = torch.randn(rows, 2 * k if swiglu else k, device="cuda").bfloat16()
             fused = dict(norm=(1 + 0.1 * torch.randn(k, device="cuda")).bfloat16() if norm else None, eps=1e-5,
                          residual=torch.randn(rows, n, device="cuda").bfloat16() if residual else None,
                          tickets=tickets if name != "lm_head" else None)
 
-            def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"]):
+            def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"], swiglu_out=swiglu_out):
                 if norm is not None:
                     x = f.rms_norm(x, (k,), norm, 1e-5)
                 if swiglu:
                     gate, up = x.chunk(2, -1)
                     x = f.silu(gate) * up
                 out = f.linear(x, w)
+                if swiglu_out:
+                    gate, up = out.chunk(2, -1)
+                    out = f.silu(gate) * up
                 return out if residual is None else residual + out
 
             copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]
             expected = cublas(w).float()
+            fused["swiglu_out"] = swiglu_out
             diff = float((decode_triton.linear_by_kernel(x, w, swiglu, **fused).float() - expected).abs().max()
                          / expected.abs().max())
             cublas_us = bench(lambda: [cublas(wi) for wi in copies]) / len(copies)
-            label = f"gemv {name}, {rows} row{'s' * (rows > 1)}"
+            what = " (SwiGLU after)" if swiglu_out else " (no SwiGLU)" if rows > 1 and "SwiGLU" in name else ""
+            label = f"gemv {name}{what}, {rows} row{'s' * (rows > 1)}"
             print(f"{label} {n}x{k}: {len(copies)} weight copies; cuBLAS and separate kernels {cublas_us:.2f} us per "
                   f"call; largest |kernel - cuBLAS| / max |cuBLAS| {diff:.1e} (the defaults)", flush=True)
             if rows == 1:

@@ -55,7 +55,8 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4, num_stages=2, floats=
 def decode_rows(dt):
     """The decode projections (ssa_megatron/hf/decode_triton.py) as a 1B decode step launches them: the GEMV at one
     row and the multi-row kernel at 32 (``_rows_launch``, with the fused modules' counters; the LM head has none),
-    each weight with what the decoder layer fuses into it."""
+    each weight with what the decoder layer fuses into it (SwiGLU's activation: before down at one row, after
+    gate|up at 32)."""
     from ssa_megatron.hf import decode_triton as DT
 
     rows = []
@@ -70,7 +71,10 @@ def decode_rows(dt):
         info = compile_kernel(DT._gemv_kernel, ptr, dict(**flags, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages), nw,
                               floats=("eps",), ints16=("n", "k", "w_sn"))
         rows.append((f"decode gemv {name}", info))
-        (bn, bk, stages, nw), blocks, splits, span = DT._rows_launch(n, k, norm, DT.SPLIT_TICKETS if tickets else 0)
+        # at more rows the MLP's activation follows gate|up instead of preceding down
+        flags.update(SWIGLU=False, SWIGLU_OUT=name.startswith("gate|up"))
+        (bn, bk, stages, nw), blocks, splits, span = DT._rows_launch(n, k, norm, DT.SPLIT_TICKETS if tickets else 0,
+                                                                     flags["SWIGLU_OUT"])
         split = splits > 1  # unsplit launches pass the input for the buffers they never touch
         ptr.update({p: "*fp32" if split else dt for p in ("partial_ptr", "squares_ptr")},
                    tickets_ptr="*i32" if split else dt)

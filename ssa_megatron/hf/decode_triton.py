@@ -393,12 +393,14 @@ def _rows_setting(k: int, norm: bool) -> tuple[int, int, int, int]:
     return ROWS_SETTING_LONG if k >= GEMV_LONG_K else ROWS_SETTING_NORM if norm else ROWS_SETTING
 
 
-def _rows_launch(n: int, k: int, norm: bool, tickets: int) -> tuple[tuple[int, int, int, int], int, int, int]:
+def _rows_launch(n: int, k: int, norm: bool, tickets: int,
+                 swiglu_out: bool = False) -> tuple[tuple[int, int, int, int], int, int, int]:
     """The multi-row product's launch for an ``[n, k]`` weight, with the RMSNorm fused in or not, given ``tickets``
-    counters (0: none): its setting, output blocks, programs per block (splits) and input features per program."""
+    counters (0: none), with SwiGLU's activation on its output or not: its setting, output blocks, programs per
+    block (splits) and input features per program."""
     setting = _rows_setting(k, norm)
     block_n, block_k = setting[:2]
-    blocks, splits = triton.cdiv(n, block_n), 1
+    blocks, splits = triton.cdiv(n // 2, block_n // 2) if swiglu_out else triton.cdiv(n, block_n), 1
     if blocks <= tickets:
         splits = max(1, min(ROWS_PROGRAMS // blocks, triton.cdiv(k, block_k)))
     span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
@@ -416,7 +418,8 @@ def use_linear_kernel(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool
 
 
 def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tensor | None = None,
-                     eps: float = 0.0, residual: Tensor | None = None, tickets: Tensor | None = None) -> Tensor:
+                     eps: float = 0.0, residual: Tensor | None = None, tickets: Tensor | None = None,
+                     swiglu_out: bool = False) -> Tensor:
     """``residual + rms_norm(x) @ weight [N, K]^T`` for the rows of ``x [..., K]`` (at most ``ROWS_MAX``), in ``x``'s
     dtype with float32 sums, as one kernel. Every part but the product is optional:
 
@@ -426,6 +429,11 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     - ``swiglu``: ``x`` holds ``[gate | up]`` (2K features) and the input is ``silu(gate) * up``, each rounded to
       ``x``'s dtype as the eager operations round it: Llama's MLP with its activation fused in.
     - ``residual [..., N]``: added to the product rounded to ``x``'s dtype, as the decoder layer adds it.
+    - ``swiglu_out`` (without ``swiglu`` or ``residual``): ``weight`` holds the rows ``[gate | up]`` and the output
+      is ``silu(gate) * up`` (``N / 2`` features), rounded as ``swiglu``'s input is. At two rows or more the
+      multi-row kernel applies it to its output (each program's block holds the gate and up rows of the same
+      features), so that the down projection's input goes from memory to the tensor cores with no pass through
+      registers; one row is the GEMV, then the activation in torch (the MLP uses ``swiglu`` there instead).
 
     So a decoder layer's norms and residual additions run inside its projections, where a compiled step launched
     a kernel for each.
@@ -445,18 +453,24 @@ def linear_by_kernel(x: Tensor, weight: Tensor, swiglu: bool = False, norm: Tens
     the programs' order. Without ``tickets`` a block is one program. At 32 rows of the 1B shape on an H200 the four
     decoder products took 53.8 us per layer with their norms, activation and residuals, where cuBLAS and separate
     kernels took 64.0; a batch-32 decode step launches 123 kernels instead of 254 (docs/benchmarks.md, session 13)."""
+    if swiglu_out and (swiglu or residual is not None):
+        raise ValueError("linear_by_kernel: swiglu_out=True takes neither swiglu=True nor a residual (the MLP's "
+                         "gate|up product has neither)")
     if _LINEAR_OP is None or not torch.compiler.is_compiling():
-        return _linear(x, weight, swiglu, norm, eps, residual, tickets)
+        return _linear(x, weight, swiglu, norm, eps, residual, tickets, swiglu_out)
     if tickets is None:  # the op's mutated argument is a tensor: an empty one for none
         tickets = torch.empty(0, device=x.device, dtype=torch.int32)
-    return _LINEAR_OP(x, weight, swiglu, norm, eps, residual, tickets)
+    return _LINEAR_OP(x, weight, swiglu, norm, eps, residual, tickets, swiglu_out)
 
 
 def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: float, residual: Tensor | None,
-            tickets: Tensor) -> Tensor:
+            tickets: Tensor, swiglu_out: bool) -> Tensor:
     """:func:`linear_by_kernel`, with its arguments all given (``tickets`` empty or None for none)."""
     n, k = weight.shape
-    out = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    if swiglu_out and x.numel() == x.shape[-1]:  # one row: the GEMV, then the activation as eager computes it
+        gate, up = _linear(x, weight, False, norm, eps, None, tickets, False).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    out = torch.empty(*x.shape[:-1], n // 2 if swiglu_out else n, device=x.device, dtype=x.dtype)
     x = x.reshape(-1, x.shape[-1]).contiguous()  # unit strides (a copy only where x has others)
     norm_ptr = norm.contiguous() if norm is not None else x  # x stands in where the kernel never reads
     res_ptr = residual.reshape(-1, n).contiguous() if residual is not None else x
@@ -468,7 +482,7 @@ def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: f
             RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
         return out
     (block_n, block_k, stages, warps), blocks, splits, span = _rows_launch(
-        n, k, norm is not None, tickets.numel() if tickets is not None else 0)
+        n, k, norm is not None, tickets.numel() if tickets is not None else 0, swiglu_out)
     block_m, split = _padded(m), splits > 1
     # Without a split, x stands in for the buffers the kernel then never touches: an output tensor passed twice would
     # look, to a compiled step's functionalisation, like two outputs written.
@@ -476,13 +490,14 @@ def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: f
     squares = torch.empty(blocks, splits, block_m, device=x.device, dtype=torch.float32) if split else x
     _rows_kernel[(blocks, splits)](
         x, weight, out, norm_ptr, res_ptr, partial, squares, tickets if split else x, m, n, k, span,
-        weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None, SPLITS=splits,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        weight.stride(0), eps, SWIGLU=swiglu, NORM=norm is not None, RESIDUAL=residual is not None,
+        SWIGLU_OUT=swiglu_out, SPLITS=splits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        num_warps=warps)
     return out
 
 
 _LINEAR_OP = _custom_op("linear", _linear, ("tickets",),
-                        lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0]))
+                        lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0] // (1 + rest[-1])))
 
 
 FULL_BLOCK_N = 128
@@ -591,13 +606,20 @@ if triton is not None:
     @triton.jit
     def _rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, partial_ptr, squares_ptr, tickets_ptr, m, n, k, span,
                      w_sn, eps, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     SWIGLU_OUT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # The transposed product, weight [BLOCK_N, BLOCK_K] times input [BLOCK_K, BLOCK_M]: the weight is tl.dot's
         # first operand, whose 64 rows or more let Hopper's wgmma run it from shared memory, as cp.async fills it.
         block, split = tl.program_id(0), tl.program_id(1)
         rows = tl.arange(0, BLOCK_M)
-        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SWIGLU_OUT:  # weight [gate | up] (n = 2F): the gate rows of BLOCK_N / 2 features, then their up rows
+            r = tl.arange(0, BLOCK_N)
+            feature = block * (BLOCK_N // 2) + r % (BLOCK_N // 2)
+            cols = tl.where(r < BLOCK_N // 2, feature, feature + n // 2)
+            valid = feature < n // 2
+        else:
+            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = cols < n
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         squares = tl.zeros((BLOCK_M,), tl.float32)  # the norm's sums of squares over this program's features
         start = split * span
@@ -616,17 +638,19 @@ if triton is not None:
                 squares += tl.sum(xf * xf, 0)
                 x = (xf * tl.load(norm_ptr + feats, mask=inside, other=0.0).to(tl.float32)[:, None]).to(
                     x_ptr.dtype.element_ty)
-            w = tl.load(w_ptr + cols[:, None] * w_sn + feats[None, :], mask=(cols < n)[:, None] & inside[None, :],
+            w = tl.load(w_ptr + cols[:, None] * w_sn + feats[None, :], mask=valid[:, None] & inside[None, :],
                         other=0.0, eviction_policy="evict_first")  # read once per step
             acc = tl.dot(w, x, acc)
         if SPLITS > 1:
             acc, squares, last = _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows,
-                                             cols, SPLITS, BLOCK_M, BLOCK_N)
+                                             SPLITS, BLOCK_M, BLOCK_N)
             if last:
-                _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
+                _finish_rows(acc, squares, out_ptr, res_ptr, rows, block, m, n, k, eps, NORM, RESIDUAL, SWIGLU_OUT,
+                             BLOCK_M, BLOCK_N)
                 tl.store(tickets_ptr + block, 0)  # for the next launch
         else:
-            _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM, RESIDUAL)
+            _finish_rows(acc, squares, out_ptr, res_ptr, rows, block, m, n, k, eps, NORM, RESIDUAL, SWIGLU_OUT,
+                         BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _swiglu(gate, up, dtype: tl.constexpr):
@@ -636,14 +660,15 @@ if triton is not None:
         return (act * up.to(tl.float32)).to(dtype)
 
     @triton.jit
-    def _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows, cols,
-                    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _sum_splits(acc, squares, partial_ptr, squares_ptr, tickets_ptr, block, split, rows, SPLITS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Split-K's reduction: stores this program's float32 sums and takes the block's ticket. The block's last
         program to take it (``last``) gets the sums of all its ``SPLITS`` programs, added in split order so that the
         result does not depend on the programs' order; it is then to finish the block and reset the ticket. The
         loop is unrolled (``SPLITS`` a constant), so that its loads are all in flight at once rather than one L2
         round trip each."""
         width = tl.num_programs(0) * BLOCK_N  # the partial sums' row: every block's columns
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         tl.store(partial_ptr + (split * BLOCK_M + rows)[None, :] * width + cols[:, None], acc)
         tl.store(squares_ptr + (block * SPLITS + split) * BLOCK_M + rows, squares)
         tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
@@ -658,17 +683,29 @@ if triton is not None:
         return acc, squares, last
 
     @triton.jit
-    def _finish_rows(acc, squares, out_ptr, res_ptr, rows, cols, m, n, k, eps, NORM: tl.constexpr,
-                     RESIDUAL: tl.constexpr):
-        """The multi-row product's ``[BLOCK_N, BLOCK_M]`` block (output features by rows) from its float32 sums: the
-        norm's ``1 / rms``, the residual, the store."""
-        mask = (cols < n)[:, None] & (rows < m)[None, :]
+    def _finish_rows(acc, squares, out_ptr, res_ptr, rows, block, m, n, k, eps, NORM: tl.constexpr,
+                     RESIDUAL: tl.constexpr, SWIGLU_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """Block ``block`` of the multi-row product (``[BLOCK_N, BLOCK_M]``, output features by rows) from its
+        float32 sums: the norm's ``1 / rms``; with ``SWIGLU_OUT`` the activation of its gate and up halves (each
+        rounded to the output dtype first, as the product's output is rounded before the eager activation), which
+        leaves ``BLOCK_N / 2`` features of ``n / 2``; the residual; the store."""
+        dtype = out_ptr.dtype.element_ty
         if NORM:
             acc *= tl.math.rsqrt(squares / k + eps)[None, :]
+        if SWIGLU_OUT:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N // 2, BLOCK_M)), (1, 2, 0)))
+            acc = _swiglu(gate.to(dtype).to(tl.float32), up.to(dtype), dtype).to(tl.float32)
+            cols = block * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            width = n // 2
+        else:
+            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            width = n
+        mask = (cols < width)[:, None] & (rows < m)[None, :]
         if RESIDUAL:
-            acc = (tl.load(res_ptr + rows[None, :] * n + cols[:, None], mask=mask, other=0.0).to(tl.float32)
-                   + acc.to(out_ptr.dtype.element_ty).to(tl.float32))
-        tl.store(out_ptr + rows[None, :] * n + cols[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = (tl.load(res_ptr + rows[None, :] * width + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+                   + acc.to(dtype).to(tl.float32))
+        tl.store(out_ptr + rows[None, :] * width + cols[:, None], acc.to(dtype), mask=mask)
 
     @triton.jit
     def _rotated(x_ptr, rows, row_mask, d, cos, sin, D: tl.constexpr):

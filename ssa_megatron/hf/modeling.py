@@ -185,23 +185,28 @@ class FusedProjections:
 
 
 def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False, norm: nn.Module | None = None,
-             residual: torch.Tensor | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + linear(act(norm(x)))``, each part but ``linear`` optional: ``norm`` a module applied first,
-    ``swiglu`` the activation ``silu(gate) * up`` of ``x = [gate | up]``, ``residual`` added last. For a decode
-    step's rows (up to ``decode_triton.ROWS_MAX``) on CUDA in bf16/fp16 with no gradient, and a Llama RMSNorm, all
-    of it is one kernel of ``decode_triton.py`` (``tickets``: its split blocks' counters), which reads the weight
-    faster than cuBLAS does at so few rows; elsewhere the eager operations, in that order."""
+             residual: torch.Tensor | None = None, tickets: torch.Tensor | None = None,
+             swiglu_out: bool = False) -> torch.Tensor:
+    """``residual + act_out(linear(act(norm(x))))``, each part but ``linear`` optional: ``norm`` a module applied
+    first, ``swiglu`` the activation ``silu(gate) * up`` of ``x = [gate | up]``, ``swiglu_out`` the same activation
+    of the output (a ``[gate | up]`` weight), ``residual`` added last. For a decode step's rows (up to
+    ``decode_triton.ROWS_MAX``) on CUDA in bf16/fp16 with no gradient, and a Llama RMSNorm, all of it is one kernel
+    of ``decode_triton.py`` (``tickets``: its split blocks' counters), which reads the weight faster than cuBLAS does
+    at so few rows; elsewhere the eager operations, in that order."""
     rms = norm is not None and type(norm) is LlamaRMSNorm
     if (linear.bias is None and (norm is None or rms)
             and use_linear_kernel(x, linear.weight, norm.weight if rms else None, residual)):
         return linear_by_kernel(x, linear.weight, swiglu, norm.weight if rms else None,
-                                norm.variance_epsilon if rms else 0.0, residual, tickets)
+                                norm.variance_epsilon if rms else 0.0, residual, tickets, swiglu_out)
     if norm is not None:
         x = norm(x)
     if swiglu:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
     out = linear(x)
+    if swiglu_out:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
     return out if residual is None else residual + out
 
 
@@ -336,9 +341,16 @@ class SSALlamaMLP(FusedProjections, LlamaMLP):
         if self.gate_up_proj is None:
             out = super().forward(norm(x) if norm is not None else x)
             return out if residual is None else residual + out
+        if self.config.hidden_act == "silu":
+            # SwiGLU inside the kernels: at one row the down projection's GEMV applies the activation to its input;
+            # at more, the gate|up product to its output, so that the down product's input goes to the tensor cores
+            # as loaded (decode_triton.linear_by_kernel's swiglu_out). The same operations either way.
+            if x.numel() == x.shape[-1]:
+                gate_up = _project(self.gate_up_proj, x, norm=norm, tickets=self.split_tickets)
+                return _project(self.down_proj, gate_up, swiglu=True, residual=residual, tickets=self.split_tickets)
+            act = _project(self.gate_up_proj, x, norm=norm, tickets=self.split_tickets, swiglu_out=True)
+            return _project(self.down_proj, act, residual=residual, tickets=self.split_tickets)
         gate_up = _project(self.gate_up_proj, x, norm=norm, tickets=self.split_tickets)
-        if self.config.hidden_act == "silu":  # SwiGLU: the down projection's kernel applies the activation itself
-            return _project(self.down_proj, gate_up, swiglu=True, residual=residual, tickets=self.split_tickets)
         gate, up = gate_up.chunk(2, dim=-1)
         return _project(self.down_proj, self.act_fn(gate) * up, residual=residual, tickets=self.split_tickets)
 
