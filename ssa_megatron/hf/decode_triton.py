@@ -496,8 +496,13 @@ def _linear(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: f
     return out
 
 
-_LINEAR_OP = _custom_op("linear", _linear, ("tickets",),
-                        lambda x, weight, *rest: x.new_empty(*x.shape[:-1], weight.shape[0] // (1 + rest[-1])))
+def _linear_like(x: Tensor, weight: Tensor, swiglu: bool, norm: Tensor | None, eps: float,
+                 residual: Tensor | None, tickets: Tensor, swiglu_out: bool) -> Tensor:
+    """The linear custom op's output without its data."""
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if swiglu_out else weight.shape[0])
+
+
+_LINEAR_OP = _custom_op("linear", _linear, ("tickets",), _linear_like)
 
 
 FULL_BLOCK_N = 128
