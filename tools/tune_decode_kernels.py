@@ -221,8 +221,9 @@ def main(argv=None) -> int:
 def tune_gemv(args, decode_triton, bench) -> None:
     """The ``gemv`` sweep: each decoder-layer weight at ``--gemv-rows`` rows with what the layer fuses into its
     product (the RMSNorm before q|k|v|g and gate|up, the residual after o and down, SwiGLU's activation before down:
-    at more than one row, after gate|up instead, as the MLP launches them), and the LM head, against cuBLAS with the same operations around it as separate kernels; each sweeps the
-    constants its launch reads (one row: the GEMV's setting; more: the multi-row kernel's and ``ROWS_PROGRAMS``)."""
+    at more than one row, after gate|up instead, as the MLP launches them), and the LM head, against cuBLAS with the
+    same operations around it as separate kernels; each sweeps the constants its launch reads (one row: the GEMV's
+    setting; more: the multi-row kernel's and ``ROWS_PROGRAMS``)."""
     f = torch.nn.functional
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
     weights = {  # name: (N, K, fused norm, SwiGLU, fused residual)

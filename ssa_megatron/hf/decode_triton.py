@@ -140,9 +140,9 @@ def _custom_op(name: str, impl, mutates_args: tuple[str, ...], fake):
     """``impl`` registered as the custom op ``name``, which a compiled decode step calls in place of tracing its
     kernels: Inductor then neither lowers nor re-generates them, which took most of a step's compilation (at batch
     32 its first steps took 19 and 12 s instead of 39 and 66 s in full and sparse mode, with the same step time;
-    docs/benchmarks.md, session 14, run BL). A second load of this file under the same module name registers them again,
-    in place of the first (torch allows it). None where torch has no ``custom_op`` or registering fails: a compiled
-    step then traces the kernels."""
+    docs/benchmarks.md, session 14, run BL). A second load of this file under the same module name registers them
+    again, in place of the first (torch allows it). None where torch has no ``custom_op`` or registering fails: a
+    compiled step then traces the kernels."""
     if triton is None or not hasattr(torch.library, "custom_op"):
         return None
     try:
