@@ -550,3 +550,27 @@ def test_a_compiled_step_calls_the_custom_op():
     step = torch.compile(lambda x, w: decode_triton.linear_by_kernel(x, w), backend=backend, fullgraph=True)
     assert torch.equal(step(x, w), decode_triton.linear_by_kernel(x, w))
     assert any(target.startswith(decode_triton._OP_NAMESPACE) and "linear" in target for target in targets), targets
+
+
+def test_a_compiled_step_writes_the_cache_through_the_op():
+    """Compiled (AOT autograd's functionalisation, as Inductor receives the graph), a sparse step with the append
+    still writes the token into the cache buffers, advances the length and leaves the tickets at zero, as the eager
+    call does on a copy of the same cache; the attention output is the eager one, bit for bit (the same kernels)."""
+    gen = torch.Generator().manual_seed(11)
+    b, hq, hkv, d, bs, cached = 2, 8, 2, 16, 16, 47  # the token completes a block: its pooled key is written too
+    config = SimpleNamespace(ssa_block_size=bs, ssa_top_k=2, ssa_sink_blocks=1, ssa_local_blocks=0,
+                             ssa_score="group_softmax")
+    compiled, eager = _static_layers(2, b, hkv, d, bs, cached, torch.float16, gen)
+    q, k, v, gate, cos, sin = _new_token(b, hq, hkv, d, hq, torch.float16, gen)
+
+    def step(layer):
+        return decode_triton.sparse_attend_by_kernels(q, layer.keys, layer.values, layer.pooled,
+                                                      layer.cumulative_length, config, 0.25, gate,
+                                                      append=(k, v, cos, sin, layer.tickets))
+
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(compiled)
+    assert torch.equal(got, step(eager))
+    for name in ("keys", "values", "pooled"):
+        assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
+    assert int(compiled.cumulative_length) == int(eager.cumulative_length) == cached + 1
+    assert int(compiled.tickets) == 0
