@@ -430,17 +430,22 @@ def test_linear_kernel_only_for_a_decode_steps_rows_without_gradient():
             torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True), w)
 
 
+@pytest.fixture
+def small_rows_settings(monkeypatch):
+    """The multi-row product's settings shrunk, so that small shapes make several blocks and steps."""
+    for name in ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"):
+        monkeypatch.setattr(decode_triton, name, (32, 64, 2, 4))
+
+
 @pytest.mark.parametrize("rows, n, k", [(2, 24, 64), (5, 37, 700), (32, 200, 300), (3, 70, 1100)])
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("split", [False, True])
-def test_rows_kernel_is_the_fused_linear(monkeypatch, rows, n, k, swiglu, split):
+def test_rows_kernel_is_the_fused_linear(small_rows_settings, rows, n, k, swiglu, split):
     """``linear_by_kernel`` at several rows (``_rows_kernel``) against the float64 norm, product and addition, as
     the decoder layer fuses them (without SwiGLU: the RMSNorm first; with it: the residual last). Output features
     that are not whole blocks, input features that are not whole steps; with ``tickets``, each block split over
     several programs whose last adds the partial sums, in a fixed order (a second call is bitwise equal) and leaves
     the counters at zero. The settings are shrunk so that the small shapes make several blocks and steps."""
-    for name in ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"):
-        monkeypatch.setattr(decode_triton, name, (32, 64, 2, 4))
     gen = torch.Generator().manual_seed(rows * n + k)
     w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
     x = (3 * torch.randn(rows, 1, 2 * k if swiglu else k, generator=gen)).half()
@@ -467,14 +472,12 @@ def test_rows_kernel_is_the_fused_linear(monkeypatch, rows, n, k, swiglu, split)
 
 @pytest.mark.parametrize("rows, n, k", [(1, 48, 64), (2, 48, 64), (5, 74, 700), (32, 400, 300)])
 @pytest.mark.parametrize("split", [False, True])
-def test_linear_kernel_applies_swiglu_to_its_output(monkeypatch, rows, n, k, split):
+def test_linear_kernel_applies_swiglu_to_its_output(small_rows_settings, rows, n, k, split):
     """``linear_by_kernel(..., swiglu_out=True)``: the RMSNorm, the product with a ``[gate | up]`` weight and
     ``silu(gate) * up`` of its output, against float64 (the product rounded to the model dtype before the
     activation, as the eager MLP rounds it) and against the plain product followed by torch's activation. Output
     feature counts that are not whole blocks (of ``BLOCK_N / 2`` features each), split and not; one row is the GEMV
     followed by torch's activation."""
-    for name in ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"):
-        monkeypatch.setattr(decode_triton, name, (32, 64, 2, 4))
     gen = torch.Generator().manual_seed(rows * n + k)
     w = (torch.randn(n, k, generator=gen) / k ** 0.5).half()
     x = (3 * torch.randn(rows, 1, k, generator=gen)).half()

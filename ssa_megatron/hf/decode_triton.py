@@ -63,7 +63,6 @@ triton is missing, and :func:`use_kernels` then says no.
 from __future__ import annotations
 
 import collections
-import functools
 import re
 
 import torch
@@ -401,7 +400,8 @@ def _rows_launch(n: int, k: int, norm: bool, tickets: int,
     block (splits) and input features per program."""
     setting = _rows_setting(k, norm)
     block_n, block_k = setting[:2]
-    blocks, splits = triton.cdiv(n // 2, block_n // 2) if swiglu_out else triton.cdiv(n, block_n), 1
+    blocks = triton.cdiv(n // 2, block_n // 2) if swiglu_out else triton.cdiv(n, block_n)
+    splits = 1
     if blocks <= tickets:
         splits = max(1, min(ROWS_PROGRAMS // blocks, triton.cdiv(k, block_k)))
     span = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k

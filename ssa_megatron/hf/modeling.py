@@ -201,13 +201,17 @@ def _project(linear: nn.Linear, x: torch.Tensor, swiglu: bool = False, norm: nn.
     if norm is not None:
         x = norm(x)
     if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+        x = _silu_and_mul(x)
     out = linear(x)
     if swiglu_out:
-        gate, up = out.chunk(2, dim=-1)
-        out = F.silu(gate) * up
+        out = _silu_and_mul(out)
     return out if residual is None else residual + out
+
+
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation ``silu(gate) * up`` of ``x = [gate | up]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def _reorder(modules: dict, order: list[str]) -> None:
