@@ -2,11 +2,11 @@
 cache's one-token update, and at batch 1 the decoder layers' projections with their norms and residual additions.
 Sparse mode: the block selection and the attention over the selected blocks in three kernels
 (:func:`sparse_attend_by_kernels`, what :func:`decoding.sparse_decode` computes, with the scores never leaving
-float32 and the top-k done in the same passes; on a static cache the first also appends the new token, what
-:func:`decoding.append_and_attend` runs), or the selection alone (:func:`select_by_kernels`, what
-:func:`decoding.select_decode_blocks` computes, also three kernels). Full mode on a static cache: split-KV
-attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what :func:`decoding.full_decode` computes
-with FlexAttention elsewhere).
+float32 and the top-k done in the same passes; on a static cache the first also appends the new token and the last
+advances the length, what :func:`decoding.append_and_attend` runs), or the selection alone
+(:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, also three kernels). Full mode on
+a static cache: split-KV attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what
+:func:`decoding.full_decode` computes with FlexAttention elsewhere).
 
 Why kernels: compiled by Inductor, the same selection is a scoring GEMM, a memset cuBLAS adds before it, a
 softmax-statistics reduction, a group-sum reduction and three sort rounds per layer, 7-8 launches whose tuned
@@ -163,17 +163,18 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
     """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
     tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
     keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection. With
-    ``append = (k, v, cos, sin, rotated, keys, values, tickets)`` (:func:`_new_token`'s tensors and the cache's),
-    ``q`` is unrotated, the token at position ``length``, and kernel 1 also appends it, as
-    :func:`append_by_kernels` does, writing the rotated query into ``rotated``: one more program per row does that
-    while the others score (each rotating the queries for itself), so the append adds no time to the scoring's."""
+    ``append = (k, v, cos, sin, rotated, keys, values)`` (:func:`_new_token`'s tensors and the cache's), ``q`` is
+    unrotated, the token at position ``length``, and kernel 1 also appends it, as :func:`append_by_kernels` does
+    but for the length, which the attention kernel advances (:func:`_sparse_attention`), writing the rotated query
+    into ``rotated``: one more program per row does that while the others score (each rotating the queries for
+    itself), so the append adds no time to the scoring's."""
     b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
     if append is None:
-        append_args = [q] * 8 + [0] * 11  # never read
+        append_args = [q] * 7 + [0] * 11  # never read
     else:
-        k, v, cos, sin, rotated, keys, values, tickets = append
-        append_args = [k, v, cos, sin, keys, values, tickets, rotated, k.stride(0), v.stride(0), _stride0(cos),
+        k, v, cos, sin, rotated, keys, values = append
+        append_args = [k, v, cos, sin, keys, values, rotated, k.stride(0), v.stride(0), _stride0(cos),
                        _stride0(sin), *keys.stride()[:3], *values.stride()[:3], keys.shape[2]]
     g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
@@ -190,9 +191,9 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
         BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
-        SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k,
-        TOP_K_P=_top_k_length(top_k), CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p,
-        BLOCK_N=BLOCK_N, SOFTMAX=softmax, num_warps=_top_k_warps(rows * chunks))
+        SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
+        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax,
+        PENDING=append is not None, num_warps=_top_k_warps(rows * chunks))
     return survivors
 
 
@@ -219,9 +220,10 @@ def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Te
     survivors' ``top_k`` largest itself.
 
     With ``append = (k, v, cos, sin, tickets)``, the token is not in the cache yet: ``q [b, 1, HQ·D]`` and
-    ``k``/``v [b, 1, HKV·D]`` are the unrotated projections, and the first kernel also does what
-    :func:`append_by_kernels` does (into ``keys``, ``values``, ``pooled``, ``length``): a decode step's RoPE, cache
-    update and attention in three kernels, where the append kernel made four."""
+    ``k``/``v [b, 1, HKV·D]`` are the unrotated projections; the first kernel also does what
+    :func:`append_by_kernels` does to ``keys``, ``values`` and ``pooled``, and the attention kernel advances
+    ``length`` (counted in ``tickets``): a decode step's RoPE, cache update and attention in three kernels, where the
+    append kernel made four."""
     selection = (scale, config.ssa_block_size, config.ssa_top_k, config.ssa_sink_blocks, config.ssa_local_blocks,
                  config.ssa_score)
     if append is None:
@@ -253,24 +255,29 @@ def _sparse_append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, ti
     b, d = q.shape[0], keys.shape[-1]
     q, k, v, cos, sin, rotated = _new_token(q, k, v, cos, sin, keys, values, pooled)
     survivors = _chunk_survivors(q.view(b, -1, d), pooled, length, config, scale,
-                                 (k, v, cos, sin, rotated, keys, values, tickets))
-    return _sparse_attention(rotated, keys, values, survivors, length, gate, scale, config)  # rotated by kernel 1
+                                 (k, v, cos, sin, rotated, keys, values))
+    return _sparse_attention(rotated, keys, values, survivors, length, gate, scale, config,
+                             tickets)  # rotated by kernel 1
 
 
 def _sparse_attention(q: Tensor, keys: Tensor, values: Tensor, survivors: Tensor, length: Tensor,
-                      gate: Tensor | None, scale: float, config) -> Tensor:
-    """The sparse attention kernel over the selection's chunk survivors: ``q [b, HQ, D]``; returns ``[b, HQ, D]``."""
+                      gate: Tensor | None, scale: float, config, tickets: Tensor | None = None) -> Tensor:
+    """The sparse attention kernel over the selection's chunk survivors: ``q [b, HQ, D]``; returns ``[b, HQ, D]``.
+    With ``tickets`` (a step that appends: its token at position ``length``), the kernel also advances the length
+    once all its programs have read it. The scoring kernel did that in session 14, where the last of its 1,088
+    programs at batch 32 took a ticket on one counter; this kernel's are 64."""
     b, hq, d = q.shape
     hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
     g = hq // hkv
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
     _sparse_attention_kernel[(b * hkv,)](
-        q, keys, values, survivors, length, out, gate_ptr, survivors.shape[1], q.stride(0), q.stride(1),
+        q, keys, values, survivors, length, tickets if tickets is not None else length, out, gate_ptr,
+        survivors.shape[1], q.stride(0), q.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=bs, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
         SURVIVORS_P=_top_k_length(survivors.shape[1]), GROUP_P=_padded(g), DIM_P=_padded(d),
-        KEYS_P=_padded(top_k * bs), GATE=gate is not None, num_warps=SPARSE_WARPS)
+        KEYS_P=_padded(top_k * bs), GATE=gate is not None, PENDING=tickets is not None, num_warps=SPARSE_WARPS)
     return out
 
 
@@ -375,9 +382,11 @@ the LM head then takes 128.1 us against cuBLAS's 129.4."""
 ROWS_SETTING_NORM = (128, 128, 4, 8)
 """The setting for products with the RMSNorm fused in: the least sum of q|k|v|g's and gate|up's times (9.16 and
 19.50 us, where cuBLAS and a separate norm took 9.59 and 23.28)."""
-ROWS_SETTING_LONG = (128, 64, 4, 8)
-"""The setting for rows of at least ``GEMV_LONG_K`` input features: the down projection with SwiGLU's activation
-and the residual, 18.42 us (cuBLAS and separate kernels 23.48)."""
+ROWS_SETTING_LONG = (64, 128, 5, 8)
+"""The setting for rows of at least ``GEMV_LONG_K`` input features: the down projection with the residual, whose
+input (SwiGLU's activation, applied by the gate|up product) goes from memory to the tensor cores. The fastest in
+session 15's sweeps, of 12 settings at 32 rows and of 8 at 8 and 16: 12.44 us at 32 rows, where session 13's
+(128, 64, 4, 8) took 14.67 and cuBLAS with a separate addition 16.35 (H200, docs/benchmarks.md)."""
 ROWS_PROGRAMS = 132
 """Programs the multi-row product aims at where its output blocks are fewer (one per SM of an H100 or H200): it
 then splits each block's input features into ranges (split-K), one program each, so that every SM reads the
@@ -559,9 +568,10 @@ _FULL_OP = _custom_op("full_attend", _full_attend, (), lambda q, keys, *rest: _h
 if triton is not None:
 
     @triton.jit
-    def _own_block(length_ptr, BS: tl.constexpr):
-        """The new token's block number (its position is ``length - 1``)."""
-        return (tl.load(length_ptr) - 1) // BS
+    def _own_block(length, BS: tl.constexpr, PENDING: tl.constexpr):
+        """The new token's block number: its position is ``length - 1``, or with ``PENDING`` (a sparse step that
+        appends, whose length advances in its last kernel) ``length``."""
+        return (length if PENDING else length - 1) // BS
 
     @triton.jit
     def _group_queries(q_ptr, bi, h, q_sb, q_sh, G: tl.constexpr, D: tl.constexpr, GROUP_P: tl.constexpr,
@@ -785,7 +795,7 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n, chunks,
-                       new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, tickets_ptr, out_ptr, new_k_sb,
+                       new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, new_k_sb,
                        new_v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n, vs_b, vs_h, vs_n, capacity,
                        SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                        GROUP_P: tl.constexpr, DIM_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
@@ -805,11 +815,12 @@ if triton is not None:
                 cos = tl.load(cos_ptr + bi * cos_sb + d, mask=d < D, other=0.0).to(tl.float32)
                 sin = tl.load(sin_ptr + bi * sin_sb + d, mask=d < D, other=0.0).to(tl.float32)
                 q = _rotated(q_ptr, bi * q_sb + (h * G + g) * q_sh, g < G, d, cos, sin, D)
-                _score_chunk(q.to(q_ptr.dtype.element_ty), length // BS, k_ptr, logits_ptr, stats_ptr, row, chunk,
-                             chunks, bi, h, k_sb, k_sh, k_sn, n, SCALE, G, D, GROUP_P, DIM_P, BLOCK_N, SOFTMAX)
-            _advance_length(length_ptr, tickets_ptr, length)
+                _score_chunk(q.to(q_ptr.dtype.element_ty), _own_block(length, BS, True), k_ptr, logits_ptr,
+                             stats_ptr, row, chunk, chunks, bi, h, k_sb, k_sh, k_sn, n, SCALE, G, D, GROUP_P, DIM_P,
+                             BLOCK_N, SOFTMAX)
         else:  # q rotated, the token at position length - 1
-            _score_chunk(_group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P), _own_block(length_ptr, BS),
+            _score_chunk(_group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P),
+                         _own_block(tl.load(length_ptr), BS, False),
                          k_ptr, logits_ptr, stats_ptr, row, chunk, chunks, bi, h, k_sb, k_sh, k_sn, n, SCALE, G, D,
                          GROUP_P, DIM_P, BLOCK_N, SOFTMAX)
 
@@ -867,11 +878,12 @@ if triton is not None:
     def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
                             G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
                             TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
-                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr):
+                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
+                            PENDING: tl.constexpr):
         row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        own = _own_block(length_ptr, BS)
+        own = _own_block(tl.load(length_ptr), BS, PENDING)
         candidate = j < own
         logits = tl.load(logits_ptr + (row * G + g)[:, None] * n + j[None, :],
                          mask=(g < G)[:, None] & (j < n)[None, :], other=0.0)
@@ -911,13 +923,14 @@ if triton is not None:
         _store_largest(_survivors(keys_ptr, row, count, SURVIVORS_P), out_ptr + row * TOP_K, TOP_K, TOP_K_P, True)
 
     @triton.jit
-    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, survivors_ptr, length_ptr, out_ptr, gate_ptr, count, q_sb,
-                                 q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh, SCALE: tl.constexpr,
-                                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                                 TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, SURVIVORS_P: tl.constexpr,
-                                 GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr,
-                                 GATE: tl.constexpr):
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, survivors_ptr, length_ptr, tickets_ptr, out_ptr, gate_ptr,
+                                 count, q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh,
+                                 SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                                 BS: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
+                                 SURVIVORS_P: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
+                                 KEYS_P: tl.constexpr, GATE: tl.constexpr, PENDING: tl.constexpr):
         row = tl.program_id(0)
+        length = tl.load(length_ptr)
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, DIM_P)
@@ -927,7 +940,7 @@ if triton is not None:
         slot = t // BS
         block = tl.where(slot < TOP_K, tl.gather(chosen, tl.minimum(slot, TOP_K_P - 1), 0), -1)
         pos = block * BS + t % BS
-        valid = (block >= 0) & (pos < tl.load(length_ptr))  # causal inside the own block
+        valid = (block >= 0) & (pos <= (length if PENDING else length - 1))  # causal inside the own block
         pos = tl.where(valid, pos, 0)
         dim = (d < D)[None, :]
         q = _group_queries(q_ptr, bi, h, q_sb, q_sh, G, D, GROUP_P, DIM_P)
@@ -943,6 +956,8 @@ if triton is not None:
             out *= _gate(gate_ptr, bi, h * G + g, gate_sb, gate_sh, g < G)[:, None]
         tl.store(out_ptr + (bi * HKV * G + h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(g < G)[:, None] & dim)
+        if PENDING:  # the step's append: the length advances once every program of the step has read it
+            _advance_length(length_ptr, tickets_ptr, length)
 
 
     @triton.jit
