@@ -150,7 +150,8 @@ class SSAStaticLayer(StaticLayer):
 
     ``tiles [1, 1, 1, max_cache_len // KV_TILE]`` (int32, 0, 1, ...) are the key tiles of full mode's block mask,
     made once here: built inside a compiled step, they cost a kernel per layer and step. ``tickets`` (one int32
-    zero) is the counter with which the one-token update kernel (:func:`append_token`) finds its last program.
+    zero) is the counter with which the kernel that advances the length finds its last program: the one-token update
+    kernel (:func:`append_token`), or a sparse step's attention kernel (:func:`append_and_attend`).
     """
 
     _layer_type = LAYER_TYPE
