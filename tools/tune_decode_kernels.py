@@ -225,6 +225,11 @@ def tune_gemv(args, decode_triton, bench) -> None:
     same operations around it as separate kernels; each sweeps the constants its launch reads (one row: the GEMV's
     setting; more: the multi-row kernel's and ``ROWS_PROGRAMS``)."""
     f = torch.nn.functional
+
+    def silu_and_mul(x):  # SwiGLU's activation of x = [gate | up]
+        gate, up = x.chunk(2, -1)
+        return f.silu(gate) * up
+
     qkvg = args.heads * args.head_dim + 2 * args.kv_heads * args.head_dim + args.heads
     weights = {  # name: (N, K, fused norm, SwiGLU, fused residual)
         "q|k|v|g+norm": (qkvg, args.hidden, True, False, False),
@@ -254,13 +259,8 @@ def tune_gemv(args, decode_triton, bench) -> None:
             def cublas(w, x=x, swiglu=swiglu, norm=fused["norm"], residual=fused["residual"], swiglu_out=swiglu_out):
                 if norm is not None:
                     x = f.rms_norm(x, (k,), norm, 1e-5)
-                if swiglu:
-                    gate, up = x.chunk(2, -1)
-                    x = f.silu(gate) * up
-                out = f.linear(x, w)
-                if swiglu_out:
-                    gate, up = out.chunk(2, -1)
-                    out = f.silu(gate) * up
+                out = f.linear(silu_and_mul(x) if swiglu else x, w)
+                out = silu_and_mul(out) if swiglu_out else out
                 return out if residual is None else residual + out
 
             copies = [w] + [w.clone() for _ in range(-(-L2_BYTES // w.nbytes) - 1)]

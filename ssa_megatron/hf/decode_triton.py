@@ -264,8 +264,9 @@ def _sparse_attention(q: Tensor, keys: Tensor, values: Tensor, survivors: Tensor
                       gate: Tensor | None, scale: float, config, tickets: Tensor | None = None) -> Tensor:
     """The sparse attention kernel over the selection's chunk survivors: ``q [b, HQ, D]``; returns ``[b, HQ, D]``.
     With ``tickets`` (a step that appends: its token at position ``length``), the kernel also advances the length
-    once all its programs have read it. The scoring kernel did that in session 14, where the last of its 1,088
-    programs at batch 32 took a ticket on one counter; this kernel's are 64."""
+    once all its programs have read it: 64 tickets on the counter at batch 32 on the 1B shape, where the scoring
+    kernel, which advanced it before, took 1,088 (27 us more per step; H200, docs/benchmarks.md, session 15, run
+    BO)."""
     b, hq, d = q.shape
     hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
     g = hq // hkv
