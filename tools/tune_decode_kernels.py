@@ -8,9 +8,10 @@ block 16, bf16.
   ``TOP_K_WARPS`` stands for ``TOP_K_WARPS_FEW`` at a batch whose chunk top-k grid is small (the constant that sets
   the chunk kernel's warps there). ``--context`` sets the pooled blocks: context + 1 tokens, rounded up to 128 as
   the static cache rounds, over the block size.
-- ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
-  takes the selection's final top-k), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``) x ``BLOCK_N`` x
-  ``SPARSE_WARPS``.
+- ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose second kernel
+  finds the chunks' survivors and attends each row in the row's last program), per ``SPARSE_WARPS`` (or
+  ``SPARSE_WARPS_FEW``, as for ``select``) x ``BLOCK_N``. Without the append, as timed here, the call also zeroes
+  its rows' counters (a memset a static cache's step does not run).
 - ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
@@ -20,10 +21,10 @@ block 16, bf16.
   the RMSNorm, o before the residual addition, down between SwiGLU's activation and the residual addition;
   ``--gemv-weights`` picks them), per setting of the constants their launch reads: at one row the GEMV's
   (``GEMV_SETTING``, ``GEMV_SETTING_NORM`` or ``GEMV_SETTING_LONG``), output features per program x input features
-  per step x stages x warps; at more rows the multi-row kernel's (``ROWS_SETTING``, ``_NORM`` or ``_LONG``: the same
-  four; settings that need more shared memory than the card has are skipped) x ``ROWS_PROGRAMS``. Against cuBLAS
-  with the norm, the activation and the addition as separate kernels, each call reading another of enough weight
-  copies to outgrow the L2 cache.
+  per step x stages x warps; at more rows the multi-row kernel's (``ROWS_SETTING``, ``_NORM``, ``_SWIGLU_OUT`` or
+  ``_LONG``: the same four; settings that need more shared memory than the card has are skipped) x
+  ``ROWS_PROGRAMS``. Against cuBLAS with the norm, the activation and the addition as separate kernels, each call
+  reading another of enough weight copies to outgrow the L2 cache.
 
 Prints one line per setting and the fastest per batch (per weight for ``gemv``), next to the module's defaults.
 
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="select: TOP_K_WARPS values")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="select: BLOCK_N values")
-    p.add_argument("--sparse-warps", type=int, nargs="+", default=[4, 8], help="sparse: SPARSE_WARPS values")
+    p.add_argument("--sparse-warps", type=int, nargs="+", default=[2, 4, 8], help="sparse: SPARSE_WARPS values")
     p.add_argument("--full-block-n", type=int, nargs="+", default=[64, 128], help="full: FULL_BLOCK_N values")
     p.add_argument("--full-warps", type=int, nargs="+", default=[4, 8], help="full: FULL_WARPS values")
     p.add_argument("--full-programs", type=int, nargs="+", default=[264, 528, 1056],
@@ -161,11 +162,10 @@ def main(argv=None) -> int:
     scale = args.head_dim ** -0.5
     print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
-    def warps_name(batch: int, blocks: int) -> str:
-        """The constant that sets the chunk top-k kernel's warps at this batch (its grid: rows x chunks)."""
+    def warps_name(batch: int, blocks: int, names: tuple[str, str], rule) -> str:
+        """Which of ``names`` sets the warps of a kernel whose grid is rows x chunks at this batch, by ``rule``."""
         programs = batch * args.kv_heads * -(-blocks // decode_triton.BLOCK_N)
-        return constant_read(decode_triton, ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
-                             lambda: decode_triton._top_k_warps(programs))
+        return constant_read(decode_triton, names, lambda: rule(programs))
 
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
             pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
                                  device="cuda").bfloat16()
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N"),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2], ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
+                                             decode_triton._top_k_warps), "BLOCK_N"),
                   itertools.product(args.warps, args.block_n),
                   lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
                   f"batch {batch:>3}")
@@ -185,8 +186,9 @@ def main(argv=None) -> int:
                             for _ in range(2))
             pooled = decoding.pool_blocks(keys, args.block_size)
             print(f"sparse, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N", "SPARSE_WARPS"),
-                  itertools.product(args.warps, args.block_n, args.sparse_warps),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2], ("SPARSE_WARPS", "SPARSE_WARPS_FEW"),
+                                             decode_triton._sparse_warps), "BLOCK_N"),
+                  itertools.product(args.sparse_warps, args.block_n),
                   lambda: bench(lambda: decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config,
                                                                                scale)), f"batch {batch:>3}")
             del keys, values, pooled
@@ -278,8 +280,9 @@ def tune_gemv(args, decode_triton, bench) -> None:
                                        lambda: decode_triton._gemv_setting(k, norm)),)
                 settings = [(s,) for s in gemv_settings]
             else:
-                names = (constant_read(decode_triton, ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_LONG"),
-                                       lambda: decode_triton._rows_setting(k, norm)), "ROWS_PROGRAMS")
+                names = (constant_read(decode_triton, ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_SWIGLU_OUT",
+                                                       "ROWS_SETTING_LONG"),
+                                       lambda: decode_triton._rows_setting(k, norm, swiglu_out)), "ROWS_PROGRAMS")
                 settings = rows_settings
             sweep(decode_triton, names, settings,
                   lambda: bench(lambda: [decode_triton.linear_by_kernel(x, wi, swiglu, **fused) for wi in copies])
