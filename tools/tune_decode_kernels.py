@@ -8,10 +8,9 @@ block 16, bf16.
   ``TOP_K_WARPS`` stands for ``TOP_K_WARPS_FEW`` at a batch whose chunk top-k grid is small (the constant that sets
   the chunk kernel's warps there). ``--context`` sets the pooled blocks: context + 1 tokens, rounded up to 128 as
   the static cache rounds, over the block size.
-- ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose second kernel
-  finds the chunks' survivors and attends each row in the row's last program), per ``SPARSE_WARPS`` (or
-  ``SPARSE_WARPS_FEW``, as for ``select``) x ``BLOCK_N``. Without the append, as timed here, the call also zeroes
-  its rows' counters (a memset a static cache's step does not run).
+- ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
+  takes the selection's final top-k), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``) x ``BLOCK_N`` x
+  ``SPARSE_WARPS``.
 - ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
   decode step compiles it), with the largest difference of their outputs. A decode step reads each layer's cache
@@ -66,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="select: TOP_K_WARPS values")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="select: BLOCK_N values")
-    p.add_argument("--sparse-warps", type=int, nargs="+", default=[2, 4, 8], help="sparse: SPARSE_WARPS values")
+    p.add_argument("--sparse-warps", type=int, nargs="+", default=[4, 8], help="sparse: SPARSE_WARPS values")
     p.add_argument("--full-block-n", type=int, nargs="+", default=[64, 128], help="full: FULL_BLOCK_N values")
     p.add_argument("--full-warps", type=int, nargs="+", default=[4, 8], help="full: FULL_WARPS values")
     p.add_argument("--full-programs", type=int, nargs="+", default=[264, 528, 1056],
@@ -162,10 +161,11 @@ def main(argv=None) -> int:
     scale = args.head_dim ** -0.5
     print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
-    def warps_name(batch: int, blocks: int, names: tuple[str, str], rule) -> str:
-        """Which of ``names`` sets the warps of a kernel whose grid is rows x chunks at this batch, by ``rule``."""
+    def warps_name(batch: int, blocks: int) -> str:
+        """The constant that sets the chunk top-k kernel's warps at this batch (its grid: rows x chunks)."""
         programs = batch * args.kv_heads * -(-blocks // decode_triton.BLOCK_N)
-        return constant_read(decode_triton, names, lambda: rule(programs))
+        return constant_read(decode_triton, ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
+                             lambda: decode_triton._top_k_warps(programs))
 
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
             pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
                                  device="cuda").bfloat16()
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2], ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
-                                             decode_triton._top_k_warps), "BLOCK_N"),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N"),
                   itertools.product(args.warps, args.block_n),
                   lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
                   f"batch {batch:>3}")
@@ -186,9 +185,8 @@ def main(argv=None) -> int:
                             for _ in range(2))
             pooled = decoding.pool_blocks(keys, args.block_size)
             print(f"sparse, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2], ("SPARSE_WARPS", "SPARSE_WARPS_FEW"),
-                                             decode_triton._sparse_warps), "BLOCK_N"),
-                  itertools.product(args.sparse_warps, args.block_n),
+            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N", "SPARSE_WARPS"),
+                  itertools.product(args.warps, args.block_n, args.sparse_warps),
                   lambda: bench(lambda: decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config,
                                                                                scale)), f"batch {batch:>3}")
             del keys, values, pooled

@@ -1,10 +1,10 @@
 """A decode step's kernels (one new token per row; CUDA, bf16/fp16 models): its attention in both modes, the static
 cache's one-token update, and at batch 1 the decoder layers' projections with their norms and residual additions.
-Sparse mode: the block selection and the attention over the selected blocks in two kernels
+Sparse mode: the block selection and the attention over the selected blocks in three kernels
 (:func:`sparse_attend_by_kernels`, what :func:`decoding.sparse_decode` computes, with the scores never leaving
-float32 and the top-k done in the same passes; on a static cache the first also appends the new token and the
-second advances the length, what :func:`decoding.append_and_attend` runs), or the selection alone
-(:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, in three kernels). Full mode on
+float32 and the top-k done in the same passes; on a static cache the first also appends the new token and the last
+advances the length, what :func:`decoding.append_and_attend` runs), or the selection alone
+(:func:`select_by_kernels`, what :func:`decoding.select_decode_blocks` computes, also three kernels). Full mode on
 a static cache: split-KV attention over the first ``length`` keys (:func:`full_attend_by_kernels`, what
 :func:`decoding.full_decode` computes with FlexAttention elsewhere).
 
@@ -24,20 +24,19 @@ pooled blocks in ``S = ceil(n / BLOCK_N)`` chunks:
    sum over the group of each head's softmax; ``dot``: the mean of ``q · k̄``), the forced blocks (own, sink,
    local) at +inf, and the chunk's ``top_k`` largest (score, block) keys;
 3. the ``top_k`` largest of the chunks' survivors: ``_top_k_kernel`` (grid R) stores them for
-   :func:`select_by_kernels`; in a decode step the attention takes them itself, in registers.
+   :func:`select_by_kernels`; in a decode step the attention kernel takes them itself, in registers.
 
 Both top-k steps are one jit helper (``_largest``, ``tl.topk``'s bitonic partial sort).
 
 Ranking keys are those of ``decoding.top_k_later_first``: ``(order-preserving int32 of the score) << 32 | block``,
 unique, so ties go to the later block with no sort; -1 pads where fewer blocks are selectable.
 
-In a decode step, kernel 2 and the attention are one kernel (``_chunk_top_k_attend_kernel``, grid R x S): each
-program stores its chunk's survivors and takes its row's ticket, and the row's last program takes the ``top_k``
-largest of the row's survivors, gathers the ``top_k · block_size`` selected keys and values of the row at once and
-attends its ``G`` query heads to them, causal inside the own block, with the sparse training kernel's precision:
-float32 scores and softmax, the probabilities rounded to the values' dtype for ``tl.dot``. In torch operations this
-was a gather, two GEMMs and a softmax, 4 launches per layer; a sparse decode step's RoPE, cache update, selection and
-attention are now 2 launches per layer in all.
+The attention (``_sparse_attention_kernel``, grid R) takes the ``top_k`` largest of its row's chunk survivors,
+gathers the ``top_k · block_size`` selected keys and values of the row at once and attends its ``G`` query heads to
+them, causal inside the own block, with the sparse training kernel's precision: float32 scores and softmax, the
+probabilities rounded to the values' dtype for ``tl.dot``. In torch operations this was a gather, two GEMMs and a
+softmax, 4 launches per layer; a sparse decode step's RoPE, cache update, selection and attention are now 3 launches
+per layer in all.
 
 Full mode (``_full_split_kernel``, grid R x ranges; ``_full_combine_kernel``, grid R x G): each program attends a
 row's group to one range of keys with an online softmax and keeps its float32 partial (max, sum, weighted values);
@@ -78,7 +77,7 @@ except ImportError:  # a CPU-only torch build: decoding.py selects with torch op
 BLOCK_N = 128
 """Pooled blocks per program of kernels 1 and 2."""
 TOP_K_WARPS = 1
-"""Warps of :func:`select_by_kernels`' two top-k kernels (kernels 2 and 3) where their grid has
+"""Warps of the two top-k kernels (kernel 2, and kernel 3 of :func:`select_by_kernels`) where their grid has
 ``FEW_PROGRAMS`` programs or more (batch 32 on the 1B shape: 1,088): their bitonic top-k over 128-512 keys is a chain
 of compare-and-swap steps, which one warp does in registers and shuffles; with more warps, the steps across warps go
 through shared memory with a barrier each."""
@@ -89,18 +88,12 @@ are each faster with more warps: the selection took 7.9 us with 4 warps and 10.1
 11)."""
 FEW_PROGRAMS = 132
 """An H100's or H200's SM count: a grid below it runs in one wave with SMs to spare."""
-SPARSE_WARPS = 4
-"""Warps of the sparse step's second kernel (kernel 2 and the attention) where its grid has ``FEW_PROGRAMS``
-programs or more (batch 32: 1,088): enough for the attention's gather of ``top_k · block_size`` keys and values
-(256 x 64 on the 1B shape) and its two ``tl.dot``, which a row's last program runs."""
-SPARSE_WARPS_FEW = 8
-"""Its warps where the grid has fewer programs (batch 1: 34), which leave most SMs idle: the attention, alone in
-its kernel before, was fastest with 8 (H200, docs/benchmarks.md, session 11, run AY)."""
-
-
-def _sparse_warps(programs: int) -> int:
-    """Warps of the sparse step's second kernel launched as ``programs`` programs."""
-    return SPARSE_WARPS_FEW if programs < FEW_PROGRAMS else SPARSE_WARPS
+SPARSE_WARPS = 8
+"""Warps of the sparse attention kernel, as many as before it took the selection's final top-k: its gather of
+``top_k · block_size`` keys and values (256 x 64 on the 1B shape) and its two ``tl.dot`` want them; the top-k's
+steps across warps go through shared memory. With 4 warps the three kernels took 11.10 us against 11.22 at batch 1
+(within the spread between runs) and 20.46 against 20.20 at batch 32 (H200, docs/benchmarks.md, session 11,
+run AY)."""
 
 
 def use_kernels(q: Tensor, cached: Tensor) -> bool:
@@ -165,16 +158,16 @@ def _call(op, impl, *args):
     return op(*args) if op is not None and torch.compiler.is_compiling() else impl(*args)
 
 
-def _score(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
-           append: tuple | None = None) -> tuple[Tensor, Tensor]:
-    """Kernel 1 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64 tensor),
-    ``pooled [b, HKV, n, D]`` with a unit last stride; returns the float32 logits ``[b · HKV, G, n]`` and the chunks'
-    softmax statistics ``[b · HKV, chunks, 2, GROUP_P]`` (for ``group_softmax``). With ``append = (k, v, cos, sin,
-    rotated, keys, values)`` (:func:`_new_token`'s tensors and the cache's), ``q`` is unrotated, the token at
-    position ``length``, and the kernel also appends it, as :func:`append_by_kernels` does but for the length, which
-    the attention advances (:func:`_select_and_attend`), writing the rotated query into ``rotated``: one more
-    program per row does that while the others score (each rotating the queries for itself), so the append adds no
-    time to the scoring's."""
+def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
+                     append: tuple | None = None) -> Tensor:
+    """Kernels 1 and 2 of the selection: ``q [b, HQ, D]`` (:func:`_rows`) at position ``length - 1`` (a 0-d int64
+    tensor), ``pooled [b, HKV, n, D]`` with a unit last stride; returns ``[b · HKV, chunks · top_k]`` int64 ranking
+    keys, each chunk's ``top_k`` largest (int64 min padded), whose ``top_k`` largest are the selection. With
+    ``append = (k, v, cos, sin, rotated, keys, values)`` (:func:`_new_token`'s tensors and the cache's), ``q`` is
+    unrotated, the token at position ``length``, and kernel 1 also appends it, as :func:`append_by_kernels` does
+    but for the length, which the attention kernel advances (:func:`_sparse_attention`), writing the rotated query
+    into ``rotated``: one more program per row does that while the others score (each rotating the queries for
+    itself), so the append adds no time to the scoring's."""
     b, hq, d = q.shape
     hkv, n = pooled.shape[1], pooled.shape[2]
     if append is None:
@@ -183,28 +176,25 @@ def _score(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float,
         k, v, cos, sin, rotated, keys, values = append
         append_args = [k, v, cos, sin, keys, values, rotated, k.stride(0), v.stride(0), _stride0(cos),
                        _stride0(sin), *keys.stride()[:3], *values.stride()[:3], keys.shape[2]]
-    g = hq // hkv
+    g, top_k = hq // hkv, config.ssa_top_k
     rows, chunks = b * hkv, triton.cdiv(n, BLOCK_N)
-    group_p = _padded(g)
+    group_p, dim_p = _padded(g), _padded(d)
+    softmax = config.ssa_score == "group_softmax"
     logits = torch.empty(rows, g, n, device=q.device, dtype=torch.float32)
     stats = torch.empty(rows, chunks, 2, group_p, device=q.device, dtype=torch.float32)
+    survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
     appender = 0 if append is None else 1  # one more program per row appends (an int: chunks may be a SymInt)
     _logits_kernel[(rows, chunks + appender)](
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
-        GROUP_P=group_p, DIM_P=_padded(d), BLOCK_N=BLOCK_N, SOFTMAX=config.ssa_score == "group_softmax",
-        APPEND=append is not None, BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
-    return logits, stats
-
-
-def _chunk_constants(logits: Tensor, stats: Tensor, config, scale: float, pending: bool) -> dict:
-    """The constants of kernel 2 (``_chunk_keys``) over kernel 1's ``logits`` and ``stats``; ``pending``: the new
-    token is at position ``length`` (a step that appends)."""
-    top_k = config.ssa_top_k
-    return dict(SCALE=scale, G=logits.shape[1], BS=config.ssa_block_size, SINK=config.ssa_sink_blocks,
-                LOCAL=config.ssa_local_blocks, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
-                CHUNKS_P=triton.next_power_of_2(stats.shape[1]), GROUP_P=stats.shape[3], BLOCK_N=BLOCK_N,
-                SOFTMAX=config.ssa_score == "group_softmax", PENDING=pending)
+        GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
+        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
+    _chunk_top_k_kernel[(rows, chunks)](
+        length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
+        SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
+        CHUNKS_P=triton.next_power_of_2(chunks), GROUP_P=group_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax,
+        PENDING=append is not None, num_warps=_top_k_warps(rows * chunks))
+    return survivors
 
 
 def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: float) -> Tensor:
@@ -213,15 +203,11 @@ def select_by_kernels(q: Tensor, pooled: Tensor, length: Tensor, config, scale: 
     in no particular order, -1 padded."""
     b, hkv, top_k = q.shape[0], pooled.shape[1], config.ssa_top_k
     q, pooled = _rows(q, pooled)
-    logits, stats = _score(q, pooled, length, config, scale)
-    rows, chunks = stats.shape[:2]
-    survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
-    _chunk_top_k_kernel[(rows, chunks)](length, logits, stats, survivors, logits.shape[2], chunks,
-                                        **_chunk_constants(logits, stats, config, scale, False),
-                                        num_warps=_top_k_warps(rows * chunks))
+    survivors = _chunk_survivors(q, pooled, length, config, scale)
     chosen = torch.empty(b, hkv, top_k, device=q.device, dtype=torch.int64)
-    _top_k_kernel[(rows,)](survivors, chosen, survivors.shape[1], TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
-                           SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(rows))
+    _top_k_kernel[(b * hkv,)](survivors, chosen, survivors.shape[1], TOP_K=top_k,
+                              TOP_K_P=_top_k_length(top_k),
+                              SURVIVORS_P=_top_k_length(survivors.shape[1]), num_warps=_top_k_warps(b * hkv))
     return chosen
 
 
@@ -230,14 +216,14 @@ def sparse_attend_by_kernels(q: Tensor, keys: Tensor, values: Tensor, pooled: Te
     """``decoding.sparse_decode`` by the kernels: the attention of ``q [b, HQ, 1, D]`` (at position ``length - 1``,
     a 0-d int64 tensor) to the blocks of ``keys``/``values [b, HKV, L, D]`` that the selection picks from ``pooled
     [b, HKV, n, D]``, times ``sigmoid(gate)`` where gate logits ``[b, 1, HQ]`` are given; returns ``[b, HQ, 1, D]``
-    in ``q``'s dtype. Two kernels: the selection's first, then its second, whose programs store their chunks'
-    survivors and whose last program of each row takes the row's ``top_k`` largest and attends the row.
+    in ``q``'s dtype. Three kernels: the selection's first two, then the attention, which takes the chunk
+    survivors' ``top_k`` largest itself.
 
     With ``append = (k, v, cos, sin, tickets)``, the token is not in the cache yet: ``q [b, 1, HQ·D]`` and
     ``k``/``v [b, 1, HKV·D]`` are the unrotated projections; the first kernel also does what
-    :func:`append_by_kernels` does to ``keys``, ``values`` and ``pooled``, and the second advances ``length``
-    (``tickets``: ``1 + b · HKV`` int32 zeros, the length's counter and the rows'): a decode step's RoPE, cache update
-    and attention in two kernels, where the append kernel made three."""
+    :func:`append_by_kernels` does to ``keys``, ``values`` and ``pooled``, and the attention kernel advances
+    ``length`` (counted in ``tickets``): a decode step's RoPE, cache update and attention in three kernels, where the
+    append kernel made four."""
     selection = (scale, config.ssa_block_size, config.ssa_top_k, config.ssa_sink_blocks, config.ssa_local_blocks,
                  config.ssa_score)
     if append is None:
@@ -257,9 +243,8 @@ def _sparse(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, length: Ten
     """:func:`sparse_attend_by_kernels` without ``append``, flat (a custom op's arguments); ``[b, HQ, D]``."""
     config = _Selection(block_size, top_k, sink, local, score)
     q, keys, values, pooled = _rows(q, keys, values, pooled)
-    logits, stats = _score(q, pooled, length, config, scale)
-    tickets = torch.zeros(1 + stats.shape[0], device=q.device, dtype=torch.int32)  # the rows' counters
-    return _select_and_attend(q, keys, values, logits, stats, length, tickets, gate, scale, config, False)
+    survivors = _chunk_survivors(q, pooled, length, config, scale)
+    return _sparse_attention(q, keys, values, survivors, length, gate, scale, config)
 
 
 def _sparse_append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, tickets: Tensor, keys: Tensor,
@@ -269,34 +254,31 @@ def _sparse_append(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, ti
     config = _Selection(block_size, top_k, sink, local, score)
     b, d = q.shape[0], keys.shape[-1]
     q, k, v, cos, sin, rotated = _new_token(q, k, v, cos, sin, keys, values, pooled)
-    logits, stats = _score(q.view(b, -1, d), pooled, length, config, scale, (k, v, cos, sin, rotated, keys, values))
-    return _select_and_attend(rotated, keys, values, logits, stats, length, tickets, gate, scale, config,
-                              True)  # rotated by kernel 1
+    survivors = _chunk_survivors(q.view(b, -1, d), pooled, length, config, scale,
+                                 (k, v, cos, sin, rotated, keys, values))
+    return _sparse_attention(rotated, keys, values, survivors, length, gate, scale, config,
+                             tickets)  # rotated by kernel 1
 
 
-def _select_and_attend(q: Tensor, keys: Tensor, values: Tensor, logits: Tensor, stats: Tensor, length: Tensor,
-                       tickets: Tensor, gate: Tensor | None, scale: float, config, pending: bool) -> Tensor:
-    """The selection's kernel 2 and the attention over the selected blocks, one kernel
-    (``_chunk_top_k_attend_kernel``): ``q [b, HQ, D]``, kernel 1's ``logits`` and ``stats``; returns ``[b, HQ, D]``.
-    Each program finds its chunk's survivors; a row's last program to take its ticket (``tickets``: int32 zeros,
-    ``1 + b · HKV`` at least, reset by the kernel) takes their ``top_k`` largest and attends the row. With
-    ``pending`` (a step that appends: its token at position ``length``), the kernel also advances the length, on
-    ``tickets[0]``, once every row is attended: 64 tickets on that counter at batch 32 on the 1B shape, where the
-    scoring kernel, which advanced it before session 15, took 1,088 (27 us more per step; H200,
-    docs/benchmarks.md, run BO)."""
+def _sparse_attention(q: Tensor, keys: Tensor, values: Tensor, survivors: Tensor, length: Tensor,
+                      gate: Tensor | None, scale: float, config, tickets: Tensor | None = None) -> Tensor:
+    """The sparse attention kernel over the selection's chunk survivors: ``q [b, HQ, D]``; returns ``[b, HQ, D]``.
+    With ``tickets`` (a step that appends: its token at position ``length``), the kernel also advances the length
+    once all its programs have read it: 64 tickets on the counter at batch 32 on the 1B shape, where the scoring
+    kernel, which advanced it before, took 1,088 (27 us more per step; H200, docs/benchmarks.md, session 15, run
+    BO)."""
     b, hq, d = q.shape
     hkv, top_k, bs = keys.shape[1], config.ssa_top_k, config.ssa_block_size
-    rows, chunks = stats.shape[:2]
-    survivors = torch.empty(rows, chunks * top_k, device=q.device, dtype=torch.int64)
+    g = hq // hkv
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     gate_ptr, gate_sb, gate_sh = _gate_args(gate, out)
-    _chunk_top_k_attend_kernel[(rows, chunks)](
-        q, keys, values, length, logits, stats, survivors, tickets, out, gate_ptr, logits.shape[2], chunks,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-        values.stride(1), values.stride(2), gate_sb, gate_sh, HKV=hkv, D=d,
-        SURVIVORS_P=_top_k_length(chunks * top_k), DIM_P=_padded(d), KEYS_P=_padded(top_k * bs),
-        GATE=gate is not None, **_chunk_constants(logits, stats, config, scale, pending),
-        num_warps=_sparse_warps(rows * chunks))
+    _sparse_attention_kernel[(b * hkv,)](
+        q, keys, values, survivors, length, tickets if tickets is not None else length, out, gate_ptr,
+        survivors.shape[1], q.stride(0), q.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        gate_sb, gate_sh, SCALE=scale, HKV=hkv, G=g, D=d, BS=bs, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
+        SURVIVORS_P=_top_k_length(survivors.shape[1]), GROUP_P=_padded(g), DIM_P=_padded(d),
+        KEYS_P=_padded(top_k * bs), GATE=gate is not None, PENDING=tickets is not None, num_warps=SPARSE_WARPS)
     return out
 
 
@@ -801,12 +783,11 @@ if triton is not None:
                 pooled_ptr.dtype.element_ty), mask=dim)
 
     @triton.jit
-    def _advance_length(length_ptr, tickets_ptr, length, readers):
-        """Writes ``length + 1`` once all ``readers`` (programs that each read the old length, or took a ticket
-        after others that did) have taken a ticket on ``tickets_ptr``: the last to take one does it (the atomic
-        orders each program's reads before its ticket) and resets the count."""
-        ticket = tl.atomic_add(tickets_ptr, 1, sem="acq_rel")
-        if ticket == readers - 1:
+    def _advance_length(length_ptr, tickets_ptr, length):
+        """Writes ``length + 1`` once every program of the grid has read the old length: the last program to take a
+        ticket does it (the atomic orders each program's reads before its ticket) and resets the count."""
+        ticket = tl.atomic_add(tickets_ptr, 1)
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
             tl.store(length_ptr, length + 1)
             tl.store(tickets_ptr, 0)
 
@@ -820,7 +801,7 @@ if triton is not None:
         _append_token(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, pooled_ptr, out_ptr,
                       tl.program_id(0), tl.program_id(1), length, q_sb, k_sb, v_sb, cos_sb, sin_sb, ks_b, ks_h, ks_n,
                       vs_b, vs_h, vs_n, ps_b, ps_h, ps_n, capacity, blocks, HKV, G, D, BS, GROUP_P, DIM_P, BS_P)
-        _advance_length(length_ptr, tickets_ptr, length, tl.num_programs(0) * tl.num_programs(1))
+        _advance_length(length_ptr, tickets_ptr, length)
 
     @triton.jit
     def _logits_kernel(q_ptr, k_ptr, length_ptr, logits_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn, n, chunks,
@@ -904,14 +885,15 @@ if triton is not None:
             tl.store(out_ptr + rest, pad, mask=(rest >= K) & (rest < TOP_K))
 
     @triton.jit
-    def _chunk_keys(length, logits_ptr, stats_ptr, row, chunk, n, chunks, SCALE: tl.constexpr, G: tl.constexpr,
-                    BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CHUNKS_P: tl.constexpr,
-                    GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr, PENDING: tl.constexpr):
-        """Kernel 2's ranking keys of one chunk's blocks ``[BLOCK_N]``, int64 min where a block is not selectable:
-        the scores from the combined statistics, the forced blocks at +inf."""
+    def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
+                            G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+                            TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
+                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
+                            PENDING: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
         g = tl.arange(0, GROUP_P)
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        own = _own_block(length, BS, PENDING)
+        own = _own_block(tl.load(length_ptr), BS, PENDING)
         candidate = j < own
         logits = tl.load(logits_ptr + (row * G + g)[:, None] * n + j[None, :],
                          mask=(g < G)[:, None] & (j < n)[None, :], other=0.0)
@@ -935,26 +917,14 @@ if triton is not None:
         bits = tl.where(scores == 0.0, 0.0, scores).to(tl.float32).to(tl.int32, bitcast=True)  # -0.0 is +0.0
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)  # monotone in the score
         keys = (ordered << 32) + j
-        return tl.where((candidate | (j == own)) & (j < n), keys, -9223372036854775808)
-
-    @triton.jit
-    def _chunk_top_k_kernel(length_ptr, logits_ptr, stats_ptr, out_ptr, n, chunks, SCALE: tl.constexpr,
-                            G: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-                            TOP_K: tl.constexpr, TOP_K_P: tl.constexpr, CHUNKS_P: tl.constexpr,
-                            GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, SOFTMAX: tl.constexpr,
-                            PENDING: tl.constexpr):
-        row, chunk = tl.program_id(0), tl.program_id(1)
-        keys = _chunk_keys(tl.load(length_ptr), logits_ptr, stats_ptr, row, chunk, n, chunks, SCALE, G, BS, SINK,
-                           LOCAL, CHUNKS_P, GROUP_P, BLOCK_N, SOFTMAX, PENDING)
+        keys = tl.where((candidate | (j == own)) & (j < n), keys, -9223372036854775808)
         _store_largest(keys, out_ptr + (row * chunks + chunk) * TOP_K, TOP_K, TOP_K_P, False)
 
     @triton.jit
     def _survivors(keys_ptr, row, count, SURVIVORS_P: tl.constexpr):
-        """Row ``row``'s ``count`` chunk survivors (kernel 2's output), as ``[SURVIVORS_P]`` (int64 min padded);
-        ``.cg``: from L2, where other programs of the same launch may have stored them."""
+        """Row ``row``'s ``count`` chunk survivors (kernel 2's output), as ``[SURVIVORS_P]`` (int64 min padded)."""
         i = tl.arange(0, SURVIVORS_P)
-        return tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808,
-                       cache_modifier=".cg")
+        return tl.load(keys_ptr + row * count + i, mask=i < count, other=-9223372036854775808)
 
     @triton.jit
     def _top_k_kernel(keys_ptr, out_ptr, count, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
@@ -963,39 +933,14 @@ if triton is not None:
         _store_largest(_survivors(keys_ptr, row, count, SURVIVORS_P), out_ptr + row * TOP_K, TOP_K, TOP_K_P, True)
 
     @triton.jit
-    def _chunk_top_k_attend_kernel(q_ptr, k_ptr, v_ptr, length_ptr, logits_ptr, stats_ptr, survivors_ptr,
-                                   tickets_ptr, out_ptr, gate_ptr, n, chunks, q_sb, q_sh, k_sb, k_sh, k_sn, v_sb,
-                                   v_sh, v_sn, gate_sb, gate_sh, SCALE: tl.constexpr, HKV: tl.constexpr,
-                                   G: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr,
-                                   LOCAL: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
-                                   CHUNKS_P: tl.constexpr, SURVIVORS_P: tl.constexpr, GROUP_P: tl.constexpr,
-                                   DIM_P: tl.constexpr, KEYS_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   SOFTMAX: tl.constexpr, GATE: tl.constexpr, PENDING: tl.constexpr):
-        row, chunk = tl.program_id(0), tl.program_id(1)
+    def _sparse_attention_kernel(q_ptr, k_ptr, v_ptr, survivors_ptr, length_ptr, tickets_ptr, out_ptr, gate_ptr,
+                                 count, q_sb, q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh,
+                                 SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                                 BS: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
+                                 SURVIVORS_P: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr,
+                                 KEYS_P: tl.constexpr, GATE: tl.constexpr, PENDING: tl.constexpr):
+        row = tl.program_id(0)
         length = tl.load(length_ptr)
-        keys = _chunk_keys(length, logits_ptr, stats_ptr, row, chunk, n, chunks, SCALE, G, BS, SINK, LOCAL,
-                           CHUNKS_P, GROUP_P, BLOCK_N, SOFTMAX, PENDING)
-        _store_largest(keys, survivors_ptr + (row * chunks + chunk) * TOP_K, TOP_K, TOP_K_P, False)
-        tl.debug_barrier()  # every thread's stores before the ticket (its release covers them)
-        # The row's last program to take its ticket (tickets 1 + row; 0 is the length's) has all the row's
-        # survivors: it attends the row, so that no launch of its own waits for the slowest chunk.
-        if tl.atomic_add(tickets_ptr + 1 + row, 1, sem="acq_rel") == chunks - 1:
-            tl.store(tickets_ptr + 1 + row, 0)
-            _attend(q_ptr, k_ptr, v_ptr, survivors_ptr, out_ptr, gate_ptr, row, length, chunks * TOP_K, q_sb,
-                    q_sh, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh, SCALE, HKV, G, D, BS, TOP_K,
-                    TOP_K_P, SURVIVORS_P, GROUP_P, DIM_P, KEYS_P, GATE, PENDING)
-            if PENDING:  # the step's append: the length advances once every row has been attended (each row's
-                # last program took its ticket after all the row's programs had read the length)
-                _advance_length(length_ptr, tickets_ptr, length, tl.num_programs(0))
-
-    @triton.jit
-    def _attend(q_ptr, k_ptr, v_ptr, survivors_ptr, out_ptr, gate_ptr, row, length, count, q_sb, q_sh, k_sb, k_sh,
-                k_sn, v_sb, v_sh, v_sn, gate_sb, gate_sh, SCALE: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                D: tl.constexpr, BS: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P: tl.constexpr,
-                SURVIVORS_P: tl.constexpr, GROUP_P: tl.constexpr, DIM_P: tl.constexpr, KEYS_P: tl.constexpr,
-                GATE: tl.constexpr, PENDING: tl.constexpr):
-        """The attention of row ``row``'s group of query heads to the blocks its ``count`` chunk survivors
-        select."""
         bi, h = row // HKV, row % HKV
         g = tl.arange(0, GROUP_P)
         d = tl.arange(0, DIM_P)
@@ -1021,6 +966,9 @@ if triton is not None:
             out *= _gate(gate_ptr, bi, h * G + g, gate_sb, gate_sh, g < G)[:, None]
         tl.store(out_ptr + (bi * HKV * G + h * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(g < G)[:, None] & dim)
+        if PENDING:  # the step's append: the length advances once every program of the step has read it
+            _advance_length(length_ptr, tickets_ptr, length)
+
 
     @triton.jit
     def _full_split_kernel(q_ptr, k_ptr, v_ptr, length_ptr, partial_ptr, stats_ptr, q_sb, q_sh, k_sb, k_sh, k_sn,

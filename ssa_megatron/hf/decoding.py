@@ -149,10 +149,9 @@ class SSAStaticLayer(StaticLayer):
     one-token kernel of :func:`append_token` writes a block's entry only when its token completes the block.
 
     ``tiles [1, 1, 1, max_cache_len // KV_TILE]`` (int32, 0, 1, ...) are the key tiles of full mode's block mask,
-    made once here: built inside a compiled step, they cost a kernel per layer and step. ``tickets`` (``1 + b · HKV``
-    int32 zeros) are counters with which a kernel finds its last program: the first, of the one-token update kernel
-    (:func:`append_token`) or a sparse step's attention kernel (:func:`append_and_attend`), for the length's advance;
-    the others, one per row of the attention kernel, for the program that attends the row.
+    made once here: built inside a compiled step, they cost a kernel per layer and step. ``tickets`` (one int32
+    zero) is the counter with which the kernel that advances the length finds its last program: the one-token update
+    kernel (:func:`append_token`), or a sparse step's attention kernel (:func:`append_and_attend`).
     """
 
     _layer_type = LAYER_TYPE
@@ -172,7 +171,7 @@ class SSAStaticLayer(StaticLayer):
         self.pooled = self.keys.new_zeros(b, hkv, self.max_cache_len // self.block_size, d)
         tiles = torch.arange(self.max_cache_len // KV_TILE, dtype=torch.int32, device=self.keys.device)
         self.tiles = tiles.view(1, 1, 1, -1).clone()  # its own storage, for mark_static_address
-        self.tickets = torch.zeros(1 + b * hkv, dtype=torch.int32, device=self.keys.device)
+        self.tickets = torch.zeros(1, dtype=torch.int32, device=self.keys.device)
         if not torch.compiler.is_compiling():  # as StaticLayer does for its buffers: cudagraphs need fixed addresses
             for buffer in (self.pooled, self.tiles, self.tickets):
                 torch._dynamo.mark_static_address(buffer)
@@ -335,7 +334,7 @@ def sparse_decode(q: Tensor, keys: Tensor, values: Tensor, pooled: Tensor, lengt
                   scale: float, gate: Tensor | None = None) -> Tensor:
     """Sparse attention of one new token per row over the cache, gated by the logits ``gate [b, 1, HQ]`` if given.
     ``q [b, HQ, 1, D]``, ``keys/values [b, HKV, L, D]`` (the first ``length`` valid). Returns ``[b, HQ, 1, D]``."""
-    if use_kernels(q, keys):  # CUDA, bf16/fp16: select, gather, attend and gate in two Triton kernels
+    if use_kernels(q, keys):  # CUDA, bf16/fp16: select, gather, attend and gate in three Triton kernels
         return sparse_attend_by_kernels(q, keys, values, pooled, torch.as_tensor(length, device=q.device), config,
                                         scale, gate)
     b, hq, _, d = q.shape
@@ -431,9 +430,9 @@ def _appendable(cache, layer_idx: int, q: Tensor, cos: Tensor, block_size: int):
 
 def append_and_attend(cache, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, config,
                       scale: float, gate: Tensor | None = None) -> Tensor | None:
-    """A sparse-mode decode step's RoPE, cache update and attention in two kernels
+    """A sparse-mode decode step's RoPE, cache update and attention in three kernels
     (``decode_triton.sparse_attend_by_kernels`` with ``append``): what :func:`append_token` then
-    :func:`decode_attention` compute in three. Arguments as theirs; returns the attention ``[b, HQ, 1, D]``, or None
+    :func:`decode_attention` compute in four. Arguments as theirs; returns the attention ``[b, HQ, 1, D]``, or None
     where those two must run instead (full mode, another selection rule, or a cache :func:`append_token` does not
     take)."""
     if config.ssa_mode != "sparse" or not _default_selection(config):
