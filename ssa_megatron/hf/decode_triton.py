@@ -88,6 +88,14 @@ are each faster with more warps: the selection took 7.9 us with 4 warps and 10.1
 11)."""
 FEW_PROGRAMS = 132
 """An H100's or H200's SM count: a grid below it runs in one wave with SMs to spare."""
+SCORE_WARPS = 2
+"""Warps of kernel 1 (the scoring) where its grid has ``FEW_PROGRAMS`` programs or more (batch 32: 1,088): each
+program's product is one 16 x 128 x 64 ``tl.dot``, and more programs fit an SM with fewer warps. A sparse step's
+three kernels took 18.48 us at batch 32 against 19.69 with 4 warps and 21.00 with 8 (H200, docs/benchmarks.md,
+session 17, run BU)."""
+SCORE_WARPS_FEW = 4
+"""Kernel 1's warps where its grid has fewer programs (batch 1: 34): 10.70 us for the three kernels against 11.10
+with 2 warps (the same run)."""
 SPARSE_WARPS = 8
 """Warps of the sparse attention kernel, as many as before it took the selection's final top-k: its gather of
 ``top_k · block_size`` keys and values (256 x 64 on the 1B shape) and its two ``tl.dot`` want them; the top-k's
@@ -128,6 +136,11 @@ def _rows(q: Tensor, *cached: Tensor) -> tuple[Tensor, ...]:
 def _top_k_warps(programs: int) -> int:
     """Warps of a top-k kernel launched as ``programs`` programs (``TOP_K_WARPS_FEW``'s rule)."""
     return TOP_K_WARPS_FEW if programs < FEW_PROGRAMS else TOP_K_WARPS
+
+
+def _score_warps(programs: int) -> int:
+    """Warps of kernel 1 launched as ``programs`` scoring programs (``SCORE_WARPS_FEW``'s rule)."""
+    return SCORE_WARPS_FEW if programs < FEW_PROGRAMS else SCORE_WARPS
 
 
 _OP_NAMESPACE = "ssa_decode_" + re.sub(r"\W", "_", __name__)
@@ -188,7 +201,7 @@ def _chunk_survivors(q: Tensor, pooled: Tensor, length: Tensor, config, scale: f
         q, pooled, length, logits, stats, q.stride(0), q.stride(1), pooled.stride(0), pooled.stride(1),
         pooled.stride(2), n, chunks, *append_args, SCALE=scale, HKV=hkv, G=g, D=d, BS=config.ssa_block_size,
         GROUP_P=group_p, DIM_P=dim_p, BLOCK_N=BLOCK_N, SOFTMAX=softmax, APPEND=append is not None,
-        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=4)
+        BS_P=triton.next_power_of_2(config.ssa_block_size), num_warps=_score_warps(rows * chunks))
     _chunk_top_k_kernel[(rows, chunks)](
         length, logits, stats, survivors, n, chunks, SCALE=scale, G=g, BS=config.ssa_block_size,
         SINK=config.ssa_sink_blocks, LOCAL=config.ssa_local_blocks, TOP_K=top_k, TOP_K_P=_top_k_length(top_k),
