@@ -4,12 +4,12 @@ one GPU. ``triton.testing.do_bench_cudagraph`` gives each time: the calls captur
 overhead), the median of its repeats. The 1B shape by default: 32 query heads, 2 KV heads, head dim 64, top_k 16 x
 block 16, bf16.
 
-- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``BLOCK_N``, where
-  ``TOP_K_WARPS`` stands for ``TOP_K_WARPS_FEW`` at a batch whose chunk top-k grid is small (the constant that sets
-  the chunk kernel's warps there). ``--context`` sets the pooled blocks: context + 1 tokens, rounded up to 128 as
-  the static cache rounds, over the block size.
+- ``select``: the block selection (``select_by_kernels``), per ``TOP_K_WARPS`` x ``SCORE_WARPS`` x ``BLOCK_N``,
+  where ``TOP_K_WARPS`` and ``SCORE_WARPS`` stand for ``TOP_K_WARPS_FEW`` and ``SCORE_WARPS_FEW`` at a batch whose
+  grid is small (the constants that set the chunk top-k and scoring kernels' warps there). ``--context`` sets the
+  pooled blocks: context + 1 tokens, rounded up to 128 as the static cache rounds, over the block size.
 - ``sparse``: a sparse decode step's selection and attention (``sparse_attend_by_kernels``, whose attention kernel
-  takes the selection's final top-k), per ``TOP_K_WARPS`` (or ``TOP_K_WARPS_FEW``) x ``BLOCK_N`` x
+  takes the selection's final top-k), per ``TOP_K_WARPS`` x ``SCORE_WARPS`` (or their ``_FEW``) x ``BLOCK_N`` x
   ``SPARSE_WARPS``.
 - ``full``: full mode's split-KV attention (``full_attend_by_kernels``), per ``FULL_BLOCK_N`` x ``FULL_WARPS`` x
   ``FULL_PROGRAMS``, against FlexAttention's path (``decoding.full_decode`` with the kernels off, compiled as a
@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4], help="select: TOP_K_WARPS values")
+    p.add_argument("--score-warps", type=int, nargs="+", default=[2, 4], help="select: SCORE_WARPS values")
     p.add_argument("--block-n", type=int, nargs="+", default=[64, 128, 256], help="select: BLOCK_N values")
     p.add_argument("--sparse-warps", type=int, nargs="+", default=[4, 8], help="sparse: SPARSE_WARPS values")
     p.add_argument("--full-block-n", type=int, nargs="+", default=[64, 128], help="full: FULL_BLOCK_N values")
@@ -161,11 +162,14 @@ def main(argv=None) -> int:
     scale = args.head_dim ** -0.5
     print(f"tune_decode_kernels: {torch.cuda.get_device_name()}, batch {args.batch}, {args.context} cached tokens, "
           f"{args.heads}/{args.kv_heads} heads, head dim {args.head_dim}, bf16", flush=True)
-    def warps_name(batch: int, blocks: int) -> str:
-        """The constant that sets the chunk top-k kernel's warps at this batch (its grid: rows x chunks)."""
+    def warps_names(batch: int, blocks: int) -> tuple[str, str]:
+        """The constants that set the chunk top-k and scoring kernels' warps at this batch (their grid: rows x
+        chunks)."""
         programs = batch * args.kv_heads * -(-blocks // decode_triton.BLOCK_N)
-        return constant_read(decode_triton, ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
-                             lambda: decode_triton._top_k_warps(programs))
+        return (constant_read(decode_triton, ("TOP_K_WARPS", "TOP_K_WARPS_FEW"),
+                              lambda: decode_triton._top_k_warps(programs)),
+                constant_read(decode_triton, ("SCORE_WARPS", "SCORE_WARPS_FEW"),
+                              lambda: decode_triton._score_warps(programs)))
 
     for batch in args.batch:
         q = torch.randn(batch, args.heads, 1, args.head_dim, device="cuda").bfloat16()
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
             pooled = torch.randn(batch, args.kv_heads, capacity // args.block_size, args.head_dim,
                                  device="cuda").bfloat16()
             print(f"select, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N"),
-                  itertools.product(args.warps, args.block_n),
+            sweep(decode_triton, (*warps_names(batch, pooled.shape[2]), "BLOCK_N"),
+                  itertools.product(args.warps, args.score_warps, args.block_n),
                   lambda: bench(lambda: decode_triton.select_by_kernels(q, pooled, length, config, scale)),
                   f"batch {batch:>3}")
             del pooled
@@ -185,8 +189,8 @@ def main(argv=None) -> int:
                             for _ in range(2))
             pooled = decoding.pool_blocks(keys, args.block_size)
             print(f"sparse, batch {batch}: {pooled.shape[2]} pooled blocks, top_k {args.top_k}", flush=True)
-            sweep(decode_triton, (warps_name(batch, pooled.shape[2]), "BLOCK_N", "SPARSE_WARPS"),
-                  itertools.product(args.warps, args.block_n, args.sparse_warps),
+            sweep(decode_triton, (*warps_names(batch, pooled.shape[2]), "BLOCK_N", "SPARSE_WARPS"),
+                  itertools.product(args.warps, args.score_warps, args.block_n, args.sparse_warps),
                   lambda: bench(lambda: decode_triton.sparse_attend_by_kernels(q, keys, values, pooled, length, config,
                                                                                scale)), f"batch {batch:>3}")
             del keys, values, pooled
