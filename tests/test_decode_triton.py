@@ -430,6 +430,22 @@ def test_linear_kernel_only_for_a_decode_steps_rows_without_gradient():
             torch.zeros(1, 16, dtype=torch.float16, device="cuda", requires_grad=True), w)
 
 
+def test_each_decode_launch_reads_its_own_setting(monkeypatch):
+    """The launch rules route each kernel to its constant: the multi-row product of q|k|v|g (norm), gate|up (norm,
+    SwiGLU after), o (neither) and down (long input) to its own setting, and the scoring kernel to its many- or
+    few-program warps by the grid's size."""
+    names = ("ROWS_SETTING", "ROWS_SETTING_NORM", "ROWS_SETTING_SWIGLU_OUT", "ROWS_SETTING_LONG")
+    for i, name in enumerate(names):  # distinct settings: the launch's shows which it read
+        monkeypatch.setattr(decode_triton, name, (16 * (i + 1), 64, 2, 4))
+    for (n, k, norm, swiglu_out), name in zip([(2336, 2048, False, False), (2336, 2048, True, False),
+                                               (16384, 2048, True, True), (2048, 8192, False, False)], names):
+        assert decode_triton._rows_launch(n, k, norm, 0, swiglu_out)[0] == getattr(decode_triton, name), name
+    few = decode_triton.FEW_PROGRAMS
+    monkeypatch.setattr(decode_triton, "SCORE_WARPS", 2)
+    monkeypatch.setattr(decode_triton, "SCORE_WARPS_FEW", 8)
+    assert [decode_triton._score_warps(p) for p in (1, few - 1, few, 10 * few)] == [8, 8, 2, 2]
+
+
 @pytest.fixture
 def small_rows_settings(monkeypatch):
     """The multi-row product's settings shrunk, so that small shapes make several blocks and steps."""

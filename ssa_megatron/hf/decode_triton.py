@@ -415,7 +415,7 @@ SPLIT_TICKETS = 1024
 and only products with fewer blocks than ``ROWS_PROGRAMS`` are split."""
 
 
-def _rows_setting(k: int, norm: bool, swiglu_out: bool = False) -> tuple[int, int, int, int]:
+def _rows_setting(k: int, norm: bool, swiglu_out: bool) -> tuple[int, int, int, int]:
     """The multi-row product's launch setting for ``k`` input features, with the RMSNorm fused in or not, with
     SwiGLU's activation on its output or not."""
     if k >= GEMV_LONG_K:
